@@ -1,0 +1,111 @@
+"""The `moorage` command. Every user error ends as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from .. import __version__
+from ..errors import MoorageError
+from . import models
+from .context import AppState, console, err_console, state
+
+app = typer.Typer(
+    name="moorage",
+    help="Put language models into production: registry, runtime and serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(models.app, name="models")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"moorage {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML or TOML settings file")] = None,
+    home: Annotated[Optional[Path], typer.Option(help="moorage home (catalog, artifacts)")] = None,
+    catalog_url: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the catalog")] = None,
+    store_url: Annotated[Optional[str], typer.Option(help="folder or fsspec URL of the artifact store")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+) -> None:
+    registry = {k: v for k, v in {"catalog_url": catalog_url, "store_url": store_url}.items() if v}
+    overrides = {"home": home, "log_level": "DEBUG" if verbose else None, "registry": registry or None}
+    ctx.obj = AppState(config_file=config, overrides=overrides)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def predict(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME:VERSION")],
+    texts: Annotated[list[str], typer.Argument(help="input texts")],
+    max_tokens: Annotated[int, typer.Option(help="generation: new tokens")] = 32,
+) -> None:
+    """Run a model on a few texts (loads it, checksums first)."""
+    from ..runtime import GenerateInput, GenerationParams, Runtime
+
+    st = state(ctx)
+    runtime = Runtime(st.registry, st.settings.runtime)
+    model = runtime.get(ref)
+    inputs: list = texts
+    if model.task == "generate":
+        if max_tokens < 1:
+            raise MoorageError("--max-tokens must be at least 1", code="invalid_max_tokens")
+        params = GenerationParams(max_new_tokens=max_tokens)
+        inputs = [GenerateInput(messages=({"role": "user", "content": t},), params=params) for t in texts]
+    for text, out in zip(texts, model.predict(inputs)):
+        console.print(f"[bold]{text}[/] → {_render(out)}")
+
+
+@app.command("config")
+def show_config(ctx: typer.Context) -> None:
+    """Print the effective settings (defaults < file < MOORAGE_* < flags)."""
+    print(json.dumps(state(ctx).settings.model_dump(mode="json"), indent=2))
+
+
+@app.command()
+def demo(ctx: typer.Context) -> None:
+    """Register the demo models (MiniLM embeddings, SmolLM2 chat) and the BBC News dataset."""
+    from ..demo.run import run_demo
+
+    run_demo(state(ctx))
+
+
+def _render(out) -> str:
+    if hasattr(out, "text"):
+        return repr(out.text)
+    if hasattr(out, "label"):
+        return f"{out.label} ({out.score:.3f})"
+    values = list(map(float, out))
+    return f"[{', '.join(f'{v:.4f}' for v in values[:4])}, ...] (dim {len(values)})"
+
+
+def main() -> None:
+    try:
+        # Non-standalone mode hands errors to us; `typer.Exit(n)` comes back as the return value.
+        result = app(standalone_mode=False)
+    except MoorageError as exc:
+        err_console.print(f"[red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,209 @@
+"""One settings tree, built once at the edge and passed down.
+
+Precedence, lowest first: defaults < config file (YAML or TOML) < environment ``MOORAGE_*``
+(nested keys with ``__``, e.g. ``MOORAGE_REGISTRY__CATALOG_URL``) < explicit overrides (CLI flags).
+
+The environment is read here and nowhere else, and `load_settings` takes it as an argument so that
+tests inject it instead of patching ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from .errors import ConfigError
+
+ENV_PREFIX = "MOORAGE_"
+CONFIG_NAMES = ("config.yaml", "config.yml", "config.toml")
+
+
+class RegistrySettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    catalog_url: str | None = Field(
+        None, description="SQLAlchemy URL of the catalog; default: SQLite file in the home folder"
+    )
+    store_url: str | None = Field(
+        None, description="fsspec URL or folder of the artifact store; default: <home>/artifacts"
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the store (e.g. endpoint_url)"
+    )
+    lock_timeout_s: float = Field(30.0, gt=0, description="how long to wait for the catalog lock")
+
+
+class RuntimeSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    cache_dir: Path | None = Field(None, description="local copies of remote artifacts")
+    max_loaded_bytes: int = Field(4 << 30, gt=0, description="memory bound of loaded models")
+    device: str = Field("cpu", description="torch device for models")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+
+
+class Settings(BaseSettings):
+    """Everything a moorage process needs to know, validated at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    home: Path = Field(Path("~/.moorage"), description="catalog, artifacts and caches")
+    user: str = Field(default_factory=lambda: _current_user(), description="actor in the history")
+    log_level: str = "INFO"
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+
+    @field_validator("home")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("use DEBUG, INFO, WARNING or ERROR")
+        return value
+
+    @property
+    def catalog_url(self) -> str:
+        return self.registry.catalog_url or f"sqlite:///{self.home / 'catalog.db'}"
+
+    @property
+    def store_url(self) -> str:
+        return self.registry.store_url or str(self.home / "artifacts")
+
+    @property
+    def cache_dir(self) -> Path:
+        return (self.runtime.cache_dir or self.home / "cache").expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        environ, file_data = _LOAD_CONTEXT.get((os.environ, {}))
+        return (
+            init_settings,
+            _MappingEnvSource(settings_cls, environ),
+            _DictSource(settings_cls, file_data),
+        )
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """The stock environment source, reading from an injected mapping instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = {k: v for k, v in environ.items() if k.upper() != "MOORAGE_CONFIG"}
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._environ.items()}
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+_LOAD_CONTEXT: ContextVar[tuple[Mapping[str, str], dict[str, Any]]] = ContextVar("settings_load")
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings tree; raise `ConfigError` naming the bad key or file."""
+    environ = os.environ if environ is None else environ
+    path = _find_config_file(config_file, environ)
+    file_data = read_config_file(path) if path else {}
+    token = _LOAD_CONTEXT.set((environ, file_data))
+    try:
+        return Settings(**{k: v for k, v in (overrides or {}).items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    finally:
+        _LOAD_CONTEXT.reset(token)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config file {path} is not valid {_kind(path)}: {first_line}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings at its top level")
+    return data
+
+
+def _find_config_file(explicit: str | Path | None, environ: Mapping[str, str]) -> Path | None:
+    if explicit is None:
+        explicit = environ.get("MOORAGE_CONFIG") or None
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    home = Path(environ.get("MOORAGE_HOME") or "~/.moorage").expanduser()
+    return next((home / n for n in CONFIG_NAMES if (home / n).is_file()), None)
+
+
+def _kind(path: Path) -> str:
+    return "TOML" if path.suffix == ".toml" else "YAML"
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        env = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
+        problems.append(f"setting '{key}' ({env}): {err['msg']}")
+    where = f" (config file {path})" if path else ""
+    return "invalid settings" + where + ": " + "; ".join(problems)
+
+
+def _current_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry, e.g. in a container
+        return "unknown"

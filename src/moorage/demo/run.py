@@ -1,0 +1,60 @@
+"""`moorage demo`: register the demo models with `production` aliases, then use them once."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from ..errors import ModelNotFound
+from ..registry import Registry
+from ..runtime import GenerateInput, GenerationParams, Runtime
+from . import assets
+
+DEMO_MODELS = (
+    # name, task, package
+    ("minilm", "embed", assets.MINILM_PACKAGE),
+    ("smollm2", "generate", assets.SMOLLM2_PACKAGE),
+)
+
+
+def ensure_registered(registry: Registry, name: str, task: str, package: str, folder_fn, progress=None):
+    """Register the demo model once per package version; later runs reuse that version."""
+    source = f"{package}=={assets.package_version(package)}"
+    try:
+        for info in reversed(registry.list_versions(name)):
+            if info.status == "ready" and info.tags.get("source") == source:
+                if "production" not in info.aliases:
+                    registry.set_alias(name, "production", info.version, "demo")
+                return info, False
+    except ModelNotFound:
+        pass
+    info = registry.register(
+        folder_fn(), name, task, alias="production", tags={"source": source},
+        description=f"demo model from the PyPI package {package}", reason="demo", progress=progress,
+    )
+    return info, True
+
+
+def run_demo(state) -> None:
+    from ..cli.context import RichProgress, console
+
+    settings, registry = state.settings, state.registry
+    folders = {
+        "minilm": assets.minilm_folder,
+        "smollm2": lambda: assets.smollm2_folder(settings.cache_dir),
+    }
+    table = Table("model", "task", "version", "aliases", "status")
+    with RichProgress() as progress:
+        for name, task, package in DEMO_MODELS:
+            info, created = ensure_registered(registry, name, task, package, folders[name], progress)
+            table.add_row(name, task, str(info.version), "production", "registered" if created else "already there")
+    console.print(table)
+    path, digest, count = assets.write_bbc_news(settings.home / "datasets")
+    console.print(f"dataset bbc-news: {count} labelled articles in {path} (sha256 {digest[:12]}...)")
+
+    runtime = Runtime(registry, settings.runtime)
+    vector = runtime.predict("minilm", ["moorage puts language models into production"])[0]
+    console.print(f"minilm@production embeds a sentence into {len(vector)} dimensions")
+    params = GenerationParams(max_new_tokens=24)
+    reply = runtime.predict("smollm2", [GenerateInput(messages=({"role": "user", "content": "What is the capital of France?"},), params=params)])[0]
+    console.print(f"smollm2@production answers 'What is the capital of France?' with: {reply.text!r}")
+    console.print(f"registry home: {settings.home}  (try: moorage models list)")

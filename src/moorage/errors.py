@@ -1,0 +1,99 @@
+"""One exception tree for the whole package.
+
+Every error a user can trigger is a `MoorageError`: it carries the HTTP status a server answers
+with and a stable machine-readable `code`, and its message says what went wrong and, where it
+can, how to fix it. Edges (CLI, HTTP, stream workers) catch `MoorageError` once and render it;
+anything else is a bug and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MoorageError(Exception):
+    """Base of every error moorage raises on purpose."""
+
+    status: int = 500
+    code: str = "internal_error"
+    type: str = "server_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class BadRequest(MoorageError):
+    status = 400
+    code = "bad_request"
+    type = "invalid_request_error"
+
+
+class InvalidReference(BadRequest):
+    code = "invalid_reference"
+
+
+class InvalidName(BadRequest):
+    code = "invalid_name"
+
+
+class NotFound(MoorageError):
+    status = 404
+    code = "not_found"
+    type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class Conflict(MoorageError):
+    status = 409
+    code = "conflict"
+    type = "invalid_request_error"
+
+
+class IntegrityError(MoorageError):
+    """An artifact does not match its manifest (tampered, truncated or missing file)."""
+
+    status = 409
+    code = "checksum_mismatch"
+    type = "invalid_request_error"
+
+
+class UnsafeArtifact(MoorageError):
+    """An artifact would need pickle (or another unsafe format) to load."""
+
+    status = 400
+    code = "unsafe_artifact"
+    type = "invalid_request_error"
+
+
+class ConfigError(MoorageError):
+    status = 500
+    code = "config_error"
+
+
+class MissingDependency(MoorageError):
+    """An optional extra is not installed; the message names the extra."""
+
+    status = 501
+    code = "missing_dependency"
+
+
+class Unprocessable(MoorageError):
+    status = 422
+    code = "invalid_input"
+    type = "invalid_request_error"
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency, or fail with the pip command that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - exercised when extras are absent
+        raise MissingDependency(
+            f"'{module}' is not installed; install it with: pip install 'moorage[{extra}]'"
+        ) from exc

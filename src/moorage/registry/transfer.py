@@ -1,0 +1,176 @@
+"""Move a model with all its versions, aliases and history between registries.
+
+An export is a folder (local or any fsspec URL): ``<dest>/<name>/export.json`` plus one folder per
+version holding its files and its ``moorage.json``. Import copies the files into the target store,
+re-hashing every byte against the manifest, then writes the catalog rows in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import fsspec
+from sqlalchemy import select
+
+from ..errors import BadRequest, Conflict, IntegrityError
+from ..refs import validate_name
+from .manifest import MANIFEST_NAME, Manifest, sha256_bytes
+from .service import Registry
+from .store import NoProgress, Progress
+from .tables import Alias, AliasEvent, Model, ModelVersion, as_utc
+
+EXPORT_NAME = "export.json"
+EXPORT_FORMAT = 1
+
+
+def export_model(
+    registry: Registry,
+    name: str,
+    dest: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> str:
+    """Write model `name` under `dest`; return the folder written."""
+    validate_name(name)
+    progress = progress or NoProgress()
+    fs, root = fsspec.core.url_to_fs(dest, **(storage_options or {}))
+    base = f"{root.rstrip('/')}/{name}"
+    if fs.exists(f"{base}/{EXPORT_NAME}"):
+        raise Conflict(f"{dest} already holds an export of {name!r}; choose an empty destination")
+    with registry.catalog.session() as s:
+        model = registry._model_or_404(s, name)
+        versions = list(s.scalars(select(ModelVersion).where(
+            ModelVersion.model_name == name, ModelVersion.status == "ready"
+        ).order_by(ModelVersion.version)))
+        aliases = list(s.scalars(select(Alias).where(Alias.model_name == name)))
+        events = list(s.scalars(select(AliasEvent).where(AliasEvent.model_name == name).order_by(AliasEvent.id)))
+    doc = {
+        "format": EXPORT_FORMAT,
+        "model": {"name": model.name, "task": model.task, "description": model.description,
+                  "tags": model.tags, "created_at": _iso(model.created_at), "created_by": model.created_by},
+        "versions": [
+            {"version": v.version, "framework": v.framework, "manifest": v.manifest,
+             "manifest_sha256": v.manifest_sha256, "description": v.description, "tags": v.tags,
+             "created_at": _iso(v.created_at), "created_by": v.created_by}
+            for v in versions
+        ],
+        "aliases": [{"alias": a.alias, "version": a.version, "updated_at": _iso(a.updated_at),
+                     "updated_by": a.updated_by} for a in aliases],
+        "history": [{"alias": e.alias, "action": e.action, "from_version": e.from_version,
+                     "to_version": e.to_version, "actor": e.actor, "reason": e.reason, "at": _iso(e.at)}
+                    for e in events],
+    }
+    progress.start(f"export {name}", sum(v.size_bytes for v in versions))
+    for v in versions:
+        manifest = Manifest.model_validate(v.manifest)
+        for entry in manifest.files:
+            _copy(registry.store.open(name, v.version, entry.path), fs, f"{base}/{v.version}/{entry.path}", progress)
+        with fs.open(f"{base}/{v.version}/{MANIFEST_NAME}", "wb") as f:
+            f.write(registry.store.read_manifest_bytes(name, v.version))
+    with fs.open(f"{base}/{EXPORT_NAME}", "wb") as f:  # written last: its presence means complete
+        f.write(json.dumps(doc, indent=2).encode())
+    return f"{dest.rstrip('/')}/{name}"
+
+
+def import_models(
+    registry: Registry,
+    source: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Import every model exported under `source` (one model's folder, or a folder of them)."""
+    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/{EXPORT_NAME}"):
+        folders = [root]
+    else:
+        folders = sorted(p.rsplit("/", 1)[0] for p in fs.glob(f"{root}/*/{EXPORT_NAME}"))
+    if not folders:
+        raise BadRequest(f"{source} holds no moorage export ({EXPORT_NAME} not found)", code="export_not_found")
+    return [_import_one(registry, fs, folder, progress or NoProgress()) for folder in folders]
+
+
+def _import_one(registry: Registry, fs, folder: str, progress: Progress) -> str:
+    with fs.open(f"{folder}/{EXPORT_NAME}", "rb") as f:
+        doc = json.loads(f.read())
+    if doc.get("format") != EXPORT_FORMAT:
+        raise BadRequest(f"{folder}/{EXPORT_NAME} has export format {doc.get('format')!r}; expected {EXPORT_FORMAT}")
+    m = doc["model"]
+    name = validate_name(m["name"])
+    with registry.catalog.session() as s:
+        if s.get(Model, name) is not None:
+            raise Conflict(f"model {name!r} already exists in the target registry; delete it or import elsewhere")
+        s.add(Model(name=name, task=m["task"], description=m["description"], tags=m["tags"],
+                    created_at=_dt(m["created_at"]), created_by=m["created_by"]))
+        for v in doc["versions"]:
+            s.add(ModelVersion(
+                model_name=name, version=v["version"], status="pending", task=m["task"],
+                framework=v["framework"], path=f"{name}/{v['version']}", manifest=v["manifest"],
+                manifest_sha256=v["manifest_sha256"], size_bytes=0, description=v["description"],
+                tags=v["tags"], created_at=_dt(v["created_at"]), created_by=v["created_by"],
+            ))
+    try:
+        manifests = [Manifest.model_validate(v["manifest"]) for v in doc["versions"]]
+        progress.start(f"import {name}", sum(mf.size_bytes for mf in manifests))
+        for v, manifest in zip(doc["versions"], manifests):
+            _copy_version(registry, fs, folder, manifest, v["manifest_sha256"], progress)
+    except BaseException:
+        for v in doc["versions"]:
+            registry.store.remove(name, v["version"])
+        with registry.catalog.session() as s:
+            s.delete(s.get(Model, name))
+        raise
+    with registry.catalog.session() as s:
+        for v, manifest in zip(doc["versions"], manifests):
+            row = s.get(ModelVersion, (name, v["version"]))
+            row.status, row.size_bytes = "ready", manifest.size_bytes
+        s.flush()
+        for a in doc["aliases"]:
+            s.add(Alias(model_name=name, alias=a["alias"], version=a["version"],
+                        updated_at=_dt(a["updated_at"]), updated_by=a["updated_by"]))
+        for e in doc["history"]:
+            s.add(AliasEvent(model_name=name, alias=e["alias"], action=e["action"],
+                             from_version=e["from_version"], to_version=e["to_version"],
+                             actor=e["actor"], reason=e["reason"], at=_dt(e["at"])))
+    return name
+
+
+def _copy_version(registry: Registry, fs, folder: str, manifest: Manifest, manifest_sha: str, progress: Progress) -> None:
+    src = f"{folder}/{manifest.version}"
+    entries = registry.store.write_version(
+        ((e.path, (lambda e=e: fs.open(f"{src}/{e.path}", "rb")), e.size) for e in manifest.files),
+        manifest.name, manifest.version, progress,
+    )
+    for written, expected in zip(entries, manifest.files):
+        if written.sha256 != expected.sha256 or written.size != expected.size:
+            raise IntegrityError(
+                f"export of {manifest.name}:{manifest.version} is corrupt: file {expected.path} "
+                "does not match its checksum"
+            )
+    with fs.open(f"{src}/{MANIFEST_NAME}", "rb") as f:
+        data = f.read()
+    if sha256_bytes(data) != manifest_sha:
+        raise IntegrityError(f"export of {manifest.name}:{manifest.version}: {MANIFEST_NAME} was altered")
+    with registry.store.fs.open(f"{registry.store.version_path(manifest.name, manifest.version)}/{MANIFEST_NAME}", "wb") as f:
+        f.write(data)
+
+
+def _copy(src_file, fs, target: str, progress: Progress) -> None:
+    fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    with src_file as src, fs.open(target, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+            progress.advance(len(chunk))
+
+
+def _iso(value: datetime) -> str:
+    return as_utc(value).isoformat()
+
+
+def _dt(text: str) -> datetime:
+    return as_utc(datetime.fromisoformat(text))
+

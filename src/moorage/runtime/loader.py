@@ -1,0 +1,82 @@
+"""Registry version -> loaded task handler, verified and cached."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import RuntimeSettings
+from ..errors import BadRequest
+from ..refs import ModelRef
+from ..registry import Progress, Registry, VersionInfo
+from ..registry.manifest import check_safe
+from .base import TaskHandler
+from .cache import ModelCache
+
+log = logging.getLogger(__name__)
+
+# (task, framework) -> "module:Class", imported only when such a model is loaded.
+HANDLERS: dict[tuple[str, str], str] = {
+    ("embed", "fake"): "moorage.runtime.fake:FakeEmbedder",
+    ("classify", "fake"): "moorage.runtime.fake:FakeClassifier",
+    ("generate", "fake"): "moorage.runtime.fake:FakeGenerator",
+    ("embed", "sentence-transformers"): "moorage.runtime.hf:SentenceEmbedder",
+    ("embed", "transformers"): "moorage.runtime.hf:SentenceEmbedder",
+    ("classify", "transformers"): "moorage.runtime.hf:SequenceClassifier",
+    ("generate", "transformers"): "moorage.runtime.hf:CausalGenerator",
+}
+
+
+@dataclass
+class LoadedModel:
+    info: VersionInfo
+    handler: TaskHandler
+    load_seconds: float
+
+    @property
+    def task(self) -> str:
+        return self.info.task
+
+    def predict(self, inputs: list[Any]) -> list[Any]:
+        return self.handler(inputs)
+
+
+def handler_for(task: str, framework: str) -> TaskHandler:
+    target = HANDLERS.get((task, framework))
+    if target is None:
+        raise BadRequest(f"no handler for task {task!r} with framework {framework!r}", code="unsupported_model")
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)()
+
+
+def load_version(registry: Registry, info: VersionInfo, settings: RuntimeSettings, progress: Progress | None = None) -> LoadedModel:
+    """Fetch (if remote), verify every checksum, then load. Nothing unverified reaches a handler."""
+    started = time.perf_counter()
+    check_safe([f.path for f in info.manifest.files])
+    folder = registry.local_path(info, progress)
+    handler = handler_for(info.task, info.framework)
+    handler.load(folder, info.manifest, settings)
+    elapsed = time.perf_counter() - started
+    log.info("loaded %s (%s, %s) in %.2fs", info.ref, info.task, info.framework, elapsed)
+    return LoadedModel(info, handler, elapsed)
+
+
+class Runtime:
+    """Resolves references and keeps loaded models in a memory-bounded LRU cache."""
+
+    def __init__(self, registry: Registry, settings: RuntimeSettings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.cache: ModelCache[LoadedModel] = ModelCache(settings.max_loaded_bytes, lambda m: m.handler.memory_bytes)
+
+    def get(self, ref: str | ModelRef, progress: Progress | None = None) -> LoadedModel:
+        info = self.registry.resolve(ref)
+        return self.cache.get_or_load(
+            (info.name, info.version), lambda: load_version(self.registry, info, self.settings, progress)
+        )
+
+    def predict(self, ref: str | ModelRef, inputs: list[Any]) -> list[Any]:
+        return self.get(ref).predict(inputs)

@@ -108,4 +108,9 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # a bug, not a user error: one line, the traceback only with -v
+        logging.getLogger("moorage").debug("unexpected error", exc_info=True)
+        err_console.print(f"[red]error:[/] unexpected {type(exc).__name__}: {exc} (rerun with -v for details)",
+                          highlight=False, soft_wrap=True)
+        sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)

@@ -60,6 +60,11 @@ def smollm2_folder(cache_dir: Path) -> Path:
         kwargs = {"gguf_file": gguf.name, "local_files_only": True}
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kwargs)
+        # The weights are dequantised to float32 on load; drop the GGUF marker so that
+        # save_pretrained writes them as a plain safetensors model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         staging.rename(target)

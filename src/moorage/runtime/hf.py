@@ -51,11 +51,13 @@ class SentenceEmbedder(TaskHandler):
         self.memory_bytes = _param_bytes(self.model)
 
     def preprocess(self, inputs: list[str]) -> Any:
-        return self.model.tokenize([str(t) for t in inputs])
+        texts = [str(t) for t in inputs]
+        prepare = getattr(self.model, "preprocess", None) or self.model.tokenize  # ST >= 6 : older
+        return prepare(texts)
 
     def predict(self, batch: Any) -> list[Any]:
         torch = require("torch", "ml")
-        features = {k: v.to(self.model.device) for k, v in batch.items()}
+        features = {k: v.to(self.model.device) if hasattr(v, "to") else v for k, v in batch.items()}
         with torch.inference_mode():
             out = self.model.forward(features)["sentence_embedding"]
         return list(out.float().cpu().numpy())

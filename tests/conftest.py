@@ -1,0 +1,47 @@
+"""Shared fixtures. Markers come from the folder a test lives in (unit, integration, e2e)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moorage.config import load_settings
+from moorage.registry import Registry
+from moorage.runtime import make_fake_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        if parts[0] in ("integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def settings(home: Path):
+    return load_settings(environ={"MOORAGE_HOME": str(home), "MOORAGE_USER": "tester"})
+
+
+@pytest.fixture
+def registry(settings):
+    reg = Registry.from_settings(settings)
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def fake_model(tmp_path: Path):
+    """Factory: a fake model folder for a task; `seed` makes different weights."""
+
+    def make(task: str = "embed", seed: int = 0, **kwargs) -> Path:
+        return make_fake_model(tmp_path / f"src-{task}-{seed}", task, seed=seed, **kwargs)
+
+    return make

@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from moorage.config import load_settings
+from moorage.errors import ConfigError
+
+
+def test_defaults_derive_paths_from_home(tmp_path):
+    s = load_settings(environ={"MOORAGE_HOME": str(tmp_path)})
+    assert s.home == tmp_path
+    assert s.catalog_url == f"sqlite:///{tmp_path / 'catalog.db'}"
+    assert s.store_url == str(tmp_path / "artifacts")
+    assert s.cache_dir == tmp_path / "cache"
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+def test_precedence_defaults_file_env_flags(tmp_path, suffix):
+    cfg = tmp_path / f"moorage{suffix}"
+    if suffix == ".yaml":
+        cfg.write_text("log_level: warning\nregistry:\n  store_url: /from/file\n  lock_timeout_s: 5\n")
+    else:
+        cfg.write_text('log_level = "warning"\n[registry]\nstore_url = "/from/file"\nlock_timeout_s = 5\n')
+    env = {"MOORAGE_HOME": str(tmp_path), "MOORAGE_REGISTRY__STORE_URL": "/from/env"}
+
+    file_only = load_settings(cfg, environ={"MOORAGE_HOME": str(tmp_path)})
+    assert file_only.store_url == "/from/file"
+    assert file_only.log_level == "WARNING"
+    assert file_only.registry.lock_timeout_s == 5
+
+    with_env = load_settings(cfg, environ=env)
+    assert with_env.store_url == "/from/env"
+    assert with_env.registry.lock_timeout_s == 5  # untouched keys keep the file's value
+
+    with_flags = load_settings(cfg, environ=env, overrides={"registry": {"store_url": "/from/flag"}})
+    assert with_flags.store_url == "/from/flag"
+
+
+def test_config_file_in_home_is_picked_up(tmp_path):
+    (tmp_path / "config.yaml").write_text("runtime:\n  max_loaded_bytes: 1234\n")
+    assert load_settings(environ={"MOORAGE_HOME": str(tmp_path)}).runtime.max_loaded_bytes == 1234
+
+
+def test_env_names_config_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("user: from-file\n")
+    assert load_settings(environ={"MOORAGE_CONFIG": str(cfg), "MOORAGE_HOME": str(tmp_path)}).user == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("content", "env", "needle"),
+    [
+        ("registry:\n  lock_timeout_s: -1\n", {}, "setting 'registry.lock_timeout_s' (MOORAGE_REGISTRY__LOCK_TIMEOUT_S)"),
+        ("registry:\n  bogus: 1\n", {}, "setting 'registry.bogus'"),
+        ("", {"MOORAGE_LOG_LEVEL": "loud"}, "setting 'log_level' (MOORAGE_LOG_LEVEL)"),
+        ("- a list\n", {}, "must hold a mapping"),
+        ("registry: [\n", {}, "is not valid YAML"),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path, content, env, needle):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={"MOORAGE_HOME": str(tmp_path), **env})
+    assert needle in info.value.message
+
+
+def test_missing_or_unreadable_config(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.yaml", environ={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("a = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad, environ={})
+
+
+def test_env_is_injected_not_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOORAGE_USER", "from-process-env")
+    assert load_settings(environ={"MOORAGE_HOME": str(tmp_path)}).user != "from-process-env"
+    assert load_settings(environ={"MOORAGE_HOME": str(Path(tmp_path)), "MOORAGE_USER": "u"}).user == "u"

@@ -117,3 +117,11 @@ class FakeGenerator(_FakeBase):
                 completion_tokens=len(text.split()) if stopped else item.params.max_new_tokens,
             ))
         return out
+
+
+if __name__ == "__main__":  # python -m moorage.runtime.fake DIR TASK: a model folder for trying things
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[2] not in ("embed", "classify", "generate"):
+        sys.exit("usage: python -m moorage.runtime.fake DIR embed|classify|generate")
+    print(make_fake_model(sys.argv[1], sys.argv[2]))

@@ -9,6 +9,15 @@ from .registry import Registry, export_model, import_models  # noqa: E402
 from .runtime import Runtime, make_fake_model  # noqa: E402
 
 __all__ = [
-    "ModelRef", "MoorageError", "Registry", "Runtime", "Settings", "__version__", "export_model",
-    "import_models", "load_settings", "make_fake_model", "parse_ref",
+    "ModelRef",
+    "MoorageError",
+    "Registry",
+    "Runtime",
+    "Settings",
+    "__version__",
+    "export_model",
+    "import_models",
+    "load_settings",
+    "make_fake_model",
+    "parse_ref",
 ]

@@ -58,9 +58,7 @@ def parse_ref(text: str) -> ModelRef:
         raise InvalidReference("empty model reference: use NAME, NAME@ALIAS or NAME:VERSION")
     text = text.strip()
     if "@" in text and ":" in text:
-        raise InvalidReference(
-            f"bad model reference {text!r}: use NAME, NAME@ALIAS or NAME:VERSION, not both"
-        )
+        raise InvalidReference(f"bad model reference {text!r}: use NAME, NAME@ALIAS or NAME:VERSION, not both")
     try:
         if "@" in text:
             name, alias = text.split("@", 1)

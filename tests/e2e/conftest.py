@@ -15,8 +15,9 @@ def cli(tmp_path: Path):
     env.pop("MOORAGE_CONFIG", None)
 
     def run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "moorage", *args], capture_output=True, text=True,
-                              env=env, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "moorage", *args], capture_output=True, text=True, env=env, timeout=300
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"moorage {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc

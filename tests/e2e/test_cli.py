@@ -12,7 +12,9 @@ def test_walkthrough(cli, fake_model):
     assert "2 → 1" in cli("models", "rollback", "x", "production", check=True).stdout
     history = json.loads(cli("models", "history", "x", "--json", check=True).stdout)
     assert [(h["action"], h["from_version"], h["to_version"]) for h in history] == [
-        ("set", None, 1), ("set", 1, 2), ("rollback", 2, 1),
+        ("set", None, 1),
+        ("set", 1, 2),
+        ("rollback", 2, 1),
     ]
     shown = json.loads(cli("models", "show", "x", "--json", check=True).stdout)
     assert shown["ref"] == "x:1" and shown["aliases"] == ["production"]

@@ -21,8 +21,12 @@ def _commands(block: str) -> list[str]:
 
 
 def _env(tmp_path: Path) -> dict:
-    return {**os.environ, "MOORAGE_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
-            "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    return {
+        **os.environ,
+        "MOORAGE_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
+    }
 
 
 def test_quickstart_is_two_commands_and_ci_runs_the_second():
@@ -37,8 +41,9 @@ def test_quickstart_is_two_commands_and_ci_runs_the_second():
 def test_quickstart_first_command_installs_and_runs_the_demo(tmp_path):
     (block,) = _blocks("Quickstart")
     run_cmd = _commands(block)[0]
-    proc = subprocess.run(["bash", "-c", run_cmd], cwd=ROOT, env=_env(tmp_path), capture_output=True,
-                          text=True, timeout=1200)
+    proc = subprocess.run(
+        ["bash", "-c", run_cmd], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=1200
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "minilm@production embeds a sentence into 384 dimensions" in proc.stdout
     assert "smollm2@production answers" in proc.stdout
@@ -48,6 +53,12 @@ def test_quickstart_first_command_installs_and_runs_the_demo(tmp_path):
 @pytest.mark.parametrize("index", range(len(_blocks("Using the registry"))))
 def test_usage_blocks_run(tmp_path, index):
     block = _blocks("Using the registry")[index]
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -45,11 +45,17 @@ def postgres_server():
         os.chown(sock, user.pw_uid, user.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
     port = free_port()
-    subprocess.run([*as_user, _pg_bin("initdb"), "-D", str(data), "-U", "moorage", "-A", "trust", "--no-sync"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, _pg_bin("initdb"), "-D", str(data), "-U", "moorage", "-A", "trust", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
     opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run([*as_user, _pg_bin("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, _pg_bin("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://moorage@127.0.0.1:{port}"
     finally:
@@ -88,8 +94,13 @@ def s3_store(s3_server):
     """A fresh bucket: (store URL, fsspec storage options)."""
     import boto3
 
-    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"}}
+    options = {
+        "key": "test",
+        "secret": "test",
+        "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"},
+    }
     bucket = "b-" + uuid.uuid4().hex[:12]
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+    ).create_bucket(Bucket=bucket)
     return f"s3://{bucket}/models", options

@@ -17,8 +17,12 @@ def _move(catalog_url: str, store: str, version: int, tag: str) -> subprocess.Po
         "r = Registry(sys.argv[1], sys.argv[2], user=sys.argv[4]); "
         "r.set_alias('x', 'production', int(sys.argv[3]), reason=sys.argv[4])"
     )
-    return subprocess.Popen([sys.executable, "-c", code, catalog_url, store, str(version), tag],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+    return subprocess.Popen(
+        [sys.executable, "-c", code, catalog_url, store, str(version), tag],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ},
+    )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

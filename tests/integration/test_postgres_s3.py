@@ -8,8 +8,20 @@ from moorage.runtime import Runtime
 
 
 def _snapshot(reg: Registry, name: str):
-    versions = [(v.version, v.task, v.framework, v.manifest_sha256, v.created_by, v.created_at, v.tags, v.aliases,
-                 [(f.path, f.sha256, f.size) for f in v.manifest.files]) for v in reg.list_versions(name)]
+    versions = [
+        (
+            v.version,
+            v.task,
+            v.framework,
+            v.manifest_sha256,
+            v.created_by,
+            v.created_at,
+            v.tags,
+            v.aliases,
+            [(f.path, f.sha256, f.size) for f in v.manifest.files],
+        )
+        for v in reg.list_versions(name)
+    ]
     history = [(h.alias, h.action, h.from_version, h.to_version, h.actor, h.reason, h.at) for h in reg.history(name)]
     return versions, history
 
@@ -33,8 +45,13 @@ def test_walkthrough_on_postgres(pg_url, tmp_path, fake_model):
 def test_export_sqlite_local_import_postgres_s3(registry, pg_url, s3_store, tmp_path, fake_model):
     """local store + SQLite -> export folder -> S3-protocol store + PostgreSQL, nothing lost."""
     for seed in (1, 2, 3):
-        registry.register(fake_model(seed=seed), "x", "embed", tags={"seed": str(seed)},
-                          lineage={"parent": None, "dataset_sha256": "cd" * 32})
+        registry.register(
+            fake_model(seed=seed),
+            "x",
+            "embed",
+            tags={"seed": str(seed)},
+            lineage={"parent": None, "dataset_sha256": "cd" * 32},
+        )
     registry.set_alias("x", "production", 2)
     registry.set_alias("x", "production", 3, "promote")
     registry.rollback("x", "production", "regression")

@@ -50,7 +50,11 @@ def test_env_names_config_file(tmp_path):
 @pytest.mark.parametrize(
     ("content", "env", "needle"),
     [
-        ("registry:\n  lock_timeout_s: -1\n", {}, "setting 'registry.lock_timeout_s' (MOORAGE_REGISTRY__LOCK_TIMEOUT_S)"),
+        (
+            "registry:\n  lock_timeout_s: -1\n",
+            {},
+            "setting 'registry.lock_timeout_s' (MOORAGE_REGISTRY__LOCK_TIMEOUT_S)",
+        ),
         ("registry:\n  bogus: 1\n", {}, "setting 'registry.bogus'"),
         ("", {"MOORAGE_LOG_LEVEL": "loud"}, "setting 'log_level' (MOORAGE_LOG_LEVEL)"),
         ("- a list\n", {}, "must hold a mapping"),

@@ -7,8 +7,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "src" / "moorage"
 EDGES = {"server", "streams", "cli", "engines", "demo"}
-ALL = EDGES | {"config", "errors", "refs", "registry", "runtime", "batching", "security", "training",
-               "observability"}
+ALL = EDGES | {"config", "errors", "refs", "registry", "runtime", "batching", "security", "training", "observability"}
 
 
 def _imports(path: Path) -> set[str]:

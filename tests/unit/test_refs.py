@@ -21,8 +21,26 @@ def test_parses_the_three_forms(text, expected):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "  ", "../etc", "a/b", "a\\b", "..", ".hidden", "UPPER", "x:0", "x:-1", "x:1.5", "x:", "x@",
-     "x@1bad", "x@prod:1", "a" * 64, "x@" + "a" * 33, "x y"],
+    [
+        "",
+        "  ",
+        "../etc",
+        "a/b",
+        "a\\b",
+        "..",
+        ".hidden",
+        "UPPER",
+        "x:0",
+        "x:-1",
+        "x:1.5",
+        "x:",
+        "x@",
+        "x@1bad",
+        "x@prod:1",
+        "a" * 64,
+        "x@" + "a" * 33,
+        "x y",
+    ],
 )
 def test_rejects_bad_references_with_a_clear_error(text):
     with pytest.raises(InvalidReference) as info:

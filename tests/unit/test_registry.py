@@ -18,7 +18,9 @@ def test_register_alias_rollback_history(registry, fake_model):
     assert registry.resolve("x@production").version == 1
     rows = registry.history("x")
     assert [(r.action, r.from_version, r.to_version, r.reason) for r in rows] == [
-        ("set", None, 1, "first"), ("set", 1, 2, "better"), ("rollback", 2, 1, "regression"),
+        ("set", None, 1, "first"),
+        ("set", 1, 2, "better"),
+        ("rollback", 2, 1, "regression"),
     ]
     assert {r.actor for r in rows} == {"tester"}
 
@@ -51,9 +53,14 @@ def test_bare_name_means_production_else_latest(registry, fake_model):
 
 def test_manifest_records_files_params_metrics_lineage(registry, fake_model, home):
     info = registry.register(
-        fake_model(), "x", "embed", params={"lr": 0.001}, metrics={"f1": 0.9},
+        fake_model(),
+        "x",
+        "embed",
+        params={"lr": 0.001},
+        metrics={"f1": 0.9},
         lineage={"parent": "base:3", "dataset_sha256": "ab" * 32, "code_version": "deadbeef"},
-        description="test", alias="staging",
+        description="test",
+        alias="staging",
     )
     m = info.manifest
     assert {f.path for f in m.files} == {"fake.json", "weights.safetensors"}
@@ -100,9 +107,7 @@ def test_versions_are_immutable_and_numbered(registry, fake_model):
     assert registry.resolve("x:1").manifest.files != registry.resolve("x:2").manifest.files
 
 
-@pytest.mark.parametrize(
-    ("task", "code"), [("generate", "wrong_task"), ("summarize", "bad_request")]
-)
+@pytest.mark.parametrize(("task", "code"), [("generate", "wrong_task"), ("summarize", "bad_request")])
 def test_wrong_task_is_refused(registry, fake_model, task, code):
     with pytest.raises(BadRequest) as info:
         registry.register(fake_model("embed"), "x", task)

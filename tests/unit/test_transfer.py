@@ -5,9 +5,20 @@ from moorage.registry import Registry, export_model, import_models
 
 
 def _snapshot(reg: Registry, name: str):
-    versions = [(v.version, v.task, v.framework, v.manifest_sha256, v.created_by, v.created_at,
-                 [(f.path, f.sha256, f.size) for f in v.manifest.files], v.aliases, v.tags)
-                for v in reg.list_versions(name)]
+    versions = [
+        (
+            v.version,
+            v.task,
+            v.framework,
+            v.manifest_sha256,
+            v.created_by,
+            v.created_at,
+            [(f.path, f.sha256, f.size) for f in v.manifest.files],
+            v.aliases,
+            v.tags,
+        )
+        for v in reg.list_versions(name)
+    ]
     history = [(h.alias, h.action, h.from_version, h.to_version, h.actor, h.reason, h.at) for h in reg.history(name)]
     return versions, history
 

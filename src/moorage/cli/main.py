@@ -44,7 +44,9 @@ def root(
     registry = {k: v for k, v in {"catalog_url": catalog_url, "store_url": store_url}.items() if v}
     overrides = {"home": home, "log_level": "DEBUG" if verbose else None, "registry": registry or None}
     ctx.obj = AppState(config_file=config, overrides=overrides)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 @app.command()
@@ -110,7 +112,10 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:  # a bug, not a user error: one line, the traceback only with -v
         logging.getLogger("moorage").debug("unexpected error", exc_info=True)
-        err_console.print(f"[red]error:[/] unexpected {type(exc).__name__}: {exc} (rerun with -v for details)",
-                          highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[red]error:[/] unexpected {type(exc).__name__}: {exc} (rerun with -v for details)",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)

@@ -39,15 +39,23 @@ def register(
     reg = state(ctx).registry
     with RichProgress() as progress:
         info = reg.register(
-            path, name, task, alias=alias, description=description,
-            params=parse_pairs(param, "--param"), metrics=parse_pairs(metric, "--metric"),
+            path,
+            name,
+            task,
+            alias=alias,
+            description=description,
+            params=parse_pairs(param, "--param"),
+            metrics=parse_pairs(metric, "--metric"),
             tags={k: str(v) for k, v in parse_pairs(tag, "--tag").items()},
             lineage=Lineage(parent=parent, dataset_sha256=dataset_sha256, code_version=code_version),
-            reason=reason, progress=progress,
+            reason=reason,
+            progress=progress,
         )
     where = f" (alias {alias})" if alias else ""
-    console.print(f"registered [bold]{info.ref}[/] {info.task}/{info.framework}, "
-                  f"{len(info.manifest.files)} files, {_size(info.manifest.size_bytes)}{where}")
+    console.print(
+        f"registered [bold]{info.ref}[/] {info.task}/{info.framework}, "
+        f"{len(info.manifest.files)} files, {_size(info.manifest.size_bytes)}{where}"
+    )
 
 
 @app.command("list")
@@ -69,8 +77,15 @@ def versions(ctx: typer.Context, name: str) -> None:
     """Every version of one model."""
     table = Table("version", "status", "framework", "size", "aliases", "created", "by")
     for v in state(ctx).registry.list_versions(name):
-        table.add_row(str(v.version), v.status, v.framework, _size(v.manifest.size_bytes),
-                      ", ".join(v.aliases), f"{v.created_at:%Y-%m-%d %H:%M:%S}", v.created_by)
+        table.add_row(
+            str(v.version),
+            v.status,
+            v.framework,
+            _size(v.manifest.size_bytes),
+            ", ".join(v.aliases),
+            f"{v.created_at:%Y-%m-%d %H:%M:%S}",
+            v.created_by,
+        )
     console.print(table)
 
 
@@ -79,8 +94,12 @@ def show(ctx: typer.Context, ref: str, as_json: Annotated[bool, typer.Option("--
     """One version: manifest, aliases, tags, lineage."""
     info = state(ctx).registry.resolve(ref)
     doc = {
-        "ref": info.ref, "aliases": list(info.aliases), "tags": info.tags, "status": info.status,
-        "created_at": info.created_at.isoformat(), "manifest_sha256": info.manifest_sha256,
+        "ref": info.ref,
+        "aliases": list(info.aliases),
+        "tags": info.tags,
+        "status": info.status,
+        "created_at": info.created_at.isoformat(),
+        "manifest_sha256": info.manifest_sha256,
         **info.manifest.model_dump(mode="json"),
     }
     if as_json:
@@ -130,8 +149,16 @@ def history(
         return
     table = Table("#", "when", "alias", "action", "from", "to", "who", "reason")
     for e in entries:
-        table.add_row(str(e.id), f"{e.at:%Y-%m-%d %H:%M:%S}", e.alias, e.action, str(e.from_version or "-"),
-                      str(e.to_version or "-"), e.actor, e.reason)
+        table.add_row(
+            str(e.id),
+            f"{e.at:%Y-%m-%d %H:%M:%S}",
+            e.alias,
+            e.action,
+            str(e.from_version or "-"),
+            str(e.to_version or "-"),
+            e.actor,
+            e.reason,
+        )
     console.print(table)
 
 
@@ -148,8 +175,11 @@ def tag(
 
 
 @app.command()
-def delete(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
-           yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False) -> None:
+def delete(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+) -> None:
     """Delete one version (refused while an alias points at it)."""
     parsed = parse_ref(ref)
     if parsed.version is None:
@@ -176,12 +206,15 @@ def verify(ctx: typer.Context, ref: str) -> None:
 
 
 @app.command("export")
-def export_(ctx: typer.Context, name: str, to: Annotated[str, typer.Option("--to", help="folder or fsspec URL")]) -> None:
+def export_(
+    ctx: typer.Context, name: str, to: Annotated[str, typer.Option("--to", help="folder or fsspec URL")]
+) -> None:
     """Export a model with all its versions, aliases and history."""
     st = state(ctx)
     with RichProgress() as progress:
-        where = export_model(st.registry, name, to, storage_options=st.settings.registry.storage_options,
-                             progress=progress)
+        where = export_model(
+            st.registry, name, to, storage_options=st.settings.registry.storage_options, progress=progress
+        )
     console.print(f"exported {name} to {where}")
 
 
@@ -190,8 +223,9 @@ def import_(ctx: typer.Context, source: Annotated[str, typer.Argument(help="expo
     """Import models exported by `moorage models export`."""
     st = state(ctx)
     with RichProgress() as progress:
-        names = import_models(st.registry, source, storage_options=st.settings.registry.storage_options,
-                              progress=progress)
+        names = import_models(
+            st.registry, source, storage_options=st.settings.registry.storage_options, progress=progress
+        )
     console.print(f"imported {', '.join(names)}")
 
 

@@ -28,8 +28,14 @@ def ensure_registered(registry: Registry, name: str, task: str, package: str, fo
     except ModelNotFound:
         pass
     info = registry.register(
-        folder_fn(), name, task, alias="production", tags={"source": source},
-        description=f"demo model from the PyPI package {package}", reason="demo", progress=progress,
+        folder_fn(),
+        name,
+        task,
+        alias="production",
+        tags={"source": source},
+        description=f"demo model from the PyPI package {package}",
+        reason="demo",
+        progress=progress,
     )
     return info, True
 
@@ -55,6 +61,9 @@ def run_demo(state) -> None:
     vector = runtime.predict("minilm", ["moorage puts language models into production"])[0]
     console.print(f"minilm@production embeds a sentence into {len(vector)} dimensions")
     params = GenerationParams(max_new_tokens=24)
-    reply = runtime.predict("smollm2", [GenerateInput(messages=({"role": "user", "content": "What is the capital of France?"},), params=params)])[0]
+    reply = runtime.predict(
+        "smollm2",
+        [GenerateInput(messages=({"role": "user", "content": "What is the capital of France?"},), params=params)],
+    )[0]
     console.print(f"smollm2@production answers 'What is the capital of France?' with: {reply.text!r}")
     console.print(f"registry home: {settings.home}  (try: moorage models list)")

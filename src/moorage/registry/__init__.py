@@ -6,6 +6,16 @@ from .store import NoProgress, Progress
 from .transfer import export_model, import_models
 
 __all__ = [
-    "TASKS", "FileEntry", "HistoryEntry", "Lineage", "Manifest", "ModelSummary", "NoProgress",
-    "Progress", "Registry", "VersionInfo", "export_model", "import_models",
+    "TASKS",
+    "FileEntry",
+    "HistoryEntry",
+    "Lineage",
+    "Manifest",
+    "ModelSummary",
+    "NoProgress",
+    "Progress",
+    "Registry",
+    "VersionInfo",
+    "export_model",
+    "import_models",
 ]

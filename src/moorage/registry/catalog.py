@@ -71,9 +71,7 @@ def _create_engine(url: str, lock_timeout_s: float) -> Engine:
         try:
             import psycopg  # noqa: F401
         except ImportError:
-            raise MissingDependency(
-                "a PostgreSQL catalog needs psycopg: pip install 'moorage[postgres]'"
-            ) from None
+            raise MissingDependency("a PostgreSQL catalog needs psycopg: pip install 'moorage[postgres]'") from None
         parsed = parsed.set(drivername="postgresql+psycopg")
     try:
         return create_engine(parsed, pool_pre_ping=True)

@@ -133,9 +133,17 @@ class Registry:
                 progress,
             )
             manifest = Manifest(
-                name=name, version=version, task=task, framework=framework, files=entries,
-                params=params or {}, metrics=metrics or {}, lineage=lineage or Lineage(),
-                description=description, source=str(folder.resolve()), created_by=self.user,
+                name=name,
+                version=version,
+                task=task,
+                framework=framework,
+                files=entries,
+                params=params or {},
+                metrics=metrics or {},
+                lineage=lineage or Lineage(),
+                description=description,
+                source=str(folder.resolve()),
+                created_by=self.user,
                 created_at=utcnow().isoformat(),
             )
             data = self.store.write_manifest(manifest)
@@ -159,25 +167,33 @@ class Registry:
                 s.flush()
             elif model.task != task:
                 raise Conflict(
-                    f"model {name!r} holds {model.task!r} models; register this {task!r} model "
-                    "under another name",
+                    f"model {name!r} holds {model.task!r} models; register this {task!r} model under another name",
                     code="task_mismatch",
                 )
             last = s.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_name == name))
             version = (last or 0) + 1
-            s.add(ModelVersion(
-                model_name=name, version=version, status="pending", task=task, framework=framework,
-                path=f"{name}/{version}", manifest={}, manifest_sha256="", size_bytes=0,
-                description=description, tags={}, created_by=self.user,
-            ))
+            s.add(
+                ModelVersion(
+                    model_name=name,
+                    version=version,
+                    status="pending",
+                    task=task,
+                    framework=framework,
+                    path=f"{name}/{version}",
+                    manifest={},
+                    manifest_sha256="",
+                    size_bytes=0,
+                    description=description,
+                    tags={},
+                    created_by=self.user,
+                )
+            )
         return version
 
     def _abandon(self, name: str, version: int) -> None:
         self.store.remove(name, version)
         with self.catalog.session() as s:
-            s.execute(delete(ModelVersion).where(
-                ModelVersion.model_name == name, ModelVersion.version == version
-            ))
+            s.execute(delete(ModelVersion).where(ModelVersion.model_name == name, ModelVersion.version == version))
 
     # ---- read -------------------------------------------------------------------------------
     def resolve(self, ref: str | ModelRef) -> VersionInfo:
@@ -198,18 +214,28 @@ class Registry:
                 )
             row = s.get(ModelVersion, (ref.name, version)) if version else None
             if row is None or row.status != "ready":
-                raise ModelNotFound(f"model {ref.name!r} has no version {version or '(none ready)'}", code="version_not_found")
+                raise ModelNotFound(
+                    f"model {ref.name!r} has no version {version or '(none ready)'}", code="version_not_found"
+                )
             return self._info(s, row)
 
     def list_models(self) -> list[ModelSummary]:
         with self.catalog.session() as s:
             out = []
             for model in s.scalars(select(Model).order_by(Model.name)):
-                versions = list(s.scalars(select(ModelVersion.version).where(
-                    ModelVersion.model_name == model.name, ModelVersion.status == "ready"
-                )))
+                versions = list(
+                    s.scalars(
+                        select(ModelVersion.version).where(
+                            ModelVersion.model_name == model.name, ModelVersion.status == "ready"
+                        )
+                    )
+                )
                 aliases = {a.alias: a.version for a in s.scalars(select(Alias).where(Alias.model_name == model.name))}
-                out.append(ModelSummary(model.name, model.task, len(versions), max(versions, default=None), aliases, dict(model.tags)))
+                out.append(
+                    ModelSummary(
+                        model.name, model.task, len(versions), max(versions, default=None), aliases, dict(model.tags)
+                    )
+                )
             return out
 
     def list_versions(self, name: str) -> list[VersionInfo]:
@@ -244,9 +270,11 @@ class Registry:
         validate_name(name), validate_alias(alias)
         with self.catalog.session() as s:
             self._lock_or_404(s, name)
-            events = s.scalars(select(AliasEvent).where(
-                AliasEvent.model_name == name, AliasEvent.alias == alias
-            ).order_by(AliasEvent.id))
+            events = s.scalars(
+                select(AliasEvent)
+                .where(AliasEvent.model_name == name, AliasEvent.alias == alias)
+                .order_by(AliasEvent.id)
+            )
             targets: list[int | None] = []
             for event in events:
                 if event.action == "rollback":
@@ -254,10 +282,14 @@ class Registry:
                 else:
                     targets.append(event.to_version)
             if len(targets) < 2 or targets[-2] is None:
-                raise Conflict(f"alias {name}@{alias} has no earlier target to roll back to", code="nothing_to_rollback")
+                raise Conflict(
+                    f"alias {name}@{alias} has no earlier target to roll back to", code="nothing_to_rollback"
+                )
             return self._move_alias(s, name, alias, targets[-2], "rollback", reason)
 
-    def _move_alias(self, s: Session, name: str, alias: str, version: int | None, action: str, reason: str) -> HistoryEntry:
+    def _move_alias(
+        self, s: Session, name: str, alias: str, version: int | None, action: str, reason: str
+    ) -> HistoryEntry:
         self._lock_or_404(s, name)
         if version is not None:
             row = s.get(ModelVersion, (name, version))
@@ -274,8 +306,14 @@ class Registry:
         else:
             current.version, current.updated_at, current.updated_by = version, utcnow(), self.user
         event = AliasEvent(
-            model_name=name, alias=alias, action=action, from_version=previous, to_version=version,
-            actor=self.user, reason=reason or "", at=utcnow(),
+            model_name=name,
+            alias=alias,
+            action=action,
+            from_version=previous,
+            to_version=version,
+            actor=self.user,
+            reason=reason or "",
+            at=utcnow(),
         )
         s.add(event)
         s.flush()
@@ -348,17 +386,33 @@ class Registry:
         return row.version if row else None
 
     def _info(self, s: Session, row: ModelVersion) -> VersionInfo:
-        aliases = tuple(sorted(s.scalars(select(Alias.alias).where(
-            Alias.model_name == row.model_name, Alias.version == row.version
-        ))))
-        manifest = Manifest.model_validate(row.manifest) if row.status == "ready" else Manifest(
-            name=row.model_name, version=row.version, task=row.task, framework=row.framework, files=[]
+        aliases = tuple(
+            sorted(
+                s.scalars(select(Alias.alias).where(Alias.model_name == row.model_name, Alias.version == row.version))
+            )
+        )
+        manifest = (
+            Manifest.model_validate(row.manifest)
+            if row.status == "ready"
+            else Manifest(name=row.model_name, version=row.version, task=row.task, framework=row.framework, files=[])
         )
         return VersionInfo(
-            row.model_name, row.version, row.task, row.framework, row.status, manifest,
-            row.manifest_sha256, as_utc(row.created_at), row.created_by, row.description, dict(row.tags), aliases,
+            row.model_name,
+            row.version,
+            row.task,
+            row.framework,
+            row.status,
+            manifest,
+            row.manifest_sha256,
+            as_utc(row.created_at),
+            row.created_by,
+            row.description,
+            dict(row.tags),
+            aliases,
         )
 
 
 def _entry(e: AliasEvent) -> HistoryEntry:
-    return HistoryEntry(e.id, e.model_name, e.alias, e.action, e.from_version, e.to_version, e.actor, e.reason, as_utc(e.at))
+    return HistoryEntry(
+        e.id, e.model_name, e.alias, e.action, e.from_version, e.to_version, e.actor, e.reason, as_utc(e.at)
+    )

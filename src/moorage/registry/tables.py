@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKeyConstraint, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; every time moorage stores is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -34,9 +34,7 @@ class Model(Base):
 
 class ModelVersion(Base):
     __tablename__ = "model_versions"
-    __table_args__ = (
-        ForeignKeyConstraint(["model_name"], ["models.name"], ondelete="CASCADE"),
-    )
+    __table_args__ = (ForeignKeyConstraint(["model_name"], ["models.name"], ondelete="CASCADE"),)
 
     model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -74,9 +72,7 @@ class AliasEvent(Base):
     """One alias move. Rows are only ever appended."""
 
     __tablename__ = "alias_history"
-    __table_args__ = (
-        ForeignKeyConstraint(["model_name"], ["models.name"], ondelete="CASCADE"),
-    )
+    __table_args__ = (ForeignKeyConstraint(["model_name"], ["models.name"], ondelete="CASCADE"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     model_name: Mapped[str] = mapped_column(String(64), index=True)

@@ -42,26 +42,54 @@ def export_model(
         raise Conflict(f"{dest} already holds an export of {name!r}; choose an empty destination")
     with registry.catalog.session() as s:
         model = registry._model_or_404(s, name)
-        versions = list(s.scalars(select(ModelVersion).where(
-            ModelVersion.model_name == name, ModelVersion.status == "ready"
-        ).order_by(ModelVersion.version)))
+        versions = list(
+            s.scalars(
+                select(ModelVersion)
+                .where(ModelVersion.model_name == name, ModelVersion.status == "ready")
+                .order_by(ModelVersion.version)
+            )
+        )
         aliases = list(s.scalars(select(Alias).where(Alias.model_name == name)))
         events = list(s.scalars(select(AliasEvent).where(AliasEvent.model_name == name).order_by(AliasEvent.id)))
     doc = {
         "format": EXPORT_FORMAT,
-        "model": {"name": model.name, "task": model.task, "description": model.description,
-                  "tags": model.tags, "created_at": _iso(model.created_at), "created_by": model.created_by},
+        "model": {
+            "name": model.name,
+            "task": model.task,
+            "description": model.description,
+            "tags": model.tags,
+            "created_at": _iso(model.created_at),
+            "created_by": model.created_by,
+        },
         "versions": [
-            {"version": v.version, "framework": v.framework, "manifest": v.manifest,
-             "manifest_sha256": v.manifest_sha256, "description": v.description, "tags": v.tags,
-             "created_at": _iso(v.created_at), "created_by": v.created_by}
+            {
+                "version": v.version,
+                "framework": v.framework,
+                "manifest": v.manifest,
+                "manifest_sha256": v.manifest_sha256,
+                "description": v.description,
+                "tags": v.tags,
+                "created_at": _iso(v.created_at),
+                "created_by": v.created_by,
+            }
             for v in versions
         ],
-        "aliases": [{"alias": a.alias, "version": a.version, "updated_at": _iso(a.updated_at),
-                     "updated_by": a.updated_by} for a in aliases],
-        "history": [{"alias": e.alias, "action": e.action, "from_version": e.from_version,
-                     "to_version": e.to_version, "actor": e.actor, "reason": e.reason, "at": _iso(e.at)}
-                    for e in events],
+        "aliases": [
+            {"alias": a.alias, "version": a.version, "updated_at": _iso(a.updated_at), "updated_by": a.updated_by}
+            for a in aliases
+        ],
+        "history": [
+            {
+                "alias": e.alias,
+                "action": e.action,
+                "from_version": e.from_version,
+                "to_version": e.to_version,
+                "actor": e.actor,
+                "reason": e.reason,
+                "at": _iso(e.at),
+            }
+            for e in events
+        ],
     }
     progress.start(f"export {name}", sum(v.size_bytes for v in versions))
     for v in versions:
@@ -104,15 +132,34 @@ def _import_one(registry: Registry, fs, folder: str, progress: Progress) -> str:
     with registry.catalog.session() as s:
         if s.get(Model, name) is not None:
             raise Conflict(f"model {name!r} already exists in the target registry; delete it or import elsewhere")
-        s.add(Model(name=name, task=m["task"], description=m["description"], tags=m["tags"],
-                    created_at=_dt(m["created_at"]), created_by=m["created_by"]))
+        s.add(
+            Model(
+                name=name,
+                task=m["task"],
+                description=m["description"],
+                tags=m["tags"],
+                created_at=_dt(m["created_at"]),
+                created_by=m["created_by"],
+            )
+        )
         for v in doc["versions"]:
-            s.add(ModelVersion(
-                model_name=name, version=v["version"], status="pending", task=m["task"],
-                framework=v["framework"], path=f"{name}/{v['version']}", manifest=v["manifest"],
-                manifest_sha256=v["manifest_sha256"], size_bytes=0, description=v["description"],
-                tags=v["tags"], created_at=_dt(v["created_at"]), created_by=v["created_by"],
-            ))
+            s.add(
+                ModelVersion(
+                    model_name=name,
+                    version=v["version"],
+                    status="pending",
+                    task=m["task"],
+                    framework=v["framework"],
+                    path=f"{name}/{v['version']}",
+                    manifest=v["manifest"],
+                    manifest_sha256=v["manifest_sha256"],
+                    size_bytes=0,
+                    description=v["description"],
+                    tags=v["tags"],
+                    created_at=_dt(v["created_at"]),
+                    created_by=v["created_by"],
+                )
+            )
     try:
         manifests = [Manifest.model_validate(v["manifest"]) for v in doc["versions"]]
         progress.start(f"import {name}", sum(mf.size_bytes for mf in manifests))
@@ -130,20 +177,40 @@ def _import_one(registry: Registry, fs, folder: str, progress: Progress) -> str:
             row.status, row.size_bytes = "ready", manifest.size_bytes
         s.flush()
         for a in doc["aliases"]:
-            s.add(Alias(model_name=name, alias=a["alias"], version=a["version"],
-                        updated_at=_dt(a["updated_at"]), updated_by=a["updated_by"]))
+            s.add(
+                Alias(
+                    model_name=name,
+                    alias=a["alias"],
+                    version=a["version"],
+                    updated_at=_dt(a["updated_at"]),
+                    updated_by=a["updated_by"],
+                )
+            )
         for e in doc["history"]:
-            s.add(AliasEvent(model_name=name, alias=e["alias"], action=e["action"],
-                             from_version=e["from_version"], to_version=e["to_version"],
-                             actor=e["actor"], reason=e["reason"], at=_dt(e["at"])))
+            s.add(
+                AliasEvent(
+                    model_name=name,
+                    alias=e["alias"],
+                    action=e["action"],
+                    from_version=e["from_version"],
+                    to_version=e["to_version"],
+                    actor=e["actor"],
+                    reason=e["reason"],
+                    at=_dt(e["at"]),
+                )
+            )
     return name
 
 
-def _copy_version(registry: Registry, fs, folder: str, manifest: Manifest, manifest_sha: str, progress: Progress) -> None:
+def _copy_version(
+    registry: Registry, fs, folder: str, manifest: Manifest, manifest_sha: str, progress: Progress
+) -> None:
     src = f"{folder}/{manifest.version}"
     entries = registry.store.write_version(
         ((e.path, (lambda e=e: fs.open(f"{src}/{e.path}", "rb")), e.size) for e in manifest.files),
-        manifest.name, manifest.version, progress,
+        manifest.name,
+        manifest.version,
+        progress,
     )
     for written, expected in zip(entries, manifest.files):
         if written.sha256 != expected.sha256 or written.size != expected.size:
@@ -155,7 +222,9 @@ def _copy_version(registry: Registry, fs, folder: str, manifest: Manifest, manif
         data = f.read()
     if sha256_bytes(data) != manifest_sha:
         raise IntegrityError(f"export of {manifest.name}:{manifest.version}: {MANIFEST_NAME} was altered")
-    with registry.store.fs.open(f"{registry.store.version_path(manifest.name, manifest.version)}/{MANIFEST_NAME}", "wb") as f:
+    with registry.store.fs.open(
+        f"{registry.store.version_path(manifest.name, manifest.version)}/{MANIFEST_NAME}", "wb"
+    ) as f:
         f.write(data)
 
 
@@ -173,4 +242,3 @@ def _iso(value: datetime) -> str:
 
 def _dt(text: str) -> datetime:
     return as_utc(datetime.fromisoformat(text))
-

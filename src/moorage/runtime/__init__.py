@@ -6,6 +6,16 @@ from .fake import make_fake_model
 from .loader import HANDLERS, LoadedModel, Runtime, handler_for, load_version
 
 __all__ = [
-    "HANDLERS", "Classification", "GenerateInput", "Generation", "GenerationParams", "LoadedModel",
-    "ModelCache", "Runtime", "TaskHandler", "handler_for", "load_version", "make_fake_model",
+    "HANDLERS",
+    "Classification",
+    "GenerateInput",
+    "Generation",
+    "GenerationParams",
+    "LoadedModel",
+    "ModelCache",
+    "Runtime",
+    "TaskHandler",
+    "handler_for",
+    "load_version",
+    "make_fake_model",
 ]

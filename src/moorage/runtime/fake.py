@@ -110,12 +110,14 @@ class FakeGenerator(_FakeBase):
                 scores = (vec + 0.1 * step) @ self.head[:, : len(VOCAB)]
                 words.append(VOCAB[int(np.argmax(scores + np.roll(scores, step)))])
             text, stopped = truncate_at_stop(" ".join(words), item.params.stop)
-            out.append(Generation(
-                text=text,
-                finish_reason="stop" if stopped else "length",
-                prompt_tokens=len(prompt.split()),
-                completion_tokens=len(text.split()) if stopped else item.params.max_new_tokens,
-            ))
+            out.append(
+                Generation(
+                    text=text,
+                    finish_reason="stop" if stopped else "length",
+                    prompt_tokens=len(prompt.split()),
+                    completion_tokens=len(text.split()) if stopped else item.params.max_new_tokens,
+                )
+            )
         return out
 
 

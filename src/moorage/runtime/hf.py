@@ -44,7 +44,9 @@ class SentenceEmbedder(TaskHandler):
         _torch(settings)
         st = require("sentence_transformers", "ml")
         self.model = st.SentenceTransformer(
-            str(folder), device=settings.device, local_files_only=True,
+            str(folder),
+            device=settings.device,
+            local_files_only=True,
             model_kwargs={"use_safetensors": True},
         )
         self.model.eval()
@@ -70,9 +72,13 @@ class SequenceClassifier(TaskHandler):
         _torch(settings)
         tf = require("transformers", "ml")
         self.tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.model = tf.AutoModelForSequenceClassification.from_pretrained(
-            str(folder), local_files_only=True, use_safetensors=True
-        ).to(settings.device).eval()
+        self.model = (
+            tf.AutoModelForSequenceClassification.from_pretrained(
+                str(folder), local_files_only=True, use_safetensors=True
+            )
+            .to(settings.device)
+            .eval()
+        )
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.memory_bytes = _param_bytes(self.model)
 
@@ -103,9 +109,13 @@ class CausalGenerator(TaskHandler):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = tf.AutoModelForCausalLM.from_pretrained(
-            str(folder), local_files_only=True, use_safetensors=True, dtype=self.torch.float32
-        ).to(settings.device).eval()
+        self.model = (
+            tf.AutoModelForCausalLM.from_pretrained(
+                str(folder), local_files_only=True, use_safetensors=True, dtype=self.torch.float32
+            )
+            .to(settings.device)
+            .eval()
+        )
         self.memory_bytes = _param_bytes(self.model)
 
     def render(self, item: GenerateInput) -> str:
@@ -133,7 +143,8 @@ class CausalGenerator(TaskHandler):
     def _generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         torch = self.torch
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        # only what a decoder takes: BERT-style tokenizers add token_type_ids that generate() refuses
+        enc = {k: enc[k].to(self.model.device) for k in ("input_ids", "attention_mask")}
         if params.seed is not None:
             torch.manual_seed(params.seed)
         sampling = params.temperature > 0
@@ -142,7 +153,9 @@ class CausalGenerator(TaskHandler):
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         with torch.inference_mode():
             out = self.model.generate(
-                **enc, max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                **enc,
+                max_new_tokens=params.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
                 **kwargs,
             )
         prompt_len = enc["input_ids"].shape[1]

@@ -52,7 +52,9 @@ def handler_for(task: str, framework: str) -> TaskHandler:
     return getattr(importlib.import_module(module), name)()
 
 
-def load_version(registry: Registry, info: VersionInfo, settings: RuntimeSettings, progress: Progress | None = None) -> LoadedModel:
+def load_version(
+    registry: Registry, info: VersionInfo, settings: RuntimeSettings, progress: Progress | None = None
+) -> LoadedModel:
     """Fetch (if remote), verify every checksum, then load. Nothing unverified reaches a handler."""
     started = time.perf_counter()
     check_safe([f.path for f in info.manifest.files])

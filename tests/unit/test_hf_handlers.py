@@ -1,0 +1,87 @@
+"""The real (transformers) handlers on tiny random models: classify labels and batched generation."""
+
+import json
+
+import pytest
+
+from moorage.demo.assets import minilm_folder
+from moorage.runtime import GenerateInput, GenerationParams, Runtime
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+
+def _tokenizer_files(folder):
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_folder()), local_files_only=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+@pytest.fixture
+def tiny_classifier(tmp_path):
+    folder = tmp_path / "cls"
+    tok = _tokenizer_files(folder)
+    config = transformers.BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        id2label={0: "business", 1: "sport", 2: "tech"},
+        label2id={"business": 0, "sport": 1, "tech": 2},
+    )
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture
+def tiny_lm(tmp_path):
+    folder = tmp_path / "lm"
+    tok = _tokenizer_files(folder)
+    config = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        eos_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_classifier_reports_labels_from_config(registry, settings, tiny_classifier):
+    assert json.loads((tiny_classifier / "config.json").read_text())["architectures"] == [
+        "BertForSequenceClassification"
+    ]
+    registry.register(tiny_classifier, "news", "classify")
+    out = Runtime(registry, settings.runtime).predict("news", ["stocks fell", "a goal in extra time", "new chip"])
+    assert len(out) == 3
+    for c in out:
+        assert set(c.scores) == {"business", "sport", "tech"}
+        assert c.label == max(c.scores, key=c.scores.get)
+        assert sum(c.scores.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_generator_batches_mixed_params_and_counts_tokens(registry, settings, tiny_lm):
+    registry.register(tiny_lm, "lm", "generate")
+    model = Runtime(registry, settings.runtime).get("lm")
+    short, long_ = GenerationParams(max_new_tokens=3), GenerationParams(max_new_tokens=6)
+    inputs = [
+        GenerateInput(prompt="hello there", params=short),
+        GenerateInput(prompt="a much longer prompt with more words", params=long_),
+        GenerateInput(messages=({"role": "user", "content": "hi"},), params=short),
+    ]
+    outs = model.predict(inputs)
+    assert [o.completion_tokens <= p.params.max_new_tokens for o, p in zip(outs, inputs)] == [True] * 3
+    assert outs[0].prompt_tokens < outs[1].prompt_tokens
+    assert {o.finish_reason for o in outs} <= {"stop", "length"}
+    # greedy decoding is deterministic and independent of what else is in the batch
+    (alone,) = model.predict([inputs[1]])
+    assert alone.text == outs[1].text

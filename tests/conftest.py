@@ -45,3 +45,28 @@ def fake_model(tmp_path: Path):
         return make_fake_model(tmp_path / f"src-{task}-{seed}", task, seed=seed, **kwargs)
 
     return make
+
+
+def registry_snapshot(reg: Registry, name: str):
+    """Everything export/import must keep: versions, checksums, aliases, tags and history rows."""
+    versions = [
+        (
+            v.version,
+            v.task,
+            v.framework,
+            v.manifest_sha256,
+            v.created_by,
+            v.created_at,
+            v.tags,
+            v.aliases,
+            [(f.path, f.sha256, f.size) for f in v.manifest.files],
+        )
+        for v in reg.list_versions(name)
+    ]
+    history = [(h.alias, h.action, h.from_version, h.to_version, h.actor, h.reason, h.at) for h in reg.history(name)]
+    return versions, history
+
+
+@pytest.fixture(name="registry_snapshot")
+def _registry_snapshot_fixture():
+    return registry_snapshot

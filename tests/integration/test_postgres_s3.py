@@ -7,25 +7,6 @@ from moorage.registry import Registry, export_model, import_models
 from moorage.runtime import Runtime
 
 
-def _snapshot(reg: Registry, name: str):
-    versions = [
-        (
-            v.version,
-            v.task,
-            v.framework,
-            v.manifest_sha256,
-            v.created_by,
-            v.created_at,
-            v.tags,
-            v.aliases,
-            [(f.path, f.sha256, f.size) for f in v.manifest.files],
-        )
-        for v in reg.list_versions(name)
-    ]
-    history = [(h.alias, h.action, h.from_version, h.to_version, h.actor, h.reason, h.at) for h in reg.history(name)]
-    return versions, history
-
-
 def test_walkthrough_on_postgres(pg_url, tmp_path, fake_model):
     reg = Registry(pg_url, str(tmp_path / "store"), user="pg-tester")
     assert reg.catalog.dialect == "postgresql"
@@ -42,7 +23,7 @@ def test_walkthrough_on_postgres(pg_url, tmp_path, fake_model):
     again.close()
 
 
-def test_export_sqlite_local_import_postgres_s3(registry, pg_url, s3_store, tmp_path, fake_model):
+def test_export_sqlite_local_import_postgres_s3(registry, pg_url, s3_store, tmp_path, fake_model, registry_snapshot):
     """local store + SQLite -> export folder -> S3-protocol store + PostgreSQL, nothing lost."""
     for seed in (1, 2, 3):
         registry.register(
@@ -61,7 +42,7 @@ def test_export_sqlite_local_import_postgres_s3(registry, pg_url, s3_store, tmp_
 
     target = Registry(pg_url, store_url, storage_options=options, user="importer", cache_dir=tmp_path / "cache")
     assert import_models(target, f"{store_url.rsplit('/', 1)[0]}/exports", storage_options=options) == ["x"]
-    assert _snapshot(target, "x") == _snapshot(registry, "x")
+    assert registry_snapshot(target, "x") == registry_snapshot(registry, "x")
     assert len(target.history("x")) == 4
     assert all(target.verify(f"x:{v}") == [] for v in (1, 2, 3))
 
@@ -69,7 +50,12 @@ def test_export_sqlite_local_import_postgres_s3(registry, pg_url, s3_store, tmp_
     remote = Runtime(target, RuntimeSettings()).predict("x@staging", ["hello"])[0]
     local = Runtime(registry, RuntimeSettings()).predict("x:3", ["hello"])[0]
     assert np.allclose(remote, local)
-    assert (tmp_path / "cache").exists()
+    # a damaged cached copy is fetched again from the store, not served and not fatal
+    cached = next((tmp_path / "cache").rglob("weights.safetensors"))
+    cached.write_bytes(b"garbage")
+    runtime = Runtime(target, RuntimeSettings())
+    assert np.allclose(runtime.predict("x@staging", ["hello"])[0], local)
+    assert cached.stat().st_size > len(b"garbage")
     target.close()
 
 

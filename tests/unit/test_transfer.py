@@ -4,26 +4,7 @@ from moorage.errors import Conflict, IntegrityError
 from moorage.registry import Registry, export_model, import_models
 
 
-def _snapshot(reg: Registry, name: str):
-    versions = [
-        (
-            v.version,
-            v.task,
-            v.framework,
-            v.manifest_sha256,
-            v.created_by,
-            v.created_at,
-            [(f.path, f.sha256, f.size) for f in v.manifest.files],
-            v.aliases,
-            v.tags,
-        )
-        for v in reg.list_versions(name)
-    ]
-    history = [(h.alias, h.action, h.from_version, h.to_version, h.actor, h.reason, h.at) for h in reg.history(name)]
-    return versions, history
-
-
-def test_export_import_keeps_everything(registry, fake_model, tmp_path):
+def test_export_import_keeps_everything(registry, fake_model, tmp_path, registry_snapshot):
     for seed in (1, 2, 3):
         registry.register(fake_model(seed=seed), "x", "embed", tags={"seed": str(seed)})
     registry.set_alias("x", "production", 1)
@@ -34,7 +15,7 @@ def test_export_import_keeps_everything(registry, fake_model, tmp_path):
 
     target = Registry(f"sqlite:///{tmp_path}/other.db", str(tmp_path / "other-store"), user="importer")
     assert import_models(target, str(tmp_path / "export")) == ["x"]
-    assert _snapshot(target, "x") == _snapshot(registry, "x")
+    assert registry_snapshot(target, "x") == registry_snapshot(registry, "x")
     assert all(target.verify(f"x:{v}") == [] for v in (1, 2, 3))
     with pytest.raises(Conflict, match="already exists"):
         import_models(target, str(tmp_path / "export" / "x"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from ..errors import BadRequest, Conflict, ModelNotFound
+from ..errors import BadRequest, Conflict, IntegrityError, ModelNotFound
 from ..refs import DEFAULT_ALIAS, ModelRef, parse_ref, validate_alias, validate_name
 from .catalog import Catalog
 from .manifest import Lineage, Manifest, check_safe, detect_framework, list_model_files, sha256_bytes
@@ -364,8 +365,17 @@ class Registry:
 
     def local_path(self, info: VersionInfo, progress: Progress | None = None) -> Path:
         """A verified local folder with the version's files (fetched into the cache if remote)."""
-        folder = self.store.local_copy(info.manifest, self.cache_dir, progress or NoProgress())
-        verify_local(folder, info.manifest)
+        progress = progress or NoProgress()
+        folder = self.store.local_copy(info.manifest, self.cache_dir, progress)
+        try:
+            verify_local(folder, info.manifest)
+        except IntegrityError:
+            if self.store.is_local:
+                raise
+            # a damaged cached copy of a remote version: fetch it again, then verify that copy
+            shutil.rmtree(folder, ignore_errors=True)
+            folder = self.store.local_copy(info.manifest, self.cache_dir, progress)
+            verify_local(folder, info.manifest)
         return folder
 
     # ---- helpers ----------------------------------------------------------------------------

@@ -270,7 +270,7 @@ class Registry:
         """Move `alias` back to the target it had before its current one (repeatable, like undo)."""
         validate_name(name), validate_alias(alias)
         with self.catalog.session() as s:
-            self._lock_or_404(s, name)
+            self._model_or_404(s, name, lock=True)
             events = s.scalars(
                 select(AliasEvent)
                 .where(AliasEvent.model_name == name, AliasEvent.alias == alias)
@@ -291,7 +291,7 @@ class Registry:
     def _move_alias(
         self, s: Session, name: str, alias: str, version: int | None, action: str, reason: str
     ) -> HistoryEntry:
-        self._lock_or_404(s, name)
+        self._model_or_404(s, name, lock=True)
         if version is not None:
             row = s.get(ModelVersion, (name, version))
             if row is None or row.status != "ready":
@@ -326,7 +326,11 @@ class Registry:
         parsed = parse_ref(ref)
         target = self.resolve(parsed) if (parsed.version or parsed.alias) else None
         with self.catalog.session() as s:
-            row = s.get(ModelVersion, (target.name, target.version)) if target else self._lock_or_404(s, parsed.name)
+            row = (
+                s.get(ModelVersion, (target.name, target.version))
+                if target
+                else self._model_or_404(s, parsed.name, lock=True)
+            )
             tags = {**row.tags, **{str(k): str(v) for k, v in set_tags.items()}}
             for key in remove:
                 tags.pop(key, None)
@@ -336,7 +340,7 @@ class Registry:
     def delete_version(self, name: str, version: int, reason: str = "") -> None:
         validate_name(name)
         with self.catalog.session() as s:
-            self._lock_or_404(s, name)
+            self._model_or_404(s, name, lock=True)
             row = s.get(ModelVersion, (name, version))
             if row is None:
                 raise ModelNotFound(f"model {name!r} has no version {version}", code="version_not_found")
@@ -379,14 +383,9 @@ class Registry:
         return folder
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _model_or_404(self, s: Session, name: str) -> Model:
-        model = s.get(Model, name)
-        if model is None:
-            raise ModelNotFound(f"unknown model {name!r}; `moorage models list` shows the registered ones")
-        return model
-
-    def _lock_or_404(self, s: Session, name: str) -> Model:
-        model = self.catalog.lock_model(s, name)
+    def _model_or_404(self, s: Session, name: str, *, lock: bool = False) -> Model:
+        """The model row; with `lock`, held against other writers until the transaction ends."""
+        model = self.catalog.lock_model(s, name) if lock else s.get(Model, name)
         if model is None:
             raise ModelNotFound(f"unknown model {name!r}; `moorage models list` shows the registered ones")
         return model

@@ -87,6 +87,38 @@ class Unprocessable(MoorageError):
     type = "invalid_request_error"
 
 
+class PayloadTooLarge(MoorageError):
+    status = 413
+    code = "payload_too_large"
+    type = "invalid_request_error"
+
+
+class Overloaded(MoorageError):
+    """A bounded queue is full: try again after `retry_after` seconds (HTTP 429 + Retry-After)."""
+
+    status = 429
+    code = "overloaded"
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class NotReady(MoorageError):
+    status = 503
+    code = "not_ready"
+    type = "server_error"
+
+
+class DeadlineExceeded(MoorageError):
+    """A request waited in a queue past its deadline and was never started."""
+
+    status = 504
+    code = "deadline_exceeded"
+    type = "timeout_error"
+
+
 def require(module: str, extra: str):
     """Import an optional dependency, or fail with the pip command that installs it."""
     import importlib

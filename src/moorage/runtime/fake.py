@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import RuntimeSettings
 from ..registry.manifest import Manifest
-from .base import Classification, Generation, TaskHandler, as_generate_inputs, truncate_at_stop
+from .base import Classification, GenerateInput, GenerationParams, NewSequence, StepGenerator, TaskHandler
 
 VOCAB = ("the", "model", "serves", "tokens", "fast", "and", "safe", "moorage", "batch", "ready")
 
@@ -96,29 +96,56 @@ class FakeClassifier(_FakeBase):
         return out
 
 
-class FakeGenerator(_FakeBase):
-    task = "generate"
+class FakeGenerator(_FakeBase, StepGenerator):
+    """Words from a ten-word vocabulary, chosen from the prompt's embedding; no end-of-sequence token."""
 
-    def predict(self, batch) -> list[Generation]:
-        self._work(len(batch))
-        out = []
-        for item in as_generate_inputs(batch):
-            prompt = item.prompt if item.prompt is not None else " ".join(m["content"] for m in item.messages or ())
-            vec = self._embed(prompt)
-            words = []
-            for step in range(item.params.max_new_tokens):
-                scores = (vec + 0.1 * step) @ self.head[:, : len(VOCAB)]
-                words.append(VOCAB[int(np.argmax(scores + np.roll(scores, step)))])
-            text, stopped = truncate_at_stop(" ".join(words), item.params.stop)
-            out.append(
-                Generation(
-                    text=text,
-                    finish_reason="stop" if stopped else "length",
-                    prompt_tokens=len(prompt.split()),
-                    completion_tokens=len(text.split()) if stopped else item.params.max_new_tokens,
-                )
-            )
-        return out
+    def encode_prompt(self, item: GenerateInput) -> list[int]:
+        text = item.prompt if item.prompt is not None else " ".join(m["content"] for m in item.messages or ())
+        return [_token_id(t, self.embedding.shape[0]) for t in text.lower().split()] or [0]
+
+    def decode_tokens(self, token_ids: list[int]) -> str:
+        return " ".join(VOCAB[i] for i in token_ids)
+
+    def new_batch(self) -> _FakeDecodeBatch:
+        return _FakeDecodeBatch(self)
+
+
+class _FakeDecodeBatch:
+    def __init__(self, model: FakeGenerator) -> None:
+        self.model = model
+        self.seq_ids: list[int] = []
+        self.rows: dict[int, tuple[np.ndarray, GenerationParams, np.random.Generator]] = {}
+        self.steps: dict[int, int] = {}
+
+    def add(self, seqs: list[NewSequence]) -> list[int]:
+        self.model._work(len(seqs))
+        for seq in seqs:
+            vec = self.model.embedding[seq.prompt_ids].mean(axis=0)
+            vec = vec / (np.linalg.norm(vec) or 1.0)
+            self.rows[seq.seq_id] = (vec, seq.params, np.random.default_rng(seq.params.seed))
+            self.steps[seq.seq_id] = 0
+            self.seq_ids.append(seq.seq_id)
+        return [self._next(s.seq_id) for s in seqs]
+
+    def step(self) -> list[int]:
+        self.model._work(len(self.seq_ids))
+        return [self._next(seq_id) for seq_id in self.seq_ids]
+
+    def remove(self, seq_ids: set[int]) -> None:
+        self.seq_ids = [s for s in self.seq_ids if s not in seq_ids]
+        for seq_id in seq_ids:
+            self.rows.pop(seq_id, None)
+
+    def _next(self, seq_id: int) -> int:
+        vec, params, rng = self.rows[seq_id]
+        step = self.steps[seq_id]
+        self.steps[seq_id] = step + 1
+        scores = (vec + 0.1 * step) @ self.model.head[:, : len(VOCAB)]
+        scores = scores + np.roll(scores, step)
+        if params.temperature <= 0:
+            return int(np.argmax(scores))
+        probs = np.exp((scores - scores.max()) / params.temperature)
+        return int(rng.choice(len(VOCAB), p=probs / probs.sum()))
 
 
 if __name__ == "__main__":  # python -m moorage.runtime.fake DIR TASK: a model folder for trying things

@@ -17,9 +17,10 @@ from .base import (
     GenerateInput,
     Generation,
     GenerationParams,
+    NewSequence,
+    StepGenerator,
     TaskHandler,
-    as_generate_inputs,
-    truncate_at_stop,
+    TextStream,
 )
 
 
@@ -97,10 +98,8 @@ class SequenceClassifier(TaskHandler):
         return out
 
 
-class CausalGenerator(TaskHandler):
-    """Static batched `generate`; the server's continuous batcher drives the model step by step."""
-
-    task = "generate"
+class CausalGenerator(StepGenerator):
+    """Causal LMs driven one decode step at a time (continuous batching) over a shared KV cache."""
 
     def load(self, folder: Path, manifest: Manifest, settings: RuntimeSettings) -> None:
         self.torch = _torch(settings)
@@ -117,6 +116,9 @@ class CausalGenerator(TaskHandler):
             .eval()
         )
         self.memory_bytes = _param_bytes(self.model)
+        eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
 
     def render(self, item: GenerateInput) -> str:
         """The prompt text: chat messages go through the tokenizer's chat template when it has one."""
@@ -128,44 +130,170 @@ class CausalGenerator(TaskHandler):
             )
         return "\n".join(f"{m['role']}: {m['content']}" for m in item.messages) + "\nassistant:"
 
-    def predict(self, batch: list[Any]) -> list[Generation]:
-        items = as_generate_inputs(batch)
-        results: dict[int, Generation] = {}
-        groups: dict[GenerationParams, list[int]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault(item.params, []).append(i)
-        for params, indices in groups.items():
-            prompts = [self.render(items[i]) for i in indices]
-            for i, gen in zip(indices, self._generate(prompts, params)):
-                results[i] = gen
-        return [results[i] for i in range(len(items))]
+    def encode_prompt(self, item: GenerateInput) -> list[int]:
+        ids = self.tokenizer(self.render(item), add_special_tokens=False)["input_ids"]
+        return ids or [self.tokenizer.bos_token_id or self.tokenizer.pad_token_id]
 
-    def _generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
-        torch = self.torch
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    def decode_tokens(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def new_batch(self) -> _DecodeBatch:
+        return _DecodeBatch(self.model, self.torch, self.tokenizer.pad_token_id)
+
+    def generate_static(self, items: list[GenerateInput]) -> list[Generation]:
+        """transformers' own static batched `generate` (one params group): the baseline benchmarks compare to."""
+        torch, params = self.torch, items[0].params
+        enc = self.tokenizer(
+            [self.render(i) for i in items], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         # only what a decoder takes: BERT-style tokenizers add token_type_ids that generate() refuses
         enc = {k: enc[k].to(self.model.device) for k in ("input_ids", "attention_mask")}
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        sampling = params.temperature > 0
-        kwargs = {"do_sample": sampling}
-        if sampling:
+        kwargs = {"do_sample": params.temperature > 0}
+        if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         with torch.inference_mode():
             out = self.model.generate(
-                **enc,
-                max_new_tokens=params.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **kwargs,
+                **enc, max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs
             )
         prompt_len = enc["input_ids"].shape[1]
-        eos = self.tokenizer.eos_token_id
         results = []
-        for row, mask in zip(out[:, prompt_len:].tolist(), enc["attention_mask"].sum(dim=1).tolist()):
-            ended = eos in row
-            tokens = row[: row.index(eos)] if ended else row
-            text, stopped = truncate_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
-            if stopped:
-                tokens = self.tokenizer.encode(text, add_special_tokens=False)
-            results.append(Generation(text, "stop" if ended or stopped else "length", int(mask), len(tokens)))
+        for row, prompt_tokens in zip(out[:, prompt_len:].tolist(), enc["attention_mask"].sum(dim=1).tolist()):
+            stream = TextStream(self, params, int(prompt_tokens))
+            for token in row:
+                stream.push(token)
+                if stream.result is not None:
+                    break
+            results.append(stream.result)
         return results
+
+
+class _DecodeBatch:
+    """Rows of running sequences, left-padded, with one DynamicCache for all of them.
+
+    New sequences are prefilled together (left padding, explicit position ids) and their cache is
+    concatenated to the running one after padding both to the same length on the left; finished
+    rows are dropped with `index_select`, then columns that are padding in every row are trimmed.
+    """
+
+    def __init__(self, model, torch, pad_id: int) -> None:
+        self.model, self.torch, self.pad_id = model, torch, pad_id
+        self.seq_ids: list[int] = []
+        self.params: list[GenerationParams] = []
+        self.generators: list[Any] = []
+        self.cache = None
+        self.mask = None  # (rows, cached length): 1 where a row has a real token
+        self.positions = None  # (rows,): position id of each row's next token
+        self.last = None  # (rows,): the token each row feeds to the next step
+
+    def add(self, seqs: list[NewSequence]) -> list[int]:
+        torch = self.torch
+        from transformers import DynamicCache
+
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
+            mask[row, width - len(seq.prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        device = self.model.device
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        new_params = [s.params for s in seqs]
+        new_gens = [self._generator(p) for p in new_params]
+        tokens = self._sample(out.logits[:, -1], new_params, new_gens)
+        self._merge(cache, mask, mask.sum(-1), tokens)
+        self.seq_ids += [s.seq_id for s in seqs]
+        self.params += new_params
+        self.generators += new_gens
+        return tokens.tolist()
+
+    def step(self) -> list[int]:
+        torch = self.torch
+        device = self.model.device
+        self.mask = torch.cat([self.mask, torch.ones((len(self.seq_ids), 1), dtype=torch.long)], dim=1)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=self.last[:, None].to(device),
+                attention_mask=self.mask.to(device),
+                position_ids=self.positions[:, None].to(device),
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        self.positions = self.positions + 1
+        self.last = self._sample(out.logits[:, -1], self.params, self.generators)
+        return self.last.tolist()
+
+    def remove(self, seq_ids: set[int]) -> None:
+        if not seq_ids:
+            return
+        keep = [row for row, seq_id in enumerate(self.seq_ids) if seq_id not in seq_ids]
+        self.seq_ids = [self.seq_ids[r] for r in keep]
+        self.params = [self.params[r] for r in keep]
+        self.generators = [self.generators[r] for r in keep]
+        if not keep:
+            self.cache = self.mask = self.positions = self.last = None
+            return
+        index = self.torch.tensor(keep, dtype=self.torch.long)
+        self.mask, self.positions, self.last = self.mask[index], self.positions[index], self.last[index]
+        self.cache.batch_select_indices(index.to(self.model.device))
+        # columns that are padding in every remaining row cost attention time for nothing
+        used = self.mask.sum(0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+    def _merge(self, cache, mask, positions, tokens) -> None:
+        torch = self.torch
+        if self.cache is None:
+            self.cache, self.mask, self.positions, self.last = cache, mask, positions, tokens
+            return
+        old_len, new_len = self.mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+
+        def pad(t, length):  # left-pad dimension -2 (cache) or -1 (mask) with zeros
+            if length == width:
+                return t
+            shape = list(t.shape)
+            dim = -2 if t.dim() == 4 else -1
+            shape[dim] = width - length
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for old_layer, new_layer in zip(self.cache.layers, cache.layers):
+            old_layer.keys = torch.cat([pad(old_layer.keys, old_len), pad(new_layer.keys, new_len)], dim=0)
+            old_layer.values = torch.cat([pad(old_layer.values, old_len), pad(new_layer.values, new_len)], dim=0)
+        self.mask = torch.cat([pad(self.mask, old_len), pad(mask, new_len)], dim=0)
+        self.positions = torch.cat([self.positions, positions])
+        self.last = torch.cat([self.last, tokens])
+
+    def _generator(self, params: GenerationParams):
+        if params.temperature <= 0 or params.seed is None:
+            return None
+        return self.torch.Generator().manual_seed(params.seed)
+
+    def _sample(self, logits, params: list[GenerationParams], generators: list[Any]):
+        """Greedy rows take the argmax; sampling rows apply temperature and nucleus (top-p) filtering."""
+        torch = self.torch
+        tokens = logits.argmax(dim=-1).cpu()
+        for row, (p, gen) in enumerate(zip(params, generators)):
+            if p.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[row].float().cpu() / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                outside = sorted_probs.cumsum(-1) - sorted_probs > p.top_p
+                probs[order[outside]] = 0.0
+            tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
+        return tokens

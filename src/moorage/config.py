@@ -56,6 +56,27 @@ class RuntimeSettings(BaseModel):
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
 
 
+class ServeSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    host: str = Field("127.0.0.1", description="address the server listens on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    workers: int = Field(1, ge=1, description="server processes (each loads the models)")
+    models: list[str] = Field(default_factory=list, description="references to serve, e.g. minilm@production")
+    max_batch_size: int = Field(32, ge=1, description="inputs per embedding/classification batch")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    max_queue: int = Field(1024, ge=1, description="inputs queued per model before 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a queued request (504 after)")
+    max_num_seqs: int = Field(32, ge=1, description="sequences decoded together per generation model")
+    max_prefill_tokens: int = Field(4096, ge=1, description="prompt tokens prefilled per step")
+    max_waiting_seqs: int = Field(256, ge=1, description="generation requests queued before 429")
+    poll_interval_s: float = Field(2.0, ge=0, description="how often served aliases are re-resolved (0: never)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (413 above)")
+    max_inputs: int = Field(2048, ge=1, description="texts per request")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request names none")
+    graceful_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for in-flight work")
+
+
 class Settings(BaseSettings):
     """Everything a moorage process needs to know, validated at start-up."""
 
@@ -68,6 +89,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     @field_validator("home")
     @classmethod

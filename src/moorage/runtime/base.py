@@ -66,6 +66,13 @@ class TaskHandler:
     def postprocess(self, outputs: list[Any]) -> list[Any]:
         return outputs
 
+    def token_counts(self, features: Any, inputs: list[Any]) -> list[int]:
+        """Tokens per input (for usage counts), from the tokenizer's attention mask when there is one."""
+        try:
+            return [int(n) for n in features["attention_mask"].sum(-1).tolist()]
+        except (TypeError, KeyError, IndexError, AttributeError):
+            return [len(str(i).split()) for i in inputs]
+
     def __call__(self, inputs: list[Any]) -> list[Any]:
         return self.postprocess(self.predict(self.preprocess(inputs)))
 

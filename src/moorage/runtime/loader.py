@@ -75,10 +75,15 @@ class Runtime:
         self.cache: ModelCache[LoadedModel] = ModelCache(settings.max_loaded_bytes, lambda m: m.handler.memory_bytes)
 
     def get(self, ref: str | ModelRef, progress: Progress | None = None) -> LoadedModel:
-        info = self.registry.resolve(ref)
+        return self.load(self.registry.resolve(ref), progress)
+
+    def load(self, info: VersionInfo, progress: Progress | None = None) -> LoadedModel:
         return self.cache.get_or_load(
             (info.name, info.version), lambda: load_version(self.registry, info, self.settings, progress)
         )
+
+    def unload(self, name: str, version: int) -> None:
+        self.cache.pop((name, version))
 
     def predict(self, ref: str | ModelRef, inputs: list[Any]) -> list[Any]:
         return self.get(ref).predict(inputs)

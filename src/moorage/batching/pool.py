@@ -1,0 +1,195 @@
+"""The model versions a process serves, and hot swaps when an alias moves.
+
+Each served reference (``minilm@production``, ``smollm2``, ``clf:3``) maps to one `ServedVersion`:
+a loaded model and its engine (dynamic batcher or generation engine). A watcher re-resolves the
+references every few seconds (one small catalog read each) and `reload()` does it on demand. When a
+reference now points to another version, that version is loaded and started in the background,
+then the reference switches to it in one assignment; the old version keeps answering what it
+already accepted, and is stopped and unloaded once its last request has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BadRequest, ModelNotFound, NotReady
+from ..observability import metrics
+from ..refs import ModelRef, parse_ref
+from ..registry import Registry, VersionInfo
+from ..runtime import LoadedModel, Runtime
+from ..runtime.base import StepGenerator
+from .dynamic import BatchConfig, DynamicBatcher
+from .generation import GenerationConfig, GenerationEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    poll_interval_s: float = 2.0  # 0: follow aliases only on reload()
+
+
+class ServedVersion:
+    def __init__(self, loaded: LoadedModel, engine: DynamicBatcher | GenerationEngine) -> None:
+        self.loaded = loaded
+        self.engine = engine
+        self.active = 0
+        self.drained = asyncio.Event()
+        self.drained.set()
+
+    @property
+    def info(self) -> VersionInfo:
+        return self.loaded.info
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def version(self) -> int:
+        return self.info.version
+
+    @property
+    def task(self) -> str:
+        return self.info.task
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return self.info.name, str(self.info.version)
+
+
+class ModelPool:
+    def __init__(self, registry: Registry, runtime: Runtime, refs: list[str], config: PoolConfig) -> None:
+        if not refs:
+            raise BadRequest("no model to serve: pass --model NAME[@ALIAS|:VERSION] (or set serve.models)")
+        self.registry = registry
+        self.runtime = runtime
+        self.config = config
+        self.refs: dict[str, ModelRef] = {}
+        for ref in refs:
+            parsed = parse_ref(ref)
+            self.refs[str(parsed)] = parsed
+        self._served: dict[str, ServedVersion] = {}
+        self._swap_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task] = set()
+        self._watcher: asyncio.Task | None = None
+        self.is_ready = False
+        self.load_error: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        for key, ref in self.refs.items():
+            info = await asyncio.to_thread(self.registry.resolve, ref)
+            self._served[key] = await self._start_version(info)
+        self.is_ready = True
+        if self.config.poll_interval_s > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="moorage-alias-watch")
+
+    async def stop(self) -> None:
+        """Finish what every engine has accepted, then stop them."""
+        self.is_ready = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+        async with self._swap_lock:
+            served, self._served = list(self._served.values()), {}
+        for sv in served:
+            await self._retire(sv)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    # -- lookups -----------------------------------------------------------------------------
+    def lookup(self, model: str) -> ServedVersion:
+        """A served version by the reference it is served as, or by its bare name when that is unique."""
+        if not self.is_ready:
+            raise NotReady("models are still loading")
+        served = self._served.get(model)
+        if served is None:
+            matches = [sv for key, sv in self._served.items() if self.refs[key].name == model]
+            if len(matches) != 1:
+                raise ModelNotFound(f"model {model!r} is not served here; served: {', '.join(self._served) or 'none'}")
+            served = matches[0]
+        return served
+
+    def served(self) -> dict[str, ServedVersion]:
+        return dict(self._served)
+
+    @asynccontextmanager
+    async def use(self, model: str, task: str | None = None):
+        """Hold a served version for one request: a swap lets it finish on the version it started on."""
+        sv = self.acquire(model, task)
+        try:
+            yield sv
+        finally:
+            self.release(sv)
+
+    def acquire(self, model: str, task: str | None = None) -> ServedVersion:
+        sv = self.lookup(model)
+        if task is not None and sv.task != task:
+            raise BadRequest(
+                f"model {model!r} is a {sv.task} model, this endpoint needs a {task} model", code="wrong_task"
+            )
+        sv.active += 1
+        sv.drained.clear()
+        metrics.IN_FLIGHT.labels(*sv.labels).inc()
+        return sv
+
+    def release(self, sv: ServedVersion) -> None:
+        sv.active -= 1
+        metrics.IN_FLIGHT.labels(*sv.labels).dec()
+        if sv.active == 0:
+            sv.drained.set()
+
+    # -- hot swap ----------------------------------------------------------------------------
+    async def reload(self) -> list[dict[str, Any]]:
+        """Re-resolve every served reference; swap the ones that moved. Returns what changed."""
+        changes = []
+        async with self._swap_lock:
+            for key, ref in self.refs.items():
+                info = await asyncio.to_thread(self.registry.resolve, ref)
+                old = self._served.get(key)
+                if old is None or old.version == info.version:
+                    continue
+                new = await self._start_version(info)
+                self._served[key] = new  # the switch: new requests now get the new version
+                metrics.MODEL_SWAPS.labels(info.name).inc()
+                log.info("%s: version %d -> %d", key, old.version, new.version)
+                changes.append({"model": key, "from_version": old.version, "to_version": new.version})
+                task = asyncio.get_running_loop().create_task(self._retire(old))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+        return changes
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval_s)
+            try:
+                await self.reload()
+            except Exception as exc:  # the catalog may be briefly unreachable: keep serving what we have
+                log.warning("alias check failed, serving the current versions: %s", exc)
+
+    async def _start_version(self, info: VersionInfo) -> ServedVersion:
+        loaded = await asyncio.to_thread(self.runtime.load, info)
+        metrics.MODEL_LOAD_SECONDS.labels(info.name, str(info.version)).observe(loaded.load_seconds)
+        labels = (info.name, str(info.version))
+        handler = loaded.handler
+        if info.task == "generate":
+            if not isinstance(handler, StepGenerator):
+                raise BadRequest(f"{info.ref}: its handler cannot generate step by step", code="unsupported_model")
+            engine: DynamicBatcher | GenerationEngine = GenerationEngine(handler, self.config.generation, labels)
+        else:
+            engine = DynamicBatcher(handler, self.config.batch, labels)
+        engine.start()
+        return ServedVersion(loaded, engine)
+
+    async def _retire(self, sv: ServedVersion) -> None:
+        await sv.drained.wait()
+        await sv.engine.stop()
+        if not any(other.info.name == sv.name and other.version == sv.version for other in self._served.values()):
+            self.runtime.unload(sv.name, sv.version)
+            log.info("unloaded %s", sv.info.ref)

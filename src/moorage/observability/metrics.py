@@ -1,0 +1,79 @@
+"""Every Prometheus metric moorage exports, declared once.
+
+Several server worker processes: set ``PROMETHEUS_MULTIPROC_DIR`` before the workers start (``moorage
+serve --workers N`` does) and `render` merges the files every process writes, so counters add up
+across workers and gauges say how they are combined (``livesum``: live processes summed).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LABELS = ("model", "version")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REQUESTS = Counter("moorage_requests", "inference requests by outcome", (*LABELS, "status"))
+REQUEST_LATENCY = Histogram("moorage_request_latency_seconds", "request latency", LABELS, buckets=LATENCY_BUCKETS)
+QUEUE_WAIT = Histogram("moorage_queue_wait_seconds", "time from enqueue to batch", LABELS, buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("moorage_batch_size", "inputs per model call", LABELS, buckets=BATCH_BUCKETS)
+IN_FLIGHT = Gauge("moorage_in_flight", "requests being served", LABELS, multiprocess_mode="livesum")
+QUEUE_DEPTH = Gauge("moorage_queue_depth", "inputs waiting for a batch", LABELS, multiprocess_mode="livesum")
+RUNNING_SEQS = Gauge("moorage_running_sequences", "sequences in the decode batch", LABELS, multiprocess_mode="livesum")
+GENERATED_TOKENS = Counter("moorage_generated_tokens", "tokens generated", LABELS)
+PROMPT_TOKENS = Counter("moorage_prompt_tokens", "prompt tokens processed", LABELS)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "moorage_time_to_first_token_seconds", "arrival to first token", LABELS, buckets=LATENCY_BUCKETS
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "moorage_inter_token_latency_seconds", "time between two tokens of a sequence", LABELS, buckets=TOKEN_BUCKETS
+)
+MODEL_LOAD_SECONDS = Histogram(
+    "moorage_model_load_seconds", "time to load a model version", LABELS, buckets=LATENCY_BUCKETS
+)
+MODEL_SWAPS = Counter("moorage_model_swaps", "served versions replaced by another", ("model",))
+PROCESS_CPU = Gauge("moorage_process_cpu_seconds", "CPU time of the server process", multiprocess_mode="all")
+PROCESS_MEMORY = Gauge("moorage_process_max_resident_memory_bytes", "peak RSS of the process", multiprocess_mode="all")
+PROCESS_RSS = Gauge("moorage_process_resident_memory_bytes", "RSS of the process", multiprocess_mode="all")
+
+
+def update_process_metrics() -> None:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    PROCESS_CPU.set(usage.ru_utime + usage.ru_stime)
+    PROCESS_MEMORY.set(usage.ru_maxrss * 1024)  # kilobytes on Linux
+    PROCESS_RSS.set(_current_rss())
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux
+        return 0
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type, merged over worker processes when there are several."""
+    update_process_metrics()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)

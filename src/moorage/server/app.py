@@ -1,0 +1,78 @@
+"""`create_app(settings)` -> the FastAPI application that serves registry models."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..batching import BatchConfig, GenerationConfig, ModelPool, PoolConfig
+from ..config import ServeSettings, Settings
+from ..registry import Registry
+from ..runtime import Runtime
+from . import health, inference, openai
+from .edge import EdgeMiddleware
+from .errors import install_error_handlers
+
+log = logging.getLogger("moorage.server")
+
+
+def pool_config(serve: ServeSettings) -> PoolConfig:
+    return PoolConfig(
+        batch=BatchConfig(
+            max_batch_size=serve.max_batch_size,
+            max_wait_ms=serve.max_wait_ms,
+            max_queue=serve.max_queue,
+            timeout_s=serve.request_timeout_s,
+        ),
+        generation=GenerationConfig(
+            max_num_seqs=serve.max_num_seqs,
+            max_prefill_tokens=serve.max_prefill_tokens,
+            max_waiting=serve.max_waiting_seqs,
+            timeout_s=serve.request_timeout_s,
+        ),
+        poll_interval_s=serve.poll_interval_s,
+    )
+
+
+def create_app(settings: Settings, models: list[str] | None = None, registry: Registry | None = None) -> FastAPI:
+    """The app for `models` (default: ``settings.serve.models``). Models load in the background after
+    start-up: ``/healthz`` answers at once, ``/readyz`` once every model is loaded."""
+    registry = registry or Registry.from_settings(settings)
+    runtime = Runtime(registry, settings.runtime)
+    pool = ModelPool(registry, runtime, list(models or settings.serve.models), pool_config(settings.serve))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.loading = asyncio.get_running_loop().create_task(_load(pool))
+        try:
+            yield
+        finally:
+            app.state.loading.cancel()
+            await pool.stop()
+            log.info("stopped: every accepted request was answered")
+
+    app = FastAPI(title="moorage", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.pool = pool
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.serve.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(inference.router)
+    app.include_router(openai.router)
+    return app
+
+
+async def _load(pool: ModelPool) -> None:
+    try:
+        await pool.start()
+        log.info("ready: serving %s", ", ".join(f"{k} (version {v.version})" for k, v in pool.served().items()))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        pool.load_error = str(exc)
+        log.error("could not load the models: %s", exc, exc_info=not hasattr(exc, "code"))
+        raise

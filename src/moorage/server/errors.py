@@ -1,0 +1,72 @@
+"""One error vocabulary over HTTP: every failure becomes ``{"error": {"message", "type", "code"}}``.
+
+`MoorageError` carries its status and code; pydantic validation errors become 422 naming the
+field; Starlette's own HTTP errors (unknown route, wrong method) keep their status; anything else
+is logged with its traceback and answered with an opaque 500.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+
+from ..errors import MoorageError, Overloaded
+from .common import ClientGone
+
+log = logging.getLogger("moorage.server")
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "code": code, "param": param}}
+
+
+def error_response(exc: MoorageError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return JSONResponse(error_body(exc.message, exc.type, exc.code), status_code=exc.status, headers=headers)
+
+
+async def _moorage_error(request: Request, exc: MoorageError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    # keep field names and indexes; drop "body" and pydantic's union-member tags (e.g. "constrained-str")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and (isinstance(p, int) or str(p).isidentifier())]
+    where = ".".join(loc) or "body"
+    message = f"{where}: {first.get('msg', 'invalid value')}"
+    if first.get("type") == "json_invalid":
+        message = "the request body is not valid JSON"
+    return JSONResponse(error_body(message, "invalid_request_error", "invalid_input", where), status_code=422)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse(
+        error_body(str(exc.detail), "invalid_request_error", code), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nobody reads it: the client disconnected
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body("internal server error", "server_error", "internal_error"), status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(MoorageError, _moorage_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientGone, _client_gone)
+    app.add_exception_handler(Exception, _unexpected)

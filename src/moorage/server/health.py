@@ -1,0 +1,61 @@
+"""Probes, metrics, the served-model list and the admin reload."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from ..observability import metrics
+from .common import FastJSON, pool_of
+from .errors import error_body
+
+router = APIRouter()
+STARTED = int(time.time())
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz() -> dict:
+    """Alive: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"])
+async def readyz(request: Request) -> Response:
+    """Ready only when every served model is loaded and the server is not shutting down."""
+    pool = pool_of(request)
+    if pool.is_ready:
+        models = {k: sv.version for k, sv in pool.served().items()}
+        return FastJSON({"status": "ready", "models": models})
+    message = f"not ready: {pool.load_error}" if pool.load_error else "not ready: models are loading"
+    return FastJSON(error_body(message, "server_error", "not_ready"), status_code=503)
+
+
+@router.get("/metrics", tags=["health"])
+async def prometheus_metrics() -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/models", tags=["models"])
+async def list_models(request: Request) -> Response:
+    data = [
+        {
+            "id": key,
+            "object": "model",
+            "created": int(sv.info.created_at.timestamp()) if sv.info.created_at else STARTED,
+            "owned_by": "moorage",
+            "task": sv.task,
+            "version": sv.version,
+        }
+        for key, sv in pool_of(request).served().items()
+    ]
+    return FastJSON({"object": "list", "data": data})
+
+
+@router.post("/admin/reload", tags=["admin"])
+async def reload(request: Request) -> Response:
+    """Re-resolve every served alias now; swap the ones that moved (no request fails)."""
+    changes = await pool_of(request).reload()
+    return FastJSON({"changes": changes})

@@ -85,3 +85,41 @@ def test_generator_batches_mixed_params_and_counts_tokens(registry, settings, ti
     # greedy decoding is deterministic and independent of what else is in the batch
     (alone,) = model.predict([inputs[1]])
     assert alone.text == outs[1].text
+
+
+def test_sequences_joining_a_running_batch_decode_as_if_alone(registry, settings, tiny_lm):
+    """Continuous batching: a sequence that joins mid-flight (cache merge, left padding, row removal)
+    produces the same greedy tokens as when it runs alone; the step API matches `generate`."""
+    from moorage.runtime.base import NewSequence
+
+    registry.register(tiny_lm, "lm", "generate")
+    handler = Runtime(registry, settings.runtime).get("lm").handler
+    params = GenerationParams(max_new_tokens=8)
+    prompts = [
+        handler.encode_prompt(GenerateInput(prompt=p)) for p in ("hello there", "a much longer prompt here", "x")
+    ]
+
+    def alone(ids):
+        batch = handler.new_batch()
+        out = batch.add([NewSequence(0, ids, params)])
+        while len(out) < 8:
+            out += batch.step()
+        return out
+
+    expected = [alone(p) for p in prompts]
+    batch = handler.new_batch()
+    got = {0: batch.add([NewSequence(0, prompts[0], params)])}
+    got[0] += batch.step()
+    got[1] = batch.add([NewSequence(1, prompts[1], params)])  # joins after two tokens of seq 0
+    for _ in range(2):
+        for seq_id, tok in zip(batch.seq_ids, batch.step()):
+            got[seq_id].append(tok)
+    got[2] = batch.add([NewSequence(2, prompts[2], params)])
+    while any(len(v) < 8 for v in got.values()):
+        finished = {s for s in batch.seq_ids if len(got[s]) >= 8}
+        batch.remove(finished)  # rows leave; the rest keep decoding correctly
+        for seq_id, tok in zip(batch.seq_ids, batch.step()):
+            got[seq_id].append(tok)
+    assert [got[i][:8] for i in range(3)] == expected
+    items = [GenerateInput(prompt=p, params=params) for p in ("hello there", "a much longer prompt here")]
+    assert [g.text for g in handler.generate_static(items)] == [g.text for g in handler.predict(items)]

@@ -212,8 +212,11 @@ class DynamicBatcher:
     async def _run_batch(self, batch: list[Pending], features: Any) -> None:
         loop = asyncio.get_running_loop()
         try:
-            live = [p for p in batch if not p.future.done()]
-            if not live:
+            now = time.perf_counter()
+            for p in batch:  # it may have waited for the compute slot past its deadline
+                if not p.future.done() and p.deadline <= now:
+                    p.future.set_exception(DeadlineExceeded("the request waited in the queue past its deadline"))
+            if all(p.future.done() for p in batch):
                 return
             self._stats.batch_size.observe(len(batch))
             outputs = await loop.run_in_executor(self._compute, self._predict, features)

@@ -110,6 +110,7 @@ class ModelPool:
             raise NotReady("models are still loading")
         served = self._served.get(model)
         if served is None:
+            parse_ref(model)  # a malformed reference is a 400, not an unknown model
             matches = [sv for key, sv in self._served.items() if self.refs[key].name == model]
             if len(matches) != 1:
                 raise ModelNotFound(f"model {model!r} is not served here; served: {', '.join(self._served) or 'none'}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 
-from ..errors import PayloadTooLarge
 from ..observability import metrics
 
 
@@ -30,16 +29,12 @@ class EdgeMiddleware:
         # a per-request copy: some servers hand every request the same lifespan-state dict
         state = scope["state"] = {k: v for k, v in (scope.get("state") or {}).items() if k != "labels"}
         status = [500]
-        received = [0]
-        limit = self.max_body_bytes
-
-        async def receive_bounded():
-            message = await receive()
-            if message["type"] == "http.request":
-                received[0] += len(message.get("body", b""))
-                if received[0] > limit:
-                    raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
-            return message
+        if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            body = await _read_bounded(receive, self.max_body_bytes)  # chunked: count while reading
+            if body is None:
+                await _reject(send, self.max_body_bytes, b"0")
+                return
+            receive = _replay(body, receive)
 
         async def send_tracked(message) -> None:
             if message["type"] == "http.response.start":
@@ -47,7 +42,7 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive_bounded, send_tracked)
+            await self.app(scope, receive, send_tracked)
         finally:
             labels = state.get("labels")
             if labels is None and scope["path"].startswith("/v1/"):
@@ -55,6 +50,33 @@ class EdgeMiddleware:
             if labels is not None:
                 metrics.REQUESTS.labels(*labels, str(status[0])).inc()
                 metrics.REQUEST_LATENCY.labels(*labels).observe(time.perf_counter() - started)
+
+
+async def _read_bounded(receive, limit: int) -> bytes | None:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _reject(send, limit: int, declared: bytes) -> None:

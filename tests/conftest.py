@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,24 @@ def registry_snapshot(reg: Registry, name: str):
 @pytest.fixture(name="registry_snapshot")
 def _registry_snapshot_fixture():
     return registry_snapshot
+
+
+@pytest.fixture
+def serving():
+    """Async context manager: the HTTP app in-process, models loaded, and an httpx client on it."""
+    import httpx
+    from asgi_lifespan import LifespanManager
+
+    from moorage.server import create_app
+
+    @asynccontextmanager
+    async def serve(settings, registry, refs=("emb@production", "cls", "gen"), **serve_settings):
+        settings = settings.model_copy(update={"serve": settings.serve.model_copy(update=serve_settings)})
+        app = create_app(settings, list(refs), registry=registry)
+        async with LifespanManager(app) as manager:
+            await app.state.loading
+            transport = httpx.ASGITransport(manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://moorage") as client:
+                yield app, client
+
+    return serve

@@ -2,9 +2,12 @@
 
 import os
 import re
+import signal
+import socket
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,16 +41,28 @@ def test_quickstart_is_two_commands_and_ci_runs_the_second():
 
 
 @pytest.mark.slow
-def test_quickstart_first_command_installs_and_runs_the_demo(tmp_path):
+def test_quickstart_first_command_installs_runs_the_demo_and_serves_it(tmp_path):
     (block,) = _blocks("Quickstart")
     run_cmd = _commands(block)[0]
-    proc = subprocess.run(
-        ["bash", "-c", run_cmd], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=1200
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "minilm@production embeds a sentence into 384 dimensions" in proc.stdout
-    assert "smollm2@production answers" in proc.stdout
-    assert (tmp_path / "home" / "datasets" / "bbc-news.jsonl").is_file()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**_env(tmp_path), "MOORAGE_SERVE__PORT": str(port)}
+    pidfile = tmp_path / "home" / "serve.pid"
+    try:
+        proc = subprocess.run(["bash", "-c", run_cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "minilm@production embeds a sentence into 384 dimensions" in proc.stdout
+        assert "smollm2@production answers" in proc.stdout
+        assert (tmp_path / "home" / "datasets" / "bbc-news.jsonl").is_file()
+        assert f"server ready on http://127.0.0.1:{port}" in proc.stdout
+        assert "POST /v1/embeddings -> 384 dimensions" in proc.stdout
+        assert "Paris" in proc.stdout.split("POST /v1/chat/completions", 1)[1]
+        # the server is still answering after the command ended
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").json()["status"] == "ready"
+    finally:
+        if pidfile.is_file():
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
 
 
 @pytest.mark.parametrize("index", range(len(_blocks("Using the registry"))))

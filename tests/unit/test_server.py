@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-from contextlib import asynccontextmanager
+from asyncio import run
 
 import httpx
 import numpy as np
 import pytest
-from asgi_lifespan import LifespanManager
 from openai import AsyncOpenAI
-
-from moorage.server import create_app
 
 
 @pytest.fixture
@@ -22,22 +18,7 @@ def models(registry, fake_model):
     return registry
 
 
-@asynccontextmanager
-async def serving(settings, registry, refs=("emb@production", "cls", "gen"), **serve):
-    settings = settings.model_copy(update={"serve": settings.serve.model_copy(update=serve)})
-    app = create_app(settings, list(refs), registry=registry)
-    async with LifespanManager(app) as manager:
-        await app.state.loading
-        transport = httpx.ASGITransport(manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://moorage") as client:
-            yield app, client
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-def test_predict_endpoint_for_each_task(settings, models):
+def test_predict_endpoint_for_each_task(settings, models, serving):
     async def main():
         async with serving(settings, models) as (_, c):
             emb = (await c.post("/v1/models/emb@production/predict", json={"inputs": ["hello", "world"]})).json()
@@ -100,7 +81,7 @@ def test_predict_endpoint_for_each_task(settings, models):
         ("get", "/v1/embeddings", None, 405, "method_not_allowed"),
     ],
 )
-def test_bad_input_gets_a_precise_4xx_with_a_stable_code(settings, models, method, path, body, status, code):
+def test_bad_input_gets_a_precise_4xx_with_a_stable_code(settings, models, method, path, body, status, code, serving):
     async def main():
         async with serving(settings, models) as (_, c):
             return await c.request(method, path, json=body)
@@ -111,7 +92,7 @@ def test_bad_input_gets_a_precise_4xx_with_a_stable_code(settings, models, metho
     assert err["code"] == code and err["message"] and err["type"]
 
 
-def test_invalid_json_oversized_body_and_too_many_inputs(settings, models):
+def test_invalid_json_oversized_body_and_too_many_inputs(settings, models, serving):
     async def main():
         async with serving(settings, models, max_body_bytes=2048, max_inputs=5) as (_, c):
             bad_json = await c.post(
@@ -134,7 +115,7 @@ def test_invalid_json_oversized_body_and_too_many_inputs(settings, models):
     assert (many.status_code, many.json()["error"]["code"]) == (413, "too_many_inputs")
 
 
-def test_an_unexpected_error_is_an_opaque_500(settings, models, caplog):
+def test_an_unexpected_error_is_an_opaque_500(settings, models, caplog, serving):
     async def main():
         async with serving(settings, models) as (app, c):
             sv = app.state.pool.lookup("emb")
@@ -159,7 +140,7 @@ def test_an_unexpected_error_is_an_opaque_500(settings, models, caplog):
     assert "ZeroDivisionError" in caplog.text
 
 
-def test_openai_client_embeddings_chat_and_completions(settings, models):
+def test_openai_client_embeddings_chat_and_completions(settings, models, serving):
     async def main():
         async with serving(settings, models) as (app, c):
             client = AsyncOpenAI(base_url="http://moorage/v1", api_key="unused", http_client=c)
@@ -199,7 +180,7 @@ def test_openai_client_embeddings_chat_and_completions(settings, models):
     assert {m.id for m in models_list.data} == {"emb@production", "cls", "gen"}
 
 
-def test_metrics_and_probes(settings, models):
+def test_metrics_and_probes(settings, models, serving):
     async def main():
         async with serving(settings, models) as (_, c):
             await c.post("/v1/embeddings", json={"model": "emb", "input": ["a", "b"]})

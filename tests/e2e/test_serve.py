@@ -1,0 +1,70 @@
+"""`moorage serve` as a real process on 127.0.0.1: the openai client, SIGTERM, several workers."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+from openai import OpenAI
+
+from moorage.runtime import make_fake_model
+
+
+def _register(cli, tmp_path, name: str, task: str, **kwargs) -> None:
+    folder = make_fake_model(tmp_path / name, task, **kwargs)
+    cli("models", "register", str(folder), "--name", name, "--task", task, "--alias", "production", check=True)
+
+
+def test_openai_client_against_a_served_process(cli, server, tmp_path):
+    _register(cli, tmp_path, "emb", "embed")
+    _register(cli, tmp_path, "gen", "generate")
+    _, url = server("-m", "emb@production", "-m", "gen")
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    emb = client.embeddings.create(model="emb@production", input=["a b", "c"])
+    assert [len(d.embedding) for d in emb.data] == [8, 8] and emb.usage.prompt_tokens == 3
+    chunks = list(client.completions.create(model="gen", prompt="hi", max_tokens=4, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices).count(" ") == 3
+    chat = client.chat.completions.create(model="gen", messages=[{"role": "user", "content": "x y"}], max_tokens=3)
+    assert chat.usage.completion_tokens == 3 and chat.usage.prompt_tokens == 2
+
+
+def test_sigterm_finishes_in_flight_work_then_exits(cli, server, tmp_path):
+    _register(cli, tmp_path, "gen", "generate", delay_ms=20)
+    proc, url = server("-m", "gen")
+    result = {}
+
+    def slow_request():
+        body = {"model": "gen", "prompt": "go", "max_tokens": 60}
+        result["response"] = httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+    worker = threading.Thread(target=slow_request)
+    worker.start()
+    time.sleep(0.5)  # the request is being generated
+    proc.send_signal(signal.SIGTERM)
+    worker.join(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so that supervisors see why it ended
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert "every accepted request was answered" in (tmp_path / f"serve-{url.rsplit(':', 1)[1]}.log").read_text()
+    response = result["response"]
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 60
+
+
+def test_metrics_add_up_over_worker_processes(cli, server, tmp_path):
+    _register(cli, tmp_path, "emb", "embed")
+    _, url = server("-m", "emb", "--workers", "2")
+    with httpx.Client(base_url=url) as http:
+        for i in range(20):  # new connections, so both workers get some
+            assert httpx.post(url + "/v1/embeddings", json={"model": "emb", "input": f"t {i}"}).status_code == 200
+        text = http.get("/metrics").text
+    counted = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('moorage_requests_total{model="emb",status="200"')
+    )
+    assert counted == 20
+    pids = {
+        line.split('pid="')[1].split('"')[0] for line in text.splitlines() if "moorage_process_cpu_seconds{" in line
+    }
+    assert len(pids) == 2  # process metrics of each worker

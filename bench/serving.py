@@ -225,6 +225,13 @@ def main() -> None:
         wait_ready(port, "/readyz", server)
         wait_ready(naive_port, "/healthz", naive)
         runtime = Runtime(registry, settings.runtime)
+        import torch
+
+        from moorage.runtime.hf import resolve_dtype
+
+        dtype = str(resolve_dtype(torch, settings.runtime)).removeprefix("torch.")
+        results["dtype"] = {"moorage": f"{dtype} (runtime.dtype={settings.runtime.dtype})", "naive": "float32"}
+        print(f"moorage runtime dtype: {results['dtype']['moorage']}; the naive service: float32, as written")
         print("embeddings (MiniLM, one sentence per request)", flush=True)
         raw = bench_raw_embed(runtime.get("minilm"), texts, args.seconds)
         results["a_raw_in_process"] = raw
@@ -232,9 +239,8 @@ def main() -> None:
         for c in (1, 16, 64):
             r = http_embed(port, "minilm", texts, c, args.seconds)
             results[f"b_moorage_http_c{c}"] = r
-            print(
-                f"  (b) moorage, {c:2d} clients  {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms"
-            )
+            latency = f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms"
+            print(f"  (b) moorage, {c:2d} clients  {r['throughput_rps']:8.1f} req/s  {latency}")
         r = http_embed(naive_port, "minilm", texts, 64, args.seconds)
         results["c_naive_http_c64"] = r
         print(
@@ -250,9 +256,8 @@ def main() -> None:
         print(f"  (e) static batch of {len(items)}   {e['tokens_per_s']:8.1f} tokens/s")
         f = asyncio.run(http_generate(port, "smollm2", items))
         results["f_moorage_stream_c32"] = f
-        print(
-            f"  (f) moorage, {len(items)} streams {f['tokens_per_s']:8.1f} tokens/s  TTFT p50 {f['ttft_p50_ms']} ms  p99 {f['ttft_p99_ms']} ms"
-        )
+        ttft = f"TTFT p50 {f['ttft_p50_ms']} ms  p99 {f['ttft_p99_ms']} ms"
+        print(f"  (f) moorage, {len(items)} streams {f['tokens_per_s']:8.1f} tokens/s  {ttft}")
     finally:
         for proc in (server, naive):
             proc.terminate()

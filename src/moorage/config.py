@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -54,6 +54,9 @@ class RuntimeSettings(BaseModel):
     max_loaded_bytes: int = Field(4 << 30, gt=0, description="memory bound of loaded models")
     device: str = Field("cpu", description="torch device for models")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and compute dtype; auto: bfloat16 where the hardware has it natively, else float32"
+    )
 
 
 class ServeSettings(BaseModel):

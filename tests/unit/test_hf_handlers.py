@@ -123,3 +123,9 @@ def test_sequences_joining_a_running_batch_decode_as_if_alone(registry, settings
     assert [got[i][:8] for i in range(3)] == expected
     items = [GenerateInput(prompt=p, params=params) for p in ("hello there", "a much longer prompt here")]
     assert [g.text for g in handler.generate_static(items)] == [g.text for g in handler.predict(items)]
+
+
+@pytest.fixture
+def settings(settings):
+    """float32 here: these tests compare token-exact outputs across batch shapes."""
+    return settings.model_copy(update={"runtime": settings.runtime.model_copy(update={"dtype": "float32"})})

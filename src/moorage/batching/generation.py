@@ -64,10 +64,26 @@ class Sequence:
         return len(self.prompt_ids)
 
     def emit(self, event: TokenEvent) -> None:
+        _emit_all([(self, event)])
+
+
+def _emit_all(pairs: list[tuple[Sequence, TokenEvent]]) -> None:
+    """Hand a step's events to their event loops: one cross-thread wake-up per loop, not per token
+    (each wake-up makes the engine thread wait for the GIL again)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, TokenEvent]]] = {}
+    for seq, event in pairs:
+        by_loop.setdefault(seq.loop, []).append((seq, event))
+    for loop, items in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the caller's event loop is gone: nobody is listening
-            self.cancelled = True
+            loop.call_soon_threadsafe(_deliver_events, items)
+        except RuntimeError:  # that event loop is gone: nobody is listening
+            for seq, _ in items:
+                seq.cancelled = True
+
+
+def _deliver_events(items: list[tuple[Sequence, TokenEvent]]) -> None:
+    for seq, event in items:
+        seq.events.put_nowait(event)
 
 
 class Scheduler:
@@ -258,6 +274,7 @@ class GenerationEngine:
     def _deliver(self, stepped: list[Sequence], tokens: list[int]) -> None:
         now = time.perf_counter()
         finished = set()
+        events = []
         for seq, token in zip(stepped, tokens):
             if seq.last_token_at is None:
                 self._stats.ttft.observe(now - seq.arrival)
@@ -269,7 +286,8 @@ class GenerationEngine:
             if seq.stream.result is not None:
                 finished.add(seq)
             if text or seq.stream.result is not None:
-                seq.emit(TokenEvent(text, seq.stream.result))
+                events.append((seq, TokenEvent(text, seq.stream.result)))
+        _emit_all(events)
         self._remove(finished)
 
     def _remove(self, seqs: set[Sequence]) -> None:

@@ -31,6 +31,28 @@ def _torch(settings: RuntimeSettings):
     return torch
 
 
+def resolve_dtype(torch, settings: RuntimeSettings):
+    """The torch dtype for `settings.dtype`; "auto" is bfloat16 where matmuls have native bf16
+    (CPUs with AVX512-BF16 or AMX, CUDA devices that support it) and float32 elsewhere."""
+    name = settings.dtype
+    if name == "auto":
+        name = "bfloat16" if _native_bf16(torch, settings.device) else "float32"
+    return getattr(torch, name)
+
+
+def _native_bf16(torch, device: str) -> bool:
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def _param_bytes(module) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -50,7 +72,7 @@ class SentenceEmbedder(TaskHandler):
             local_files_only=True,
             model_kwargs={"use_safetensors": True},
         )
-        self.model.eval()
+        self.model.to(resolve_dtype(require("torch", "ml"), settings)).eval()
         self.memory_bytes = _param_bytes(self.model)
 
     def preprocess(self, inputs: list[str]) -> Any:
@@ -75,7 +97,10 @@ class SequenceClassifier(TaskHandler):
         self.tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.model = (
             tf.AutoModelForSequenceClassification.from_pretrained(
-                str(folder), local_files_only=True, use_safetensors=True
+                str(folder),
+                local_files_only=True,
+                use_safetensors=True,
+                dtype=resolve_dtype(require("torch", "ml"), settings),
             )
             .to(settings.device)
             .eval()
@@ -110,7 +135,7 @@ class CausalGenerator(StepGenerator):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = (
             tf.AutoModelForCausalLM.from_pretrained(
-                str(folder), local_files_only=True, use_safetensors=True, dtype=self.torch.float32
+                str(folder), local_files_only=True, use_safetensors=True, dtype=resolve_dtype(self.torch, settings)
             )
             .to(settings.device)
             .eval()

@@ -201,3 +201,15 @@ def test_metrics_and_probes(settings, models, serving):
         "moorage_process_resident_memory_bytes",
     ):
         assert line in text, line
+
+
+def test_a_bare_name_served_under_two_references_is_ambiguous(settings, models, serving):
+    async def main():
+        async with serving(settings, models, ["emb@production", "emb:1"]) as (_, c):
+            bare = await c.post("/v1/embeddings", json={"model": "emb", "input": "x"})
+            pinned = await c.post("/v1/embeddings", json={"model": "emb:1", "input": "x"})
+            return bare, pinned
+
+    bare, pinned = run(main())
+    assert (bare.status_code, bare.json()["error"]["code"]) == (400, "ambiguous_model")
+    assert pinned.status_code == 200

@@ -112,7 +112,10 @@ class ModelPool:
         if served is None:
             parse_ref(model)  # a malformed reference is a 400, not an unknown model
             matches = [sv for key, sv in self._served.items() if self.refs[key].name == model]
-            if len(matches) != 1:
+            if len(matches) > 1:
+                keys = ", ".join(k for k in self._served if self.refs[k].name == model)
+                raise BadRequest(f"model {model!r} is served as {keys}: name one of them", code="ambiguous_model")
+            if not matches:
                 raise ModelNotFound(f"model {model!r} is not served here; served: {', '.join(self._served) or 'none'}")
             served = matches[0]
         return served

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 from .. import __version__
 from ..batching import BatchConfig, GenerationConfig, ModelPool, PoolConfig
 from ..config import ServeSettings, Settings
+from ..observability import metrics
 from ..registry import Registry
 from ..runtime import Runtime
 from . import health, inference, openai
@@ -53,6 +55,7 @@ def create_app(settings: Settings, models: list[str] | None = None, registry: Re
         finally:
             app.state.loading.cancel()
             await pool.stop()
+            metrics.mark_process_dead(os.getpid())  # with several workers: drop this one's live gauges
             log.info("stopped: every accepted request was answered")
 
     app = FastAPI(title="moorage", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DeadlineExceeded, MoorageError, NotReady, Overloaded
@@ -70,17 +70,11 @@ def next_batch(queue: Sequence[Pending], now: float, max_batch_size: int, max_wa
     return window[best : best + max_batch_size], 0.0
 
 
-@dataclass
 class _Stats:
-    labels: tuple[str, str]
-    queue_depth: Any = field(init=False)
-    queue_wait: Any = field(init=False)
-    batch_size: Any = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.queue_depth = metrics.QUEUE_DEPTH.labels(*self.labels)
-        self.queue_wait = metrics.QUEUE_WAIT.labels(*self.labels)
-        self.batch_size = metrics.BATCH_SIZE.labels(*self.labels)
+    def __init__(self, labels: tuple[str, str]) -> None:
+        self.queue_depth = metrics.QUEUE_DEPTH.labels(*labels)
+        self.queue_wait = metrics.QUEUE_WAIT.labels(*labels)
+        self.batch_size = metrics.BATCH_SIZE.labels(*labels)
 
 
 class DynamicBatcher:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadRequest, DeadlineExceeded, NotReady, Overloaded
@@ -117,26 +117,18 @@ class Scheduler:
         return not self.waiting and not self.running
 
 
-@dataclass
 class _Stats:
-    labels: tuple[str, str]
-    meters: dict[str, Any] = field(default_factory=dict)
+    """The engine's metric children for one model version, bound once."""
 
-    def __post_init__(self) -> None:
-        for name, metric in {
-            "ttft": metrics.TIME_TO_FIRST_TOKEN,
-            "itl": metrics.INTER_TOKEN_LATENCY,
-            "tokens": metrics.GENERATED_TOKENS,
-            "prompt": metrics.PROMPT_TOKENS,
-            "running": metrics.RUNNING_SEQS,
-            "waiting": metrics.QUEUE_DEPTH,
-            "queue_wait": metrics.QUEUE_WAIT,
-            "batch": metrics.BATCH_SIZE,
-        }.items():
-            self.meters[name] = metric.labels(*self.labels)
-
-    def __getattr__(self, name: str) -> Any:
-        return self.meters[name]
+    def __init__(self, labels: tuple[str, str]) -> None:
+        self.ttft = metrics.TIME_TO_FIRST_TOKEN.labels(*labels)
+        self.itl = metrics.INTER_TOKEN_LATENCY.labels(*labels)
+        self.tokens = metrics.GENERATED_TOKENS.labels(*labels)
+        self.prompt = metrics.PROMPT_TOKENS.labels(*labels)
+        self.running = metrics.RUNNING_SEQS.labels(*labels)
+        self.waiting = metrics.QUEUE_DEPTH.labels(*labels)
+        self.queue_wait = metrics.QUEUE_WAIT.labels(*labels)
+        self.batch = metrics.BATCH_SIZE.labels(*labels)
 
 
 class GenerationEngine:

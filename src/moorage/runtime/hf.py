@@ -64,7 +64,7 @@ class SentenceEmbedder(TaskHandler):
     task = "embed"
 
     def load(self, folder: Path, manifest: Manifest, settings: RuntimeSettings) -> None:
-        _torch(settings)
+        torch = _torch(settings)
         st = require("sentence_transformers", "ml")
         self.model = st.SentenceTransformer(
             str(folder),
@@ -72,7 +72,7 @@ class SentenceEmbedder(TaskHandler):
             local_files_only=True,
             model_kwargs={"use_safetensors": True},
         )
-        self.model.to(resolve_dtype(require("torch", "ml"), settings)).eval()
+        self.model.to(resolve_dtype(torch, settings)).eval()
         self.memory_bytes = _param_bytes(self.model)
 
     def preprocess(self, inputs: list[str]) -> Any:
@@ -92,7 +92,7 @@ class SequenceClassifier(TaskHandler):
     task = "classify"
 
     def load(self, folder: Path, manifest: Manifest, settings: RuntimeSettings) -> None:
-        _torch(settings)
+        torch = _torch(settings)
         tf = require("transformers", "ml")
         self.tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.model = (
@@ -100,7 +100,7 @@ class SequenceClassifier(TaskHandler):
                 str(folder),
                 local_files_only=True,
                 use_safetensors=True,
-                dtype=resolve_dtype(require("torch", "ml"), settings),
+                dtype=resolve_dtype(torch, settings),
             )
             .to(settings.device)
             .eval()

@@ -10,7 +10,8 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
-from ..batching import ModelPool, ServedVersion
+from ..batching import GenerationEngine, ModelPool, ServedVersion
+from ..errors import BadRequest, PayloadTooLarge
 
 T = TypeVar("T")
 
@@ -66,9 +67,12 @@ async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
             t.cancel()
 
 
-def check_count(n: int, limit: int, what: str) -> None:
-    from ..errors import BadRequest, PayloadTooLarge
+async def complete_all(request: Request, engine: GenerationEngine, items: list, timeout_s: float | None = None):
+    """Whole generations of `items` (one request); a disconnect cancels all of them."""
+    return await unless_disconnected(request, gather_or_cancel(*(engine.complete(i, timeout_s) for i in items)))
 
+
+def check_count(n: int, limit: int, what: str) -> None:
     if n == 0:
         raise BadRequest(f"{what} is empty: give at least one", code="empty_input")
     if n > limit:

@@ -22,8 +22,13 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await _reject(send, self.max_body_bytes, declared)
+        if declared is not None and not declared.isdigit():
+            await _reject(send, 400, "bad_request", "the Content-Length header is not a number")
+            return
+        if declared is not None and int(declared) > self.max_body_bytes:
+            await _reject(
+                send, 413, "payload_too_large", f"the request body is larger than {self.max_body_bytes} bytes"
+            )
             return
         started = time.perf_counter()
         # a per-request copy: some servers hand every request the same lifespan-state dict
@@ -32,7 +37,9 @@ class EdgeMiddleware:
         if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
             body = await _read_bounded(receive, self.max_body_bytes)  # chunked: count while reading
             if body is None:
-                await _reject(send, self.max_body_bytes, b"0")
+                await _reject(
+                    send, 413, "payload_too_large", f"the request body is larger than {self.max_body_bytes} bytes"
+                )
                 return
             receive = _replay(body, receive)
 
@@ -79,11 +86,7 @@ def _replay(body: bytes, receive):
     return replay
 
 
-async def _reject(send, limit: int, declared: bytes) -> None:
-    if declared.isdigit():
-        status, code, message = 413, "payload_too_large", f"the request body is larger than {limit} bytes"
-    else:
-        status, code, message = 400, "bad_request", "the Content-Length header is not a number"
+async def _reject(send, status: int, code: str, message: str) -> None:
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from ..errors import Unprocessable
 from ..runtime import GenerateInput, GenerationParams
-from .common import FastJSON, check_count, gather_or_cancel, mark, pool_of, unless_disconnected
+from .common import FastJSON, check_count, complete_all, mark, pool_of, unless_disconnected
 from .schemas import PredictRequest
 
 router = APIRouter(tags=["inference"])
@@ -40,8 +40,7 @@ async def predict(model: str, body: PredictRequest, request: Request) -> Respons
         mark(request, sv)
         if sv.task == "generate":
             items = _generate_inputs(body, settings.default_max_tokens)
-            work = gather_or_cancel(*(sv.engine.complete(item, body.timeout_s) for item in items))
-            results = await unless_disconnected(request, work)
+            results = await complete_all(request, sv.engine, items, body.timeout_s)
             outputs = [
                 {
                     "text": g.text,

@@ -17,7 +17,7 @@ from starlette.responses import Response, StreamingResponse
 from ..batching import GenerationEngine, TokenEvent
 from ..errors import BadRequest, MoorageError
 from ..runtime import GenerateInput, GenerationParams
-from .common import FastJSON, check_count, gather_or_cancel, mark, pool_of, unless_disconnected
+from .common import FastJSON, check_count, complete_all, mark, pool_of, unless_disconnected
 from .errors import error_body
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, _Sampling
 
@@ -91,8 +91,7 @@ async def _generate(request, body, items, kind, prefix, echo) -> Response:
     meta = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if not body.stream:
         try:
-            work = gather_or_cancel(*(sv.engine.complete(item) for item in items))
-            results = await unless_disconnected(request, work)
+            results = await complete_all(request, sv.engine, items)
         finally:
             pool.release(sv)
         return FastJSON(_full_response(kind, meta, results, echo, body.n))

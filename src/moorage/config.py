@@ -80,6 +80,25 @@ class ServeSettings(BaseModel):
     graceful_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for in-flight work")
 
 
+class StreamSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    batch_size: int = Field(64, ge=1, description="messages received and batched together")
+    max_wait_ms: float = Field(20.0, ge=0, description="how long a model batch waits to fill")
+    max_in_flight: int = Field(2, ge=1, description="batches between receive and ack (pipelining)")
+    receive_timeout_s: float = Field(0.5, gt=0, description="how long one receive waits for a first message")
+    max_text_chars: int = Field(20_000, ge=1, description="longer texts are dead-lettered (text_too_long)")
+    item_timeout_s: float = Field(600.0, gt=0, description="deadline of one message in the model queue")
+    model_retries: int = Field(3, ge=0, description="in-place retries of a transient model error")
+    sink_retries: int = Field(5, ge=1, description="attempts of a sink write before the batch goes back")
+    backoff_s: float = Field(0.2, gt=0, description="first retry delay (doubles each time)")
+    max_backoff_s: float = Field(10.0, gt=0, description="longest retry delay")
+    log_interval_s: float = Field(10.0, gt=0, description="how often progress and lag are logged")
+    default_max_tokens: int = Field(128, ge=1, description="generation: max_new_tokens when a message names none")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics on 127.0.0.1:PORT")
+    jobs_url: str | None = Field(None, description="queue of /v1/jobs; default: sqlite queue in the home folder")
+
+
 class Settings(BaseSettings):
     """Everything a moorage process needs to know, validated at start-up."""
 
@@ -93,6 +112,7 @@ class Settings(BaseSettings):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
 
     @field_validator("home")
     @classmethod

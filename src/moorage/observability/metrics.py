@@ -44,6 +44,22 @@ MODEL_LOAD_SECONDS = Histogram(
     "moorage_model_load_seconds", "time to load a model version", LABELS, buckets=LATENCY_BUCKETS
 )
 MODEL_SWAPS = Counter("moorage_model_swaps", "served versions replaced by another", ("model",))
+STREAM_MESSAGES = Counter(
+    "moorage_stream_messages",
+    "stream messages by outcome: processed, retried (delivered again later), dead_lettered",
+    ("source", *LABELS, "outcome"),
+)
+STREAM_BATCH_SIZE = Histogram(
+    "moorage_stream_batch_size", "messages per received batch", ("source",), buckets=BATCH_BUCKETS
+)
+STREAM_WRITE_SECONDS = Histogram(
+    "moorage_stream_sink_write_seconds", "time to make a batch durable in the sink", ("sink",), buckets=LATENCY_BUCKETS
+)
+STREAM_LATENCY = Histogram(
+    "moorage_stream_latency_seconds", "publish to durable result, per message", ("source",), buckets=LATENCY_BUCKETS
+)
+STREAM_LAG = Gauge("moorage_stream_lag", "messages of the source not yet acknowledged by the group", ("source",),
+                   multiprocess_mode="max")  # fmt: skip
 PROCESS_CPU = Gauge("moorage_process_cpu_seconds", "CPU time of the server process", multiprocess_mode="all")
 PROCESS_MEMORY = Gauge("moorage_process_max_resident_memory_bytes", "peak RSS of the process", multiprocess_mode="all")
 PROCESS_RSS = Gauge("moorage_process_resident_memory_bytes", "RSS of the process", multiprocess_mode="all")

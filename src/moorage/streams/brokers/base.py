@@ -1,0 +1,219 @@
+"""The broker contract: publish, receive a batch, ack, retry later, dead-letter.
+
+A URL names the backend and where to read or write:
+
+    sqlite:///PATH/queue.db?topic=in          embedded default, safe across processes
+    redis://127.0.0.1:6379/0?topic=in         Redis Streams, consumer groups
+    amqp://guest:guest@127.0.0.1:5672/?topic=in   RabbitMQ quorum queue
+    kafka://127.0.0.1:9092?topic=in           Kafka consumer groups
+
+Query options shared by every backend: ``topic`` (default ``moorage``), ``group`` (consumers that
+share the work, default ``moorage``), ``dlq`` (dead-letter destination, default ``TOPIC.dlq``),
+``max_deliveries`` (after that many deliveries without success a message is dead-lettered, default
+5) and ``consumer`` (this consumer's name, default host-pid). Backend options are documented on each
+class.
+
+Every message is delivered at least once: what is received and not acknowledged comes back after a
+crash, a lost connection or an expired lease, with its delivery count raised.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from ...errors import BadRequest, MissingDependency, MoorageError
+
+SCHEMES = {
+    "sqlite": ("sqlite", "SQLiteBroker"),
+    "redis": ("redis", "RedisBroker"),
+    "rediss": ("redis", "RedisBroker"),
+    "amqp": ("rabbitmq", "RabbitMQBroker"),
+    "amqps": ("rabbitmq", "RabbitMQBroker"),
+    "kafka": ("kafka", "KafkaBroker"),
+}
+
+
+@dataclass
+class Message:
+    """One received message. `broker_id` is the broker's own id, stable across redeliveries."""
+
+    broker_id: str
+    body: bytes
+    attempts: int = 1  # deliveries so far, this one included
+    published_at: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    last_error: str | None = None  # why the previous delivery was retried, when the broker keeps it
+    handle: Any = None  # what ack/retry/dead_letter need (backend specific)
+
+    @property
+    def reply_to(self) -> str | None:
+        return self.headers.get("reply_to")
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.headers.get("correlation_id")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    message_id: str
+    body: bytes
+    reason: str
+    attempts: int
+    topic: str
+    at: float
+
+
+class BrokerURL:
+    """A broker URL split into the server address (query removed) and moorage's options."""
+
+    COMMON = {"topic", "group", "dlq", "max_deliveries", "consumer"}
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in SCHEMES:
+            raise BadRequest(
+                f"unknown broker URL {redact(url)!r}: use one of {', '.join(sorted(SCHEMES))}://...",
+                code="invalid_broker_url",
+            )
+        self.url = url
+        self.scheme = parts.scheme
+        self.options = dict(parse_qsl(parts.query))
+        self.server = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+        self.netloc = parts.netloc
+        self.path = parts.path
+        self.topic = self.options.get("topic", "moorage")
+        self.group = self.options.get("group", "moorage")
+        self.dlq = self.options.get("dlq", f"{self.topic}.dlq")
+        self.max_deliveries = self.int("max_deliveries", 5)
+        self.consumer = self.options.get("consumer") or f"{socket.gethostname()}-{os.getpid()}"
+        for name in (self.topic, self.group, self.dlq):
+            if not name or len(name) > 200 or any(c.isspace() for c in name):
+                raise BadRequest(f"invalid topic or group name {name!r} in {redact(url)!r}", code="invalid_broker_url")
+
+    def int(self, key: str, default: int) -> int:
+        return int(self.number(key, default))
+
+    def number(self, key: str, default: float) -> float:
+        raw = self.options.get(key)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise BadRequest(f"broker option {key}={raw!r} is not a number", code="invalid_broker_url") from None
+        if value < 0:
+            raise BadRequest(f"broker option {key}={raw!r} must not be negative", code="invalid_broker_url")
+        return value
+
+    def with_topic(self, topic: str) -> BrokerURL:
+        clone = BrokerURL.__new__(BrokerURL)
+        clone.__dict__.update(self.__dict__)
+        clone.topic, clone.dlq = topic, f"{topic}.dlq"
+        return clone
+
+    def __str__(self) -> str:
+        return redact(self.url)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return url
+
+
+class BrokerUnavailable(MoorageError):
+    """The broker server cannot be reached (a transient error: the worker retries with backoff)."""
+
+    status = 503
+    code = "broker_unavailable"
+
+
+class Broker(ABC):
+    """One connection to a broker, reading one topic as one consumer of one group."""
+
+    scheme: ClassVar[str]
+    supports_reply: ClassVar[bool] = True
+
+    def __init__(self, url: BrokerURL) -> None:
+        self.url = url
+        self.topic = url.topic
+        self.group = url.group
+        self.dlq = url.dlq
+        self.max_deliveries = url.max_deliveries
+        self.consumer = url.consumer
+
+    async def __aenter__(self) -> Broker:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def connect(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @abstractmethod
+    async def publish(self, bodies: Sequence[bytes], topic: str | None = None, headers: dict | None = None) -> None:
+        """Append messages to `topic` (default: this broker's topic); durable when this returns."""
+
+    @abstractmethod
+    async def receive(self, max_messages: int, timeout_s: float) -> list[Message]:
+        """Up to `max_messages`, waiting at most `timeout_s` for the first one."""
+
+    @abstractmethod
+    async def ack(self, messages: Sequence[Message]) -> None:
+        """Done with these: never deliver them again."""
+
+    @abstractmethod
+    async def retry(self, messages: Sequence[Message], reason: str, delay_s: float = 1.0) -> None:
+        """Deliver these again later (to this or another consumer); their delivery count grows."""
+
+    @abstractmethod
+    async def dead_letter(self, entries: Sequence[tuple[Message, str]]) -> None:
+        """Move each message with its reason to the dead-letter destination, then ack it."""
+
+    @abstractmethod
+    async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
+        """What the dead-letter destination holds (without consuming it)."""
+
+    async def lag(self) -> int | None:
+        """Messages of the topic not yet acknowledged by this group, when the broker can tell."""
+        return None
+
+    async def reply(self, message: Message, body: bytes) -> None:
+        """Answer a request message (RPC): publish to its reply_to with its correlation id."""
+        if message.reply_to:
+            await self.publish([body], topic=message.reply_to, headers={"correlation_id": message.correlation_id or ""})
+
+
+def open_broker(url: str | BrokerURL) -> Broker:
+    """The broker for a URL (not connected yet: use ``async with``)."""
+    import importlib
+
+    parsed = url if isinstance(url, BrokerURL) else BrokerURL(url)
+    module, cls = SCHEMES[parsed.scheme]
+    try:
+        backend = importlib.import_module(f".{module}", __package__)
+    except ImportError as exc:
+        raise MissingDependency(
+            f"the {parsed.scheme} broker needs '{exc.name}': pip install 'moorage[streams]'"
+        ) from None
+    return getattr(backend, cls)(parsed)
+
+
+def now() -> float:
+    return time.time()

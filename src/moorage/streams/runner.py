@@ -1,0 +1,91 @@
+"""Run stream workers: the model pool, the broker, the sink and the worker wired from settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from ..batching import BatchConfig, GenerationConfig, ModelPool, PoolConfig
+from ..config import Settings, StreamSettings
+from ..registry import Registry
+from ..runtime import Runtime
+from .brokers import open_broker
+from .sinks import open_sink
+from .worker import Counts, StreamWorker, WorkerConfig
+
+log = logging.getLogger("moorage.streams")
+
+
+@dataclass(frozen=True)
+class StreamJob:
+    source: str
+    sink: str
+    model: str
+
+
+def worker_config(stream: StreamSettings) -> WorkerConfig:
+    return WorkerConfig(
+        batch_size=stream.batch_size,
+        max_in_flight=stream.max_in_flight,
+        receive_timeout_s=stream.receive_timeout_s,
+        max_text_chars=stream.max_text_chars,
+        item_timeout_s=stream.item_timeout_s,
+        model_retries=stream.model_retries,
+        sink_retries=stream.sink_retries,
+        backoff_s=stream.backoff_s,
+        max_backoff_s=stream.max_backoff_s,
+        log_interval_s=stream.log_interval_s,
+        default_max_tokens=stream.default_max_tokens,
+    )
+
+
+def stream_pool_config(settings: Settings) -> PoolConfig:
+    """The serving engine, sized for streams: batches as large as a receive, room for the pipeline."""
+    st = settings.stream
+    room = st.batch_size * (st.max_in_flight + 2)
+    return PoolConfig(
+        batch=BatchConfig(
+            max_batch_size=st.batch_size, max_wait_ms=st.max_wait_ms, max_queue=room, timeout_s=st.item_timeout_s
+        ),
+        generation=GenerationConfig(
+            max_num_seqs=settings.serve.max_num_seqs,
+            max_prefill_tokens=settings.serve.max_prefill_tokens,
+            max_waiting=room,
+            timeout_s=st.item_timeout_s,
+        ),
+        poll_interval_s=settings.serve.poll_interval_s,
+    )
+
+
+async def run_stream(
+    settings: Settings, job: StreamJob, stop: asyncio.Event, registry: Registry | None = None, name: str = "part"
+) -> Counts:
+    """One worker until `stop` is set (or SIGTERM/SIGINT when run as a program)."""
+    registry = registry or Registry.from_settings(settings)
+    pool = ModelPool(registry, Runtime(registry, settings.runtime), [job.model], stream_pool_config(settings))
+    await pool.start()
+    try:
+        async with open_broker(job.source) as source, open_sink(job.sink, name_prefix=name) as sink:
+            worker = StreamWorker(source, sink, pool, job.model, worker_config(settings.stream))
+            return await worker.run(stop)
+    finally:
+        await pool.stop()
+
+
+def run_forever(settings: Settings, job: StreamJob, name: str = "part") -> Counts:
+    """Blocking entry point for the CLI: SIGTERM or Ctrl-C stop the worker gracefully."""
+
+    async def main() -> Counts:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if settings.stream.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(settings.stream.metrics_port, addr="127.0.0.1")
+        return await run_stream(settings, job, stop, name=name)
+
+    return asyncio.run(main())

@@ -1,0 +1,260 @@
+"""Where results go: files (Parquet or JSONL through fsspec), a SQL table, or a broker topic.
+
+    parquet://PATH   jsonl://PATH    PATH is a folder or any fsspec URL (parquet://s3://bucket/out)
+                                     options: ?rows=10000&seconds=5 (roll a file at whichever first)
+    sql+URL?table=NAME               any SQLAlchemy URL (sql+sqlite:///results.db,
+                                     sql+postgresql+psycopg://...), upsert keyed by message id
+    BROKER URL                       sqlite://, redis://, amqp://, kafka:// with ?topic=NAME
+
+The worker acknowledges a message only once the sink says its row is durable (`pending == 0` after
+`write`, or after `flush`). Files are rolled and each is written atomically (a temporary name,
+then a rename; object stores publish an object in one PUT), so a reader never sees half a file.
+The SQL sink is idempotent: a replayed message overwrites its own row and counts the extra write.
+Files and topics are at-least-once: after a crash a row may appear twice; dedupe by ``id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+
+from ..errors import BadRequest, MissingDependency
+from .brokers.base import SCHEMES, Broker, open_broker, redact
+
+Row = dict[str, Any]
+COMMON_COLUMNS = ("id", "model", "version", "task", "tokens", "latency_ms", "published_at", "received_at",
+                  "completed_at", "attempts")  # fmt: skip
+
+
+class Sink(ABC):
+    """Write result rows; `pending` says how many written rows are not durable yet."""
+
+    pending = 0
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def close(self) -> None:
+        await self.flush()
+
+    async def __aenter__(self) -> Sink:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @abstractmethod
+    async def write(self, rows: Sequence[Row]) -> None: ...
+
+    async def flush(self) -> None:  # noqa: B027 - unbuffered sinks are always flushed
+        pass
+
+    def flush_due(self) -> bool:
+        return False
+
+
+def open_sink(url: str, name_prefix: str = "part") -> Sink:
+    """The sink for a URL (not opened yet: use ``async with``)."""
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("parquet", "jsonl") and sep and rest:
+        path, _, query = rest.partition("?")
+        options = dict(parse_qsl(query))
+        return FileSink(path, scheme, rows=int(options.get("rows", 10_000)),
+                        seconds=float(options.get("seconds", 5)), prefix=name_prefix)  # fmt: skip
+    if scheme.startswith("sql+"):
+        db_url, _, query = url[4:].partition("?")
+        options = dict(parse_qsl(query))
+        table = options.pop("table", "moorage_results")
+        if options:
+            db_url += "?" + "&".join(f"{k}={v}" for k, v in options.items())
+        return SQLSink(db_url, table)
+    if scheme in SCHEMES:
+        return TopicSink(open_broker(url))
+    raise BadRequest(
+        f"unknown sink {redact(url)!r}: use parquet://PATH, jsonl://PATH, sql+URL?table=NAME or a broker URL",
+        code="invalid_sink_url",
+    )
+
+
+# -- files -------------------------------------------------------------------------------------
+class FileSink(Sink):
+    def __init__(self, path: str, fmt: str, rows: int = 10_000, seconds: float = 5.0, prefix: str = "part") -> None:
+        import fsspec
+
+        self.fmt = fmt
+        self.fs, self.root = fsspec.core.url_to_fs(path)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.max_rows = max(1, rows)
+        self.max_age = seconds
+        self.prefix = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self._seq = itertools.count()
+        self._rows: list[Row] = []
+        self._first_at = 0.0
+        self.files: list[str] = []
+        if fmt == "parquet":
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise MissingDependency("the Parquet sink needs pyarrow: pip install 'moorage[streams]'") from None
+
+    @property
+    def pending(self) -> int:  # type: ignore[override]
+        return len(self._rows)
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self.fs.makedirs, self.root, exist_ok=True)
+
+    async def write(self, rows: Sequence[Row]) -> None:
+        if not self._rows:
+            self._first_at = time.monotonic()
+        self._rows.extend(rows)
+        if len(self._rows) >= self.max_rows:
+            await self.flush()
+
+    def flush_due(self) -> bool:
+        return bool(self._rows) and time.monotonic() - self._first_at >= self.max_age
+
+    async def flush(self) -> None:
+        if not self._rows:
+            return
+        rows = list(self._rows)
+        await asyncio.to_thread(self._write_file, rows)
+        del self._rows[: len(rows)]
+
+    def _write_file(self, rows: list[Row]) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        name = f"{self.prefix}-{stamp}-{next(self._seq):06d}.{self.fmt}"
+        final = f"{self.root.rstrip('/')}/{name}"
+        data = _parquet_bytes(rows) if self.fmt == "parquet" else b"".join(_jsonl(r) for r in rows)
+        if self.local:  # write, fsync, then rename: readers see a whole file or none
+            tmp = f"{self.root.rstrip('/')}/.{name}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        else:  # an object store publishes an object in one PUT
+            self.fs.pipe_file(final, data)
+        self.files.append(final)
+
+
+def _jsonl(row: Row) -> bytes:
+    return orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
+
+
+def _parquet_bytes(rows: list[Row]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns: dict[str, list] = {}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        values = [r.get(key) for r in rows]
+        if key == "scores":
+            values = [json.dumps(v) if v is not None else None for v in values]
+        columns[key] = values
+    arrays = {}
+    for key, values in columns.items():
+        if key == "embedding":
+            arrays[key] = pa.array([None if v is None else list(map(float, v)) for v in values], pa.list_(pa.float32()))
+        else:
+            arrays[key] = pa.array(values)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(arrays), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+# -- SQL ---------------------------------------------------------------------------------------
+class SQLSink(Sink):
+    """One row per message id; a replay updates the row in place and adds one to ``writes``."""
+
+    def __init__(self, url: str, table: str) -> None:
+        import sqlalchemy as sa
+
+        if not table.replace("_", "").isalnum():
+            raise BadRequest(f"invalid table name {table!r}: letters, digits and _ only", code="invalid_sink_url")
+        self.url = url
+        self.engine = sa.create_engine(url, pool_pre_ping=True)
+        meta = sa.MetaData()
+        self.table = sa.Table(
+            table,
+            meta,
+            sa.Column("id", sa.String(512), primary_key=True),
+            sa.Column("model", sa.String(200), nullable=False),
+            sa.Column("version", sa.Integer, nullable=False),
+            sa.Column("task", sa.String(20), nullable=False),
+            sa.Column("output", sa.JSON, nullable=False),
+            sa.Column("tokens", sa.Integer),
+            sa.Column("latency_ms", sa.Float),
+            sa.Column("published_at", sa.Float),
+            sa.Column("received_at", sa.Float),
+            sa.Column("completed_at", sa.Float),
+            sa.Column("attempts", sa.Integer),
+            sa.Column("writes", sa.Integer, nullable=False, server_default="1"),
+        )
+        self._meta = meta
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._meta.create_all, self.engine)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine.dispose)
+
+    async def write(self, rows: Sequence[Row]) -> None:
+        if rows:
+            await asyncio.to_thread(self._upsert, [_sql_row(r) for r in rows])
+
+    def _upsert(self, rows: list[Row]) -> None:
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:  # pragma: no cover - other databases: delete then insert, in one transaction
+            insert = None
+        # the same id twice in one batch (a producer sent it twice): keep the last, like a replay would
+        rows = list({r["id"]: r for r in rows}.values())
+        with self.engine.begin() as conn:
+            if insert is None:
+                conn.execute(self.table.delete().where(self.table.c.id.in_([r["id"] for r in rows])))
+                conn.execute(self.table.insert(), rows)
+                return
+            stmt = insert(self.table)
+            update = {c: stmt.excluded[c] for c in rows[0] if c != "id"}
+            update["writes"] = self.table.c.writes + 1
+            conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=update), rows)
+
+
+def _sql_row(row: Row) -> Row:
+    out = {k: row.get(k) for k in COMMON_COLUMNS}
+    output = {k: v for k, v in row.items() if k not in COMMON_COLUMNS}
+    out["output"] = orjson.loads(orjson.dumps(output, option=orjson.OPT_SERIALIZE_NUMPY))
+    return out
+
+
+# -- a broker topic ------------------------------------------------------------------------------
+class TopicSink(Sink):
+    """Each row as one JSON message on the topic (durable when the broker confirms the publish)."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def open(self) -> None:
+        await self.broker.connect()
+
+    async def close(self) -> None:
+        await self.broker.close()
+
+    async def write(self, rows: Sequence[Row]) -> None:
+        if rows:
+            await self.broker.publish([_jsonl(r).rstrip(b"\n") for r in rows])

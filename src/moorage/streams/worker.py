@@ -1,0 +1,359 @@
+"""The stream worker: receive -> decode -> micro-batch -> infer -> write -> ack.
+
+Two tasks share one bounded queue of in-flight batches, so the broker is read while the model
+computes the previous batch and the sink writes the one before:
+
+    receiver: broker.receive -> decode/validate -> submit to the model's batcher -> queue
+    writer:   queue (in order) -> await results -> sink.write -> ack (after the sink is durable)
+
+A message whose body is bad (not JSON, no text, too long) or that the model rejects (a 4xx error
+such as a too-long prompt) goes to the dead-letter destination with its reason. A model error that
+may pass (anything else) is retried in place with backoff; a sink that keeps failing hands its
+batch back to the broker. Each broker counts deliveries; past ``max_deliveries`` a message is
+dead-lettered with its last error, so one bad message never stalls a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+
+from ..batching import ModelPool, ServedVersion
+from ..errors import MoorageError
+from ..observability import metrics
+from ..runtime import GenerateInput, GenerationParams
+from .brokers import Broker, Message
+from .sinks import Row, Sink
+
+log = logging.getLogger("moorage.streams")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    batch_size: int = 64
+    max_in_flight: int = 2  # batches between receive and ack (pipelining depth)
+    receive_timeout_s: float = 0.5
+    max_text_chars: int = 20_000
+    item_timeout_s: float = 600.0
+    model_retries: int = 3
+    sink_retries: int = 5
+    backoff_s: float = 0.2
+    max_backoff_s: float = 10.0
+    log_interval_s: float = 10.0
+    default_max_tokens: int = 128
+
+
+class Poison(Exception):
+    """This message can never succeed as it is: dead-letter it with this reason."""
+
+
+@dataclass
+class Request:
+    message: Message
+    id: str
+    item: Any  # a text, or a GenerateInput
+    received_at: float
+    future: asyncio.Future | None = None
+    tries: int = 0
+
+
+@dataclass
+class InFlight:
+    sv: ServedVersion
+    requests: list[Request]
+    dead: list[tuple[Message, str]] = field(default_factory=list)
+
+
+@dataclass
+class Counts:
+    processed: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+
+    def __str__(self) -> str:
+        return f"processed {self.processed}, dead-lettered {self.dead_lettered}, retried {self.retried}"
+
+
+def decode(message: Message, task: str, config: WorkerConfig) -> tuple[str, Any]:
+    """The message id and the model input, or `Poison` with a reason a person can act on."""
+    try:
+        body = orjson.loads(message.body)
+    except orjson.JSONDecodeError as exc:
+        raise Poison(f"invalid_json: the body is not JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise Poison(f"invalid_message: the body must be a JSON object, not {type(body).__name__}")
+    msg_id = body.get("id", message.broker_id)
+    if not isinstance(msg_id, str | int) or isinstance(msg_id, bool) or not str(msg_id) or len(str(msg_id)) > 512:
+        raise Poison("invalid_id: 'id' must be a non-empty string or integer of at most 512 characters")
+    text = body.get("text")
+    messages = body.get("messages") if task == "generate" else None
+    if messages is None and (not isinstance(text, str) or not text.strip()):
+        raise Poison("missing_text: the message needs a non-empty string 'text'")
+    size = len(text) if isinstance(text, str) else len(orjson.dumps(messages))
+    if size > config.max_text_chars:
+        raise Poison(f"text_too_long: {size} characters; the limit is {config.max_text_chars} (stream.max_text_chars)")
+    if task != "generate":
+        return str(msg_id), text
+    return str(msg_id), _generate_input(text, messages, body.get("parameters") or {}, config)
+
+
+def _generate_input(text, messages, params: Any, config: WorkerConfig) -> GenerateInput:
+    if not isinstance(params, dict):
+        raise Poison("invalid_parameters: 'parameters' must be an object")
+    try:
+        gp = GenerationParams(
+            max_new_tokens=int(params.get("max_new_tokens", config.default_max_tokens)),
+            temperature=float(params.get("temperature", 0.0)),
+            top_p=float(params.get("top_p", 1.0)),
+            stop=tuple(str(s) for s in params.get("stop", ())),
+            seed=params.get("seed"),
+        )
+    except (TypeError, ValueError) as exc:
+        raise Poison(f"invalid_parameters: {exc}") from None
+    if gp.max_new_tokens < 1 or not 0 <= gp.temperature <= 2 or not 0 < gp.top_p <= 1:
+        raise Poison("invalid_parameters: max_new_tokens >= 1, 0 <= temperature <= 2, 0 < top_p <= 1")
+    if messages is not None:
+        ok = isinstance(messages, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+        if not ok or not messages:
+            raise Poison("invalid_messages: 'messages' must be a list of {role, content} strings")
+        return GenerateInput(messages=tuple(messages), params=gp)
+    return GenerateInput(prompt=text, params=gp)
+
+
+def encode_output(task: str, value: Any) -> Row:
+    if task == "embed":
+        return {"embedding": value}
+    if task == "classify":
+        return {"label": value.label, "score": float(value.score), "scores": value.scores}
+    return {"text": value.text, "finish_reason": value.finish_reason, "prompt_tokens": value.prompt_tokens}
+
+
+class StreamWorker:
+    """Consume `source`, run `model` (a reference served by `pool`), write to `sink`."""
+
+    def __init__(self, source: Broker, sink: Sink, pool: ModelPool, model: str, config: WorkerConfig) -> None:
+        self.source = source
+        self.sink = sink
+        self.pool = pool
+        self.model = model
+        self.config = config
+        self.counts = Counts()
+        self._queue: asyncio.Queue[InFlight | None] = asyncio.Queue(maxsize=max(1, config.max_in_flight))
+        self._unacked: list[Message] = []  # written to a buffering sink, not durable yet
+        self._source_label = f"{source.scheme}:{source.topic}"
+        self._sink_label = type(sink).__name__
+        self._last_log = time.monotonic()
+        self._last_counts = Counts()
+
+    async def run(self, stop: asyncio.Event) -> Counts:
+        """Work until `stop` is set, then finish and acknowledge what was received."""
+        receiver = asyncio.create_task(self._receive_loop(stop), name="moorage-stream-receive")
+        writer = asyncio.create_task(self._write_loop(), name="moorage-stream-write")
+        try:
+            await asyncio.gather(receiver, writer)
+        finally:
+            receiver.cancel()
+            writer.cancel()
+        await self._flush()
+        log.info("%s: stopped; %s", self._source_label, self.counts)
+        return self.counts
+
+    # -- receive side ---------------------------------------------------------------------------
+    async def _receive_loop(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                messages = await self._retrying(
+                    "receive", lambda: self.source.receive(self.config.batch_size, self.config.receive_timeout_s)
+                )
+                if not messages:
+                    continue
+                metrics.STREAM_BATCH_SIZE.labels(self._source_label).observe(len(messages))
+                await self._queue.put(self._start(messages))
+        finally:
+            await self._queue.put(None)
+
+    def _start(self, messages: list[Message]) -> InFlight:
+        sv = self.pool.acquire(self.model)
+        batch = InFlight(sv, [])
+        now = time.time()
+        for m in messages:
+            if m.attempts > self.source.max_deliveries:
+                reason = f"max_deliveries: delivered {m.attempts} times (max_deliveries={self.source.max_deliveries})"
+                batch.dead.append((m, reason + (f"; last error: {m.last_error}" if m.last_error else "")))
+                continue
+            try:
+                msg_id, item = decode(m, sv.task, self.config)
+            except Poison as exc:
+                batch.dead.append((m, str(exc)))
+                continue
+            req = Request(m, msg_id, item, now)
+            self._submit(sv, req)
+            batch.requests.append(req)
+        return batch
+
+    def _submit(self, sv: ServedVersion, req: Request) -> None:
+        req.tries += 1
+        try:
+            if sv.task == "generate":
+                req.future = asyncio.ensure_future(sv.engine.complete(req.item, self.config.item_timeout_s))
+            else:
+                req.future = sv.engine.submit(req.item, self.config.item_timeout_s)
+        except Exception as exc:  # e.g. the queue is full: answer through the future like a batch error
+            req.future = asyncio.get_running_loop().create_future()
+            req.future.set_exception(exc)
+
+    # -- write side -----------------------------------------------------------------------------
+    async def _write_loop(self) -> None:
+        while True:
+            try:
+                batch = await asyncio.wait_for(self._queue.get(), timeout=0.2)
+            except TimeoutError:
+                if self.sink.flush_due():
+                    await self._flush()
+                self._maybe_log()
+                continue
+            if batch is None:
+                return
+            try:
+                await self._finish(batch)
+            finally:
+                self.pool.release(batch.sv)
+            self._maybe_log()
+
+    async def _finish(self, batch: InFlight) -> None:
+        rows, done, failed = await self._results(batch)
+        if batch.dead:
+            await self._retrying("dead-letter", lambda: self.source.dead_letter(batch.dead))
+            self._count("dead_lettered", batch.sv, len(batch.dead))
+        if failed:
+            reason = failed[0][1]
+            await self._retrying("retry", lambda: self.source.retry([r.message for r, _ in failed], reason))
+            self._count("retried", batch.sv, len(failed))
+        if not rows:
+            return
+        started = time.perf_counter()
+        try:
+            await self._retrying("sink write", lambda: self.sink.write(rows), attempts=self.config.sink_retries)
+        except Exception as exc:  # the sink is down: the broker keeps these messages for later
+            reason = f"sink_error: {type(exc).__name__}: {exc}"
+            log.error("%s: sink write failed, %d messages go back to the broker: %s", self._sink_label, len(done), exc)
+            await self._retrying("retry", lambda: self.source.retry(done, reason))
+            self._count("retried", batch.sv, len(done))
+            return
+        self._unacked.extend(done)
+        if self.sink.pending == 0 or self.sink.flush_due():
+            await self._flush()
+        metrics.STREAM_WRITE_SECONDS.labels(self._sink_label).observe(time.perf_counter() - started)
+        self._count("processed", batch.sv, len(done))
+
+    async def _results(self, batch: InFlight) -> tuple[list[Row], list[Message], list[tuple[Request, str]]]:
+        """Rows of what succeeded; 4xx errors join the dead letters; other errors are retried here."""
+        rows: list[Row] = []
+        done: list[Message] = []
+        failed: list[tuple[Request, str]] = []
+        pending = list(batch.requests)
+        while pending:
+            await asyncio.wait([r.future for r in pending])
+            again = []
+            for req in pending:
+                exc = req.future.exception()
+                if exc is None:
+                    rows.append(self._row(batch.sv, req))
+                    done.append(req.message)
+                elif isinstance(exc, MoorageError) and 400 <= exc.status < 500 and exc.status != 429:
+                    batch.dead.append((req.message, f"{exc.code}: {exc.message}"))
+                elif req.tries <= self.config.model_retries:
+                    again.append(req)
+                else:
+                    failed.append((req, f"model_error: {type(exc).__name__}: {exc}"))
+            if again:
+                await asyncio.sleep(self._backoff(again[0].tries))
+                for req in again:
+                    self._submit(batch.sv, req)
+            pending = again
+        return rows, done, failed
+
+    def _row(self, sv: ServedVersion, req: Request) -> Row:
+        value = req.future.result()
+        tokens = getattr(value, "tokens", None)
+        if sv.task == "generate":
+            out, tokens = encode_output("generate", value), value.completion_tokens
+        else:
+            out = encode_output(sv.task, value.value)
+        completed = time.time()
+        return {
+            "id": req.id,
+            "model": sv.name,
+            "version": sv.version,
+            "task": sv.task,
+            **out,
+            "tokens": tokens,
+            "latency_ms": round((completed - req.received_at) * 1000, 3),
+            "published_at": req.message.published_at,
+            "received_at": req.received_at,
+            "completed_at": completed,
+            "attempts": req.message.attempts,
+        }
+
+    async def _flush(self) -> None:
+        """Make the sink durable, then acknowledge every message written so far."""
+        await self._retrying("sink flush", self.sink.flush, attempts=self.config.sink_retries)
+        if self._unacked:
+            acked, self._unacked = self._unacked, []
+            await self._retrying("ack", lambda: self.source.ack(acked))
+            now = time.time()
+            hist = metrics.STREAM_LATENCY.labels(self._source_label)
+            for m in acked:
+                if m.published_at:
+                    hist.observe(max(0.0, now - m.published_at))
+
+    # -- helpers --------------------------------------------------------------------------------
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], attempts: int | None = None) -> T:
+        """`call()` with exponential backoff on errors (a broker or sink restart is not fatal)."""
+        attempts = attempts or 1_000_000  # broker operations: keep trying until it comes back
+        for attempt in range(1, attempts + 1):
+            try:
+                return await call()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if attempt == attempts:
+                    raise
+                delay = self._backoff(attempt)
+                log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, exc)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.config.max_backoff_s, self.config.backoff_s * 2 ** (attempt - 1))
+
+    def _count(self, outcome: str, sv: ServedVersion, n: int) -> None:
+        setattr(self.counts, outcome, getattr(self.counts, outcome) + n)
+        metrics.STREAM_MESSAGES.labels(self._source_label, *sv.labels, outcome).inc(n)
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log < self.config.log_interval_s:
+            return
+        rate = (self.counts.processed - self._last_counts.processed) / (now - self._last_log)
+        self._last_log, self._last_counts = now, Counts(**vars(self.counts))
+        asyncio.ensure_future(self._log_progress(rate))
+
+    async def _log_progress(self, rate: float) -> None:
+        try:
+            lag = await self.source.lag()
+        except Exception:  # lag is informational only
+            lag = None
+        if lag is not None:
+            metrics.STREAM_LAG.labels(self._source_label).set(lag)
+        log.info("%s: %s (%.1f msg/s), lag %s", self._source_label, self.counts, rate, "?" if lag is None else lag)

@@ -1,0 +1,219 @@
+"""RabbitMQ (aio-pika): a durable quorum queue per topic, manual acks, prefetch, a dead-letter queue.
+
+``amqp://USER:PASS@HOST:PORT/VHOST?topic=in``. Options: ``prefetch`` (unacknowledged messages this
+consumer may hold, default 256).
+
+The queue is a quorum queue: it counts deliveries (``x-delivery-count``) and, past
+``max_deliveries`` + 1, dead-letters a message itself (a poison message that crashes every worker
+still ends there, reason ``delivery_limit``). The worker dead-letters earlier, with its own reason:
+it publishes the message to the ``dlq`` queue with an ``x-moorage-reason`` header, waits for the
+broker's confirm, then acks the original. A connection that drops (a killed worker) returns its
+unacknowledged messages to the queue at once. All consumers of a queue share its work; ``group``
+is not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from collections.abc import Sequence
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from .base import Broker, BrokerUnavailable, BrokerURL, DeadLetter, Message
+
+
+class RabbitMQBroker(Broker):
+    scheme = "amqp"
+
+    def __init__(self, url: BrokerURL) -> None:
+        super().__init__(url)
+        self.prefetch = url.int("prefetch", 256)
+        self._conn: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._queues: dict[str, aio_pika.abc.AbstractQueue] = {}
+        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._consuming = False
+        self._last_errors: dict[str, str] = {}
+
+    async def connect(self) -> None:
+        try:
+            self._conn = await aio_pika.connect_robust(self.url.server, timeout=10)
+        except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
+            raise BrokerUnavailable(f"cannot reach RabbitMQ at {self.url}: {exc}") from None
+        self._channel = await self._conn.channel(publisher_confirms=True)
+        await self._channel.set_qos(prefetch_count=self.prefetch)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()
+
+    async def _queue(self, topic: str) -> aio_pika.abc.AbstractQueue:
+        queue = self._queues.get(topic)
+        if queue is None:
+            ch = self._channel
+            if ch is None:
+                raise RuntimeError("broker is not connected: use `async with open_broker(url)`")
+            if topic.endswith(".dlq") or topic.startswith("amq."):
+                queue = await ch.declare_queue(topic, durable=True, arguments={"x-queue-type": "quorum"})
+            else:
+                dlq = f"{topic}.dlq"
+                await ch.declare_queue(dlq, durable=True, arguments={"x-queue-type": "quorum"})
+                args = {
+                    "x-queue-type": "quorum",
+                    "x-delivery-limit": self.max_deliveries,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": dlq,
+                }
+                queue = await ch.declare_queue(topic, durable=True, arguments=args)
+            self._queues[topic] = queue
+        return queue
+
+    async def publish(self, bodies: Sequence[bytes], topic: str | None = None, headers: dict | None = None) -> None:
+        topic = topic or self.topic
+        if not topic.startswith("amq."):
+            await self._queue(topic)
+        headers = dict(headers or {})
+        correlation_id = headers.pop("correlation_id", None) or None
+        reply_to = headers.pop("reply_to", None) or None
+        now = time.time()
+        exchange = self._channel.default_exchange
+        confirms = [
+            exchange.publish(
+                aio_pika.Message(
+                    bytes(body),
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    headers={**headers, "x-published-at": repr(now)},
+                    correlation_id=correlation_id,
+                    reply_to=reply_to,
+                    message_id=uuid.uuid4().hex,
+                ),
+                routing_key=topic,
+            )
+            for body in bodies
+        ]
+        await asyncio.gather(*confirms)  # every publish confirmed by the broker
+
+    async def receive(self, max_messages: int, timeout_s: float) -> list[Message]:
+        if not self._consuming:
+            queue = await self._queue(self.topic)
+            await queue.consume(self._buffer.put, no_ack=False)
+            self._consuming = True
+        try:
+            first = await asyncio.wait_for(self._buffer.get(), timeout_s)
+        except TimeoutError:
+            return []
+        raw = [first]
+        while len(raw) < max_messages and not self._buffer.empty():
+            raw.append(self._buffer.get_nowait())
+        return [self._message(m) for m in raw]
+
+    def _message(self, m: AbstractIncomingMessage) -> Message:
+        headers = dict(m.headers or {})
+        previous = int(headers.get("x-delivery-count") or 0)
+        msg_id = m.message_id or _key(m)
+        published = headers.get("x-published-at")
+        extra = {"correlation_id": m.correlation_id or "", "reply_to": m.reply_to or ""}
+        return Message(
+            broker_id=msg_id,
+            body=m.body,
+            attempts=previous + 1,
+            published_at=_float(published),
+            headers={k: v for k, v in extra.items() if v},
+            last_error=self._last_errors.get(_key(m)),
+            handle=m,
+        )
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        for m in messages:
+            self._last_errors.pop(_key(m.handle), None)
+            await m.handle.ack()
+
+    async def retry(self, messages: Sequence[Message], reason: str, delay_s: float = 1.0) -> None:
+        for m in messages:  # back to the queue; the quorum queue raises x-delivery-count
+            if len(self._last_errors) < 100_000:
+                self._last_errors[_key(m.handle)] = reason
+            await m.handle.nack(requeue=True)
+
+    async def dead_letter(self, entries: Sequence[tuple[Message, str]]) -> None:
+        if not entries:
+            return
+        await self._queue(self.dlq)
+        exchange = self._channel.default_exchange
+        confirms = [
+            exchange.publish(
+                aio_pika.Message(
+                    m.body,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    headers={
+                        "x-moorage-reason": reason,
+                        "x-moorage-id": m.broker_id,
+                        "x-moorage-attempts": m.attempts,
+                        "x-moorage-topic": self.topic,
+                        "x-moorage-at": repr(time.time()),
+                    },
+                ),
+                routing_key=self.dlq,
+            )
+            for m, reason in entries
+        ]
+        await asyncio.gather(*confirms)
+        await self.ack([m for m, _ in entries])
+
+    async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
+        """Read the dead-letter queue and put every message back (the listing consumes nothing)."""
+        queue = await self._queue(self.dlq)
+        got: list[AbstractIncomingMessage] = []
+        try:
+            while len(got) < limit:
+                m = await queue.get(no_ack=False, fail=False)
+                if m is None:
+                    break
+                got.append(m)
+            return [_dead_letter(m, self.topic) for m in got]
+        finally:
+            for m in got:
+                await m.nack(requeue=True)
+
+    async def lag(self) -> int | None:
+        declared = await self._channel.declare_queue(self.topic, passive=True)
+        return declared.declaration_result.message_count
+
+    async def reply(self, message: Message, body: bytes) -> None:
+        if message.reply_to:
+            headers = {"correlation_id": message.correlation_id or ""}
+            await self.publish([body], topic=message.reply_to, headers=headers)
+
+
+def _key(m: AbstractIncomingMessage) -> str:
+    """A message's id, stable across redeliveries (publish sets one; else the body's digest)."""
+    return m.message_id or hashlib.sha256(m.body).hexdigest()[:32]
+
+
+def _dead_letter(m: AbstractIncomingMessage, topic: str) -> DeadLetter:
+    h = dict(m.headers or {})
+    reason = h.get("x-moorage-reason")
+    if reason is None:  # dead-lettered by the queue itself (x-death): delivery limit, rejection, expiry
+        deaths = h.get("x-death") or [{}]
+        why = h.get("x-first-death-reason") or deaths[0].get("reason", "unknown")
+        reason = f"{why}: dead-lettered by RabbitMQ" + (" after too many deliveries" if why == "delivery_limit" else "")
+    at = h.get("x-moorage-at")
+    return DeadLetter(
+        message_id=str(h.get("x-moorage-id") or m.message_id or ""),
+        body=m.body,
+        reason=str(reason),
+        attempts=int(h.get("x-moorage-attempts") or 0),
+        topic=str(h.get("x-moorage-topic") or topic),
+        at=_float(at) or time.time(),
+    )
+
+
+def _float(value) -> float | None:
+    try:
+        return float(value.decode() if isinstance(value, bytes) else value)
+    except (TypeError, ValueError):
+        return None

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# README command 2: install the services the tests start (PostgreSQL from Debian's packages) and
-# every extra, then run the whole test suite. Extra pytest arguments are passed through.
+# README command 2: install the services the tests start (PostgreSQL, Redis and RabbitMQ from
+# Debian's packages; the Kafka-protocol broker comes with confluent-kafka) and every extra, then run
+# the whole test suite. Extra pytest arguments are passed through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null || need_pkgs+=(postgresql)
 command -v runuser > /dev/null || need_pkgs+=(util-linux)
+command -v redis-server > /dev/null || need_pkgs+=(redis-server)
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_pkgs+=(rabbitmq-server)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     echo "installing Debian packages: ${need_pkgs[*]}"
     $SUDO apt-get update -qq
+    # policy-rc.d 101: install the servers without starting them; the tests start their own on 127.0.0.1
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d > /dev/null && $SUDO chmod +x /usr/sbin/policy-rc.d
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" > /dev/null
+    $SUDO rm -f /usr/sbin/policy-rc.d
+    $SUDO pkill -x epmd 2> /dev/null || true  # a package script may have left Erlang's port mapper running
 fi
 
 bash scripts/install.sh "all,test"

@@ -92,3 +92,9 @@ def serving():
                 yield app, client
 
     return serve
+
+
+@pytest.fixture
+def anyio_backend():
+    """`pytestmark = pytest.mark.anyio` runs a module's async tests on asyncio."""
+    return "asyncio"

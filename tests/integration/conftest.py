@@ -104,3 +104,57 @@ def s3_store(s3_server):
         "s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
     ).create_bucket(Bucket=bucket)
     return f"s3://{bucket}/models", options
+
+
+# -- brokers: one real server per test session, a fresh topic per test ---------------------------
+@pytest.fixture(scope="session")
+def redis_base():
+    from tests.services.servers import redis_server
+
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_base():
+    from tests.services.servers import rabbitmq_server
+
+    with rabbitmq_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def kafka_base():
+    from tests.services.servers import kafka_mock
+
+    with kafka_mock() as url:
+        yield url
+
+
+BROKERS = ["sqlite", "redis", "amqp", "kafka"]
+
+
+@pytest.fixture(params=BROKERS)
+def broker_url(request, tmp_path):
+    """Factory: URL of a fresh topic on a real broker of each kind, with short redelivery timers."""
+    kind = request.param
+    base = {
+        "sqlite": lambda: f"sqlite:///{tmp_path}/queue.db",
+        "redis": lambda: request.getfixturevalue("redis_base"),
+        "amqp": lambda: request.getfixturevalue("rabbitmq_base"),
+        "kafka": lambda: request.getfixturevalue("kafka_base"),
+    }[kind]()
+    fast = {
+        "sqlite": "visibility_timeout=2",
+        "redis": "claim_idle_ms=2000",
+        "amqp": "prefetch=64",
+        "kafka": "create=auto&session_timeout_ms=6000",
+    }[kind]
+
+    def make(**options) -> str:
+        topic = f"t{uuid.uuid4().hex[:10]}"
+        extra = "".join(f"&{k}={v}" for k, v in options.items())
+        return f"{base}?topic={topic}&{fast}{extra}"
+
+    make.kind = kind
+    return make

@@ -13,7 +13,7 @@ import typer
 
 from .. import __version__
 from ..errors import MoorageError
-from . import models, serve
+from . import models, serve, stream
 from .context import AppState, console, err_console, state
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(models.app, name="models")
+app.add_typer(stream.app, name="stream")
 app.command()(serve.serve)
 
 

@@ -205,7 +205,15 @@ class SQLSink(Sink):
         self._meta = meta
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._meta.create_all, self.engine)
+        await asyncio.to_thread(self._create)
+
+    def _create(self) -> None:
+        import sqlalchemy as sa
+
+        try:
+            self._meta.create_all(self.engine)
+        except sa.exc.OperationalError:  # another worker created it between the check and the CREATE
+            self._meta.create_all(self.engine)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.dispose)

@@ -259,15 +259,19 @@ class KafkaBroker(Broker):
         return await asyncio.to_thread(self._lag)
 
     def _lag(self) -> int | None:
+        """Messages behind the end of the assigned partitions, from local state only (no broker round
+        trip: a blocking metadata call here stalls the consumer's fetches)."""
         consumer = self._consumer
         if consumer is None:
             return None
         assigned = consumer.assignment()
         if not assigned:
             return None
-        committed = consumer.committed(assigned, timeout=5)
         total = 0
-        for tp in committed:
-            _low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-            total += max(0, high - max(tp.offset, 0))
+        for tp in consumer.position(assigned):
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0 and tp.offset >= 0:
+                total += max(0, high - tp.offset)
+        with self._lock:
+            total += sum(len(offsets) for offsets in self._outstanding.values())
         return total

@@ -15,9 +15,13 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need_pkgs[*]}"
     $SUDO apt-get update -qq
     # policy-rc.d 101: install the servers without starting them; the tests start their own on 127.0.0.1
-    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d > /dev/null && $SUDO chmod +x /usr/sbin/policy-rc.d
+    made_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d > /dev/null
+        $SUDO chmod +x /usr/sbin/policy-rc.d && made_policy=1
+    fi
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" > /dev/null
-    $SUDO rm -f /usr/sbin/policy-rc.d
+    [ -z "$made_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
     $SUDO pkill -x epmd 2> /dev/null || true  # a package script may have left Erlang's port mapper running
 fi
 

@@ -15,7 +15,7 @@ from ..config import ServeSettings, Settings
 from ..observability import metrics
 from ..registry import Registry
 from ..runtime import Runtime
-from . import health, inference, openai
+from . import health, inference, jobs, openai
 from .edge import EdgeMiddleware
 from .errors import install_error_handlers
 
@@ -50,10 +50,12 @@ def create_app(settings: Settings, models: list[str] | None = None, registry: Re
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.loading = asyncio.get_running_loop().create_task(_load(pool))
+        await app.state.jobs.start()
         try:
             yield
         finally:
             app.state.loading.cancel()
+            await app.state.jobs.stop()
             await pool.stop()
             metrics.mark_process_dead(os.getpid())  # with several workers: drop this one's live gauges
             log.info("stopped: every accepted request was answered")
@@ -61,11 +63,13 @@ def create_app(settings: Settings, models: list[str] | None = None, registry: Re
     app = FastAPI(title="moorage", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.pool = pool
     app.state.settings = settings
+    app.state.jobs = jobs.JobRunner(settings, pool)
     install_error_handlers(app)
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.serve.max_body_bytes)
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
+    app.include_router(jobs.router)
     return app
 
 

@@ -6,9 +6,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
+from ..batching import ServedVersion
+from ..config import ServeSettings
 from ..errors import Unprocessable
 from ..runtime import GenerateInput, GenerationParams
-from .common import FastJSON, check_count, complete_all, mark, pool_of, unless_disconnected
+from .common import FastJSON, check_count, gather_or_cancel, mark, pool_of, unless_disconnected
 from .schemas import PredictRequest
 
 router = APIRouter(tags=["inference"])
@@ -38,23 +40,29 @@ async def predict(model: str, body: PredictRequest, request: Request) -> Respons
     check_count(len(body.inputs), settings.max_inputs, "inputs")
     async with pool_of(request).use(model) as sv:
         mark(request, sv)
-        if sv.task == "generate":
-            items = _generate_inputs(body, settings.default_max_tokens)
-            results = await complete_all(request, sv.engine, items, body.timeout_s)
-            outputs = [
-                {
-                    "text": g.text,
-                    "finish_reason": g.finish_reason,
-                    "prompt_tokens": g.prompt_tokens,
-                    "completion_tokens": g.completion_tokens,
-                }
-                for g in results
-            ]
-        else:
-            texts = _texts(body)
-            results = await unless_disconnected(request, sv.engine.run(texts, body.timeout_s))
-            outputs = [_encode(sv.task, r.value, r.tokens) for r in results]
+        outputs = await predict_outputs(sv, body, settings, lambda work: unless_disconnected(request, work))
     return FastJSON({"model": sv.name, "version": sv.version, "task": sv.task, "outputs": outputs})
+
+
+async def predict_outputs(sv: ServedVersion, body: PredictRequest, settings: ServeSettings, guard=None) -> list[dict]:
+    """The outputs of one predict request on a held version; `guard` wraps the wait (e.g. to cancel
+    it when the client disconnects). Shared by the HTTP route and /v1/jobs."""
+    guard = guard or (lambda work: work)
+    if sv.task == "generate":
+        items = _generate_inputs(body, settings.default_max_tokens)
+        results = await guard(gather_or_cancel(*(sv.engine.complete(i, body.timeout_s) for i in items)))
+        return [
+            {
+                "text": g.text,
+                "finish_reason": g.finish_reason,
+                "prompt_tokens": g.prompt_tokens,
+                "completion_tokens": g.completion_tokens,
+            }
+            for g in results
+        ]
+    texts = _texts(body)
+    results = await guard(sv.engine.run(texts, body.timeout_s))
+    return [_encode(sv.task, r.value, r.tokens) for r in results]
 
 
 def _texts(body: PredictRequest) -> list[str]:

@@ -130,6 +130,11 @@ def _generate_input(text, messages, params: Any, config: WorkerConfig) -> Genera
     return GenerateInput(prompt=text, params=gp)
 
 
+def _error_reply(message: Message, reason: str) -> Row:
+    code, _, text = reason.partition(": ")
+    return {"id": message.broker_id, "error": {"code": code, "message": text or reason}}
+
+
 def encode_output(task: str, value: Any) -> Row:
     if task == "embed":
         return {"embedding": value}
@@ -235,6 +240,7 @@ class StreamWorker:
         if batch.dead:
             await self._retrying("dead-letter", lambda: self.source.dead_letter(batch.dead))
             self._count("dead_lettered", batch.sv, len(batch.dead))
+            await self._reply([(m, _error_reply(m, reason)) for m, reason in batch.dead])
         if failed:
             reason = failed[0][1]
             await self._retrying("retry", lambda: self.source.retry([r.message for r, _ in failed], reason))
@@ -250,6 +256,7 @@ class StreamWorker:
             await self._retrying("retry", lambda: self.source.retry(done, reason))
             self._count("retried", batch.sv, len(done))
             return
+        await self._reply([(m, row) for m, row in zip(done, rows)])
         self._unacked.extend(done)
         if self.sink.pending == 0 or self.sink.flush_due():
             await self._flush()
@@ -316,6 +323,16 @@ class StreamWorker:
             for m in acked:
                 if m.published_at:
                     hist.observe(max(0.0, now - m.published_at))
+
+    async def _reply(self, answers: list[tuple[Message, Row]]) -> None:
+        """Request/reply: answer messages that carry a reply_to (a lost reply is logged, not retried:
+        the caller times out and may ask again)."""
+        for m, row in answers:
+            if m.reply_to:
+                try:
+                    await self.source.reply(m, orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY))
+                except Exception as exc:
+                    log.warning("reply to %s failed: %s", m.reply_to, exc)
 
     # -- helpers --------------------------------------------------------------------------------
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], attempts: int | None = None) -> T:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from .base import Broker, BrokerUnavailable, BrokerURL, DeadLetter, Message
+
+log = logging.getLogger(__name__)
 
 
 class RabbitMQBroker(Broker):
@@ -75,8 +78,10 @@ class RabbitMQBroker(Broker):
 
     async def publish(self, bodies: Sequence[bytes], topic: str | None = None, headers: dict | None = None) -> None:
         topic = topic or self.topic
-        if not topic.startswith("amq."):
-            await self._queue(topic)
+        await self._queue(topic)
+        await self._send(topic, bodies, headers)
+
+    async def _send(self, topic: str, bodies: Sequence[bytes], headers: dict | None) -> None:
         headers = dict(headers or {})
         correlation_id = headers.pop("correlation_id", None) or None
         reply_to = headers.pop("reply_to", None) or None
@@ -131,13 +136,15 @@ class RabbitMQBroker(Broker):
     async def ack(self, messages: Sequence[Message]) -> None:
         for m in messages:
             self._last_errors.pop(_key(m.handle), None)
-            await m.handle.ack()
+            if _settle(m.handle):
+                await m.handle.ack()
 
     async def retry(self, messages: Sequence[Message], reason: str, delay_s: float = 1.0) -> None:
         for m in messages:  # back to the queue; the quorum queue raises x-delivery-count
             if len(self._last_errors) < 100_000:
                 self._last_errors[_key(m.handle)] = reason
-            await m.handle.nack(requeue=True)
+            if _settle(m.handle):
+                await m.handle.nack(requeue=True)
 
     async def dead_letter(self, entries: Sequence[tuple[Message, str]]) -> None:
         if not entries:
@@ -184,9 +191,17 @@ class RabbitMQBroker(Broker):
         return declared.declaration_result.message_count
 
     async def reply(self, message: Message, body: bytes) -> None:
-        if message.reply_to:
-            headers = {"correlation_id": message.correlation_id or ""}
-            await self.publish([body], topic=message.reply_to, headers=headers)
+        if message.reply_to:  # the caller's own (exclusive) queue: publish to it, never declare it
+            await self._send(message.reply_to, [body], {"correlation_id": message.correlation_id or ""})
+
+
+def _settle(m: AbstractIncomingMessage) -> bool:
+    """Whether the message can still be acked: a channel that closed has already handed its
+    unacknowledged messages back to the queue (they will be delivered again)."""
+    if m.channel.is_closed:
+        log.warning("channel closed before message %s was settled; RabbitMQ delivers it again", m.message_id)
+        return False
+    return True
 
 
 def _key(m: AbstractIncomingMessage) -> str:

@@ -1,0 +1,142 @@
+"""Stream pieces without a broker server: message decoding, sinks, the producer, a flaky sink."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import sqlite3
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from moorage.errors import BadRequest
+from moorage.streams import Message, open_broker, open_sink
+from moorage.streams.producer import messages, produce
+from moorage.streams.runner import StreamJob, run_stream
+from moorage.streams.sinks import FileSink, SQLSink
+from moorage.streams.worker import Poison, WorkerConfig, decode
+
+pytestmark = pytest.mark.anyio
+CFG = WorkerConfig(max_text_chars=50)
+
+
+def msg(body: bytes) -> Message:
+    return Message(broker_id="b-1", body=body)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{", "invalid_json"),
+        (b'"just a string"', "invalid_message"),
+        (b'{"text": ""}', "missing_text"),
+        (b'{"text": null}', "missing_text"),
+        (b'{"id": true, "text": "x"}', "invalid_id"),
+        (b'{"id": "", "text": "x"}', "invalid_id"),
+        (json.dumps({"text": "y" * 51}).encode(), "text_too_long"),
+    ],
+)
+def test_bad_messages_are_poison_with_a_reason(body, code):
+    with pytest.raises(Poison, match=f"^{code}: "):
+        decode(msg(body), "embed", CFG)
+
+
+def test_decode_takes_the_payload_id_or_the_broker_id_and_builds_generation_inputs():
+    assert decode(msg(b'{"id": 7, "text": "hi"}'), "embed", CFG) == ("7", "hi")
+    assert decode(msg(b'{"text": "hi"}'), "classify", CFG) == ("b-1", "hi")
+    _, item = decode(msg(b'{"messages": [{"role": "user", "content": "hi"}], "parameters": {"max_new_tokens": 3}}'),
+                     "generate", CFG)  # fmt: skip
+    assert item.messages[0]["content"] == "hi" and item.params.max_new_tokens == 3
+    with pytest.raises(Poison, match="^invalid_parameters"):
+        decode(msg(b'{"text": "hi", "parameters": {"temperature": 9}}'), "generate", CFG)
+    with pytest.raises(Poison, match="^invalid_messages"):
+        decode(msg(b'{"messages": [{"role": 1}]}'), "generate", CFG)
+
+
+def test_sink_and_broker_urls_are_checked():
+    with pytest.raises(BadRequest, match="unknown sink"):
+        open_sink("ftp://x")
+    with pytest.raises(BadRequest, match="unknown broker URL"):
+        open_broker("nats://x")
+    with pytest.raises(BadRequest, match="not a number"):
+        open_broker("sqlite:///q.db?visibility_timeout=soon")
+
+
+async def test_file_sinks_roll_and_leave_only_whole_files(tmp_path):
+    rows = [{"id": str(i), "model": "m", "version": 1, "task": "embed", "embedding": [0.5, i]} for i in range(25)]
+    async with open_sink(f"parquet://{tmp_path}/pq?rows=10") as sink:
+        await sink.write(rows)
+        assert sink.pending == 0  # 25 rows with rows=10: one file of 25 (a write rolls when it reaches the bound)
+        await sink.write(rows[:3])
+        assert sink.pending == 3
+    files = sorted((tmp_path / "pq").glob("*.parquet"))
+    table = pq.read_table(files)
+    assert table.num_rows == 28 and table.schema.field("embedding").type == pa.list_(pa.float32())
+    assert not list((tmp_path / "pq").glob(".*tmp")), "no temporary file is left behind"
+    async with open_sink(f"jsonl://{tmp_path}/js?seconds=0") as sink:
+        await sink.write(rows[:2])
+        assert isinstance(sink, FileSink) and sink.flush_due()
+    lines = [json.loads(line) for f in (tmp_path / "js").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert [r["id"] for r in lines] == ["0", "1"]
+
+
+async def test_sql_sink_upserts_by_id_and_counts_replays(tmp_path):
+    db = tmp_path / "r.db"
+    sink = open_sink(f"sql+sqlite:///{db}?table=out")
+    assert isinstance(sink, SQLSink)
+    row = {"id": "a", "model": "m", "version": 1, "task": "classify", "label": "x", "score": 0.5}
+    async with sink:
+        await sink.write([row, {**row, "id": "b"}])
+        await sink.write([{**row, "version": 2}])  # a replay of "a" after a crash
+    got = sqlite3.connect(db).execute("SELECT id, version, writes, output FROM out ORDER BY id").fetchall()
+    assert [(r[0], r[1], r[2]) for r in got] == [("a", 2, 2), ("b", 1, 1)]
+    assert json.loads(got[0][3]) == {"label": "x", "score": 0.5}
+
+
+def test_producer_reads_jsonl_csv_parquet_with_stable_ids(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"text": "a"}\n{"id": "x", "text": "b", "lang": "en"}\nnot json\n')
+    with open(tmp_path / "in.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["text"])
+        w.writeheader()
+        w.writerows([{"text": "a"}, {"text": "b"}])
+    pq.write_table(pa.table({"body": ["a", "b"], "key": ["k1", "k2"]}), tmp_path / "in.parquet")
+    jsonl = list(messages(tmp_path / "in.jsonl"))
+    assert [json.loads(b) for b, _ in jsonl[:2]] == [{"id": "in-1", "text": "a"}, {"id": "x", "text": "b", "lang": "en"}]
+    assert jsonl[2] == (b"not json", False), "a bad line is passed on as it is, to be dead-lettered"
+    assert [json.loads(b)["id"] for b, _ in messages(tmp_path / "in.csv")] == ["in-1", "in-2"]
+    pqm = [json.loads(b) for b, _ in messages(tmp_path / "in.parquet", id_field="key", text_field="body")]
+    assert pqm == [{"id": "k1", "text": "a"}, {"id": "k2", "text": "b"}]
+
+
+class FlakySink(SQLSink):
+    """Fails its first writes, like a database that restarts."""
+
+    failures = 3
+
+    async def write(self, rows):
+        if FlakySink.failures > 0:
+            FlakySink.failures -= 1
+            raise ConnectionError("database is restarting")
+        await super().write(rows)
+
+
+async def test_a_flaky_sink_is_retried_with_backoff_and_loses_nothing(settings, registry, fake_model, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    registry.register(fake_model("embed"), "emb", task="embed")
+    url, db = f"sqlite:///{tmp_path}/q.db?topic=in", tmp_path / "out.db"
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(50)))
+    assert await produce(tmp_path / "in.jsonl", url) == (50, 0)
+    monkeypatch.setattr("moorage.streams.runner.open_sink", lambda u, name_prefix: FlakySink(f"sqlite:///{db}", "r"))
+    st = settings.model_copy(update={"stream": settings.stream.model_copy(update={"backoff_s": 0.01})})
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_stream(st, StreamJob(url, "unused", "emb"), stop, registry=registry))
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if db.exists() and sqlite3.connect(db).execute("SELECT count(*) FROM r").fetchone()[0] == 50:
+            break
+    stop.set()
+    counts = await worker
+    assert FlakySink.failures == 0 and counts.processed == 50 and counts.dead_lettered == 0
+    assert sorted(r[0] for r in sqlite3.connect(db).execute("SELECT id FROM r")) == sorted(f"in-{i}" for i in range(1, 51))

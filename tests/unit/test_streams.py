@@ -103,7 +103,8 @@ def test_producer_reads_jsonl_csv_parquet_with_stable_ids(tmp_path):
         w.writerows([{"text": "a"}, {"text": "b"}])
     pq.write_table(pa.table({"body": ["a", "b"], "key": ["k1", "k2"]}), tmp_path / "in.parquet")
     jsonl = list(messages(tmp_path / "in.jsonl"))
-    assert [json.loads(b) for b, _ in jsonl[:2]] == [{"id": "in-1", "text": "a"}, {"id": "x", "text": "b", "lang": "en"}]
+    first_two = [json.loads(b) for b, _ in jsonl[:2]]
+    assert first_two == [{"id": "in-1", "text": "a"}, {"id": "x", "text": "b", "lang": "en"}]
     assert jsonl[2] == (b"not json", False), "a bad line is passed on as it is, to be dead-lettered"
     assert [json.loads(b)["id"] for b, _ in messages(tmp_path / "in.csv")] == ["in-1", "in-2"]
     pqm = [json.loads(b) for b, _ in messages(tmp_path / "in.parquet", id_field="key", text_field="body")]
@@ -139,4 +140,5 @@ async def test_a_flaky_sink_is_retried_with_backoff_and_loses_nothing(settings, 
     stop.set()
     counts = await worker
     assert FlakySink.failures == 0 and counts.processed == 50 and counts.dead_lettered == 0
-    assert sorted(r[0] for r in sqlite3.connect(db).execute("SELECT id FROM r")) == sorted(f"in-{i}" for i in range(1, 51))
+    ids = sorted(r[0] for r in sqlite3.connect(db).execute("SELECT id FROM r"))
+    assert ids == sorted(f"in-{i}" for i in range(1, 51))

@@ -62,9 +62,10 @@ def need(program: str) -> str:
 
 @contextmanager
 def redis_server():
+    program = need("redis-server")  # before anything is made that would need cleaning up
     root = Path(tempfile.mkdtemp(prefix="moorage-redis-"))
     port = free_port()
-    args = [need("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+    args = [program, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(root), "--logfile", str(root / "log")]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -77,6 +78,7 @@ def redis_server():
 
 @contextmanager
 def rabbitmq_server():
+    program = need(RABBITMQ_SERVER)
     root = Path(tempfile.mkdtemp(prefix="moorage-rabbitmq-"))
     port, dist, epmd = free_port(), free_port(), free_port()
     (root / "enabled_plugins").write_text("[].\n")
@@ -98,7 +100,7 @@ def rabbitmq_server():
     }
     out = root / "out.log"
     with open(out, "wb") as log:
-        proc = subprocess.Popen([need(RABBITMQ_SERVER)], env=env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([program], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     try:
         wait_port(port, 60, proc, out)

@@ -143,7 +143,6 @@ class JobRunner:
         self.queue_url = settings.stream.jobs_url or f"sqlite:///{home / 'jobs.db'}?topic=jobs&visibility_timeout=900"
         self.concurrency = concurrency
         self._broker: Broker | None = None
-        self._publisher: Broker | None = None
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._slots = asyncio.Semaphore(concurrency)
@@ -152,9 +151,7 @@ class JobRunner:
         home = self.settings.home
         home.mkdir(parents=True, exist_ok=True)
         self._broker = open_broker(self.queue_url)
-        self._publisher = open_broker(self.queue_url)
         await self._broker.connect()
-        await self._publisher.connect()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="moorage-jobs")
 
     async def stop(self) -> None:
@@ -163,13 +160,12 @@ class JobRunner:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._running:  # jobs already started finish; the queue still holds the rest
             await asyncio.gather(*self._running, return_exceptions=True)
-        for b in (self._broker, self._publisher):
-            if b is not None:
-                await b.close()
+        if self._broker is not None:
+            await self._broker.close()
         await asyncio.to_thread(self.store.close)
 
     async def enqueue(self, job_id: str) -> None:
-        await self._publisher.publish([json.dumps({"id": job_id}).encode()])
+        await self._broker.publish([json.dumps({"id": job_id}).encode()])
 
     async def _loop(self) -> None:
         while True:

@@ -88,18 +88,20 @@ async def produce(
     sent = bad = 0
     buffer: list[bytes] = []
     async with open_broker(url) as broker:
-        for body, ok in messages(path, id_field, text_field):
-            buffer.append(body)
-            bad += not ok
-            if len(buffer) >= chunk:
+
+        async def flush() -> None:
+            nonlocal sent, buffer
+            if buffer:
                 await broker.publish(buffer)
                 sent += len(buffer)
                 if progress:
                     progress(len(buffer))
                 buffer = []
-        if buffer:
-            await broker.publish(buffer)
-            sent += len(buffer)
-            if progress:
-                progress(len(buffer))
+
+        for body, ok in messages(path, id_field, text_field):
+            buffer.append(body)
+            bad += not ok
+            if len(buffer) >= chunk:
+                await flush()
+        await flush()
     return sent, bad

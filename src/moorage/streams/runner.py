@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..batching import BatchConfig, GenerationConfig, ModelPool, PoolConfig
 from ..config import Settings, StreamSettings
@@ -26,19 +26,8 @@ class StreamJob:
 
 
 def worker_config(stream: StreamSettings) -> WorkerConfig:
-    return WorkerConfig(
-        batch_size=stream.batch_size,
-        max_in_flight=stream.max_in_flight,
-        receive_timeout_s=stream.receive_timeout_s,
-        max_text_chars=stream.max_text_chars,
-        item_timeout_s=stream.item_timeout_s,
-        model_retries=stream.model_retries,
-        sink_retries=stream.sink_retries,
-        backoff_s=stream.backoff_s,
-        max_backoff_s=stream.max_backoff_s,
-        log_interval_s=stream.log_interval_s,
-        default_max_tokens=stream.default_max_tokens,
-    )
+    """The worker's share of the `stream.*` settings (same names)."""
+    return WorkerConfig(**{f.name: getattr(stream, f.name) for f in fields(WorkerConfig)})
 
 
 def stream_pool_config(settings: Settings) -> PoolConfig:

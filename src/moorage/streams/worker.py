@@ -291,12 +291,11 @@ class StreamWorker:
         return rows, done, failed
 
     def _row(self, sv: ServedVersion, req: Request) -> Row:
-        value = req.future.result()
-        tokens = getattr(value, "tokens", None)
+        value = req.future.result()  # a Generation, or an Output(value, tokens) from the batcher
         if sv.task == "generate":
             out, tokens = encode_output("generate", value), value.completion_tokens
         else:
-            out = encode_output(sv.task, value.value)
+            out, tokens = encode_output(sv.task, value.value), value.tokens
         completed = time.time()
         return {
             "id": req.id,
@@ -364,7 +363,7 @@ class StreamWorker:
             return
         rate = (self.counts.processed - self._last_counts.processed) / (now - self._last_log)
         self._last_log, self._last_counts = now, Counts(**vars(self.counts))
-        asyncio.ensure_future(self._log_progress(rate))
+        self._log_task = asyncio.ensure_future(self._log_progress(rate))  # held: a bare task may be collected
 
     async def _log_progress(self, rate: float) -> None:
         try:

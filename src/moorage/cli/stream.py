@@ -61,12 +61,14 @@ def _run_processes(settings, job, workers: int) -> None:
 
     spawn = multiprocessing.get_context("spawn")
     procs = []
+    base_port = settings.stream.metrics_port
     for i in range(workers):
-        if settings.stream.metrics_port:  # each worker its own port: PORT, PORT+1, ...
-            settings = settings.model_copy(
-                update={"stream": settings.stream.model_copy(update={"metrics_port": settings.stream.metrics_port + i})}
+        mine = settings
+        if base_port is not None:  # each worker its own port: PORT, PORT+1, ...
+            mine = settings.model_copy(
+                update={"stream": settings.stream.model_copy(update={"metrics_port": base_port + i})}
             )
-        p = spawn.Process(target=run_forever, args=(settings, job, f"w{i}"), name=f"moorage-stream-{i}")
+        p = spawn.Process(target=run_forever, args=(mine, job, f"w{i}"), name=f"moorage-stream-{i}")
         p.start()
         procs.append(p)
 

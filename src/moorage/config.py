@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -99,6 +99,49 @@ class StreamSettings(BaseModel):
     jobs_url: str | None = Field(None, description="queue of /v1/jobs; default: sqlite queue in the home folder")
 
 
+class FilterSettings(BaseModel):
+    """Content filters of one model. A rule is a keyword (case-insensitive, whole words) or
+    ``re:PATTERN`` (a Python regular expression, case-insensitive)."""
+
+    model_config = {"extra": "forbid"}
+
+    input_deny: list[str] = Field(default_factory=list, description="inputs matching any rule are refused (400)")
+    input_allow: list[str] = Field(
+        default_factory=list, description="if set, an input must match one of these rules (400 otherwise)"
+    )
+    output_deny: list[str] = Field(default_factory=list, description="outputs matching any rule are withheld")
+    output_allow: list[str] = Field(default_factory=list, description="if set, other outputs are withheld")
+    mask_email: bool = Field(False, description="replace e-mail addresses in inputs and outputs by [EMAIL]")
+    mask_phone: bool = Field(False, description="replace phone numbers in inputs and outputs by [PHONE]")
+
+
+class LimitSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    requests_per_minute: int | None = Field(None, ge=1, description="per key, unless the key sets its own")
+    tokens_per_minute: int | None = Field(None, ge=1, description="input + output tokens per key and minute")
+    max_text_chars: int = Field(100_000, ge=1, description="longest text of one input (413 above)")
+    max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for (422 above)")
+
+
+class SecuritySettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    auth: bool = Field(True, description="require an API key; false only for local development (warned at start)")
+    metrics_auth: bool = Field(True, description="require a key for /metrics (false: open to scrapers)")
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    filters: dict[str, FilterSettings] = Field(
+        default_factory=dict, description="content filters by model name (glob patterns allowed, e.g. 'chat-*')"
+    )
+    audit: bool = Field(True, description="hash-chained audit rows for admin actions and inference calls")
+    audit_inputs: bool = Field(False, description="store the raw input text in the audit (default: sha256 only)")
+    audit_flush_ms: float = Field(200.0, ge=0, description="inference audit rows are written in batches this often")
+    encrypt_artifacts: bool = Field(False, description="encrypt new versions at rest (AES-256-GCM)")
+    master_key: SecretStr | None = Field(None, description="base64 master key (32 bytes) that wraps data keys")
+    master_key_file: Path | None = Field(None, description="file holding the base64 master key")
+    max_upload_bytes: int = Field(8 << 30, ge=1024, description="largest model upload over HTTP (413 above)")
+
+
 class Settings(BaseSettings):
     """Everything a moorage process needs to know, validated at start-up."""
 
@@ -113,6 +156,7 @@ class Settings(BaseSettings):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
 
     @field_validator("home")
     @classmethod

@@ -105,6 +105,41 @@ class Overloaded(MoorageError):
         self.retry_after = retry_after
 
 
+class RateLimited(Overloaded):
+    """A key spent its requests or tokens for the minute (HTTP 429 + Retry-After)."""
+
+    code = "rate_limited"
+
+
+class Unauthorized(MoorageError):
+    """No API key, or one that is unknown, revoked or expired (HTTP 401)."""
+
+    status = 401
+    code = "invalid_api_key"
+    type = "authentication_error"
+
+
+class Forbidden(MoorageError):
+    """A valid key without the right for this action or model (HTTP 403)."""
+
+    status = 403
+    code = "permission_denied"
+    type = "permission_error"
+
+
+class ContentBlocked(BadRequest):
+    """A content filter refused the input (HTTP 400)."""
+
+    code = "content_blocked"
+
+
+class EncryptionError(MoorageError):
+    """An encrypted artifact cannot be opened: no master key, the wrong one, or tampered bytes."""
+
+    status = 500
+    code = "encryption_error"
+
+
 class NotReady(MoorageError):
     status = 503
     code = "not_ready"

@@ -44,13 +44,15 @@ class Manifest(BaseModel):
     source: str = ""
     created_by: str = ""
     created_at: str = ""
+    encryption: dict[str, Any] | None = Field(None, description="set when the files are encrypted at rest")
 
     @property
     def size_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True).encode() + b"\n"
+        data = self.model_dump(mode="json", exclude={"encryption"} if self.encryption is None else None)
+        return json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -11,12 +11,13 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from ..errors import BadRequest, Conflict, IntegrityError, ModelNotFound
+from ..errors import BadRequest, Conflict, EncryptionError, IntegrityError, ModelNotFound
 from ..refs import DEFAULT_ALIAS, ModelRef, parse_ref, validate_alias, validate_name
+from ..security import crypto
 from .catalog import Catalog
 from .manifest import Lineage, Manifest, check_safe, detect_framework, list_model_files, sha256_bytes
 from .store import ArtifactStore, NoProgress, Progress, verify_local
-from .tables import Alias, AliasEvent, Model, ModelVersion, as_utc, utcnow
+from .tables import Alias, AliasEvent, ArtifactKey, Model, ModelVersion, as_utc, utcnow
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,14 @@ class Registry:
         user: str = "",
         cache_dir: Path | None = None,
         lock_timeout_s: float = 30.0,
+        security=None,
     ) -> None:
         self.catalog = Catalog(catalog_url, lock_timeout_s)
         self.store = ArtifactStore(store_url, storage_options)
         self.user = user
         self.cache_dir = cache_dir or Path("~/.moorage/cache").expanduser()
+        self.security = security  # SecuritySettings: the master key and whether new versions are encrypted
+        self._master: crypto.MasterKey | None = None
 
     @classmethod
     def from_settings(cls, settings) -> Registry:
@@ -89,6 +93,7 @@ class Registry:
             user=settings.user,
             cache_dir=settings.cache_dir,
             lock_timeout_s=settings.registry.lock_timeout_s,
+            security=settings.security,
         )
 
     def close(self) -> None:
@@ -109,8 +114,10 @@ class Registry:
         tags: dict[str, str] | None = None,
         reason: str = "",
         progress: Progress | None = None,
+        encrypt: bool | None = None,
     ) -> VersionInfo:
-        """Copy a model folder into the store as the next version of `name`."""
+        """Copy a model folder into the store as the next version of `name` (encrypted at rest
+        when `encrypt`, default ``security.encrypt_artifacts``)."""
         validate_name(name)
         if alias is not None:
             validate_alias(alias)
@@ -122,13 +129,17 @@ class Registry:
         check_safe([p.as_posix() for p in rel_files])
         if lineage is not None and not isinstance(lineage, Lineage):
             lineage = Lineage.model_validate(lineage)
+        if encrypt is None:
+            encrypt = bool(self.security and self.security.encrypt_artifacts)
+        master = self.require_master_key("encrypt new versions") if encrypt else None
         version = self._reserve_version(name, task, framework, description)
         progress = progress or NoProgress()
+        data_key = crypto.new_data_key() if master else None
         try:
             sizes = [(folder / p).stat().st_size for p in rel_files]
             progress.start(f"register {name}:{version}", sum(sizes))
             entries = self.store.write_version(
-                ((p.as_posix(), (lambda p=p: open(folder / p, "rb")), s) for p, s in zip(rel_files, sizes)),
+                ((p.as_posix(), self._opener(folder, p, data_key), s) for p, s in zip(rel_files, sizes)),
                 name,
                 version,
                 progress,
@@ -146,6 +157,7 @@ class Registry:
                 source=str(folder.resolve()),
                 created_by=self.user,
                 created_at=utcnow().isoformat(),
+                encryption={"algorithm": crypto.ALGORITHM, "chunk_bytes": crypto.CHUNK} if master else None,
             )
             data = self.store.write_manifest(manifest)
         except BaseException:
@@ -156,9 +168,79 @@ class Registry:
             row.status, row.manifest = "ready", manifest.model_dump(mode="json")
             row.manifest_sha256, row.size_bytes = sha256_bytes(data), manifest.size_bytes
             row.tags = dict(tags or {})
+            if master:
+                wrapped = crypto.wrap_key(master, data_key, f"{name}:{version}")
+                s.add(ArtifactKey(model_name=name, version=version, master_key_id=master.id, wrapped_key=wrapped))
             if alias:
                 self._move_alias(s, name, alias, version, "set", reason or "registered")
         return self.resolve(ModelRef(name, version=version))
+
+    @staticmethod
+    def _opener(folder: Path, rel: Path, data_key: bytes | None):
+        if data_key is None:
+            return lambda: open(folder / rel, "rb")
+        return lambda: crypto.EncryptingReader(open(folder / rel, "rb"), data_key, rel.as_posix())
+
+    # ---- encryption at rest -----------------------------------------------------------------
+    @property
+    def master_key(self) -> crypto.MasterKey | None:
+        if self._master is None and self.security is not None:
+            self._master = crypto.master_key_from_settings(self.security)
+        return self._master
+
+    def require_master_key(self, purpose: str) -> crypto.MasterKey:
+        master = self.master_key
+        if master is None:
+            raise EncryptionError(
+                f"a master key is needed to {purpose}: set MOORAGE_SECURITY__MASTER_KEY (base64, 32 bytes) or "
+                "security.master_key_file (make one with `moorage models new-master-key FILE`)",
+                code="missing_master_key",
+            )
+        return master
+
+    def data_key(self, info: VersionInfo) -> bytes:
+        """The unwrapped data key of an encrypted version (kept in memory only)."""
+        with self.catalog.session() as s:
+            row = s.get(ArtifactKey, (info.name, info.version))
+        if row is None:
+            raise EncryptionError(f"{info.ref} is encrypted but its data key is missing from the catalog")
+        master = self.require_master_key(f"load {info.ref}, which is encrypted")
+        if row.master_key_id != master.id:
+            raise EncryptionError(
+                f"{info.ref} is encrypted under master key {row.master_key_id}; the configured master key is "
+                f"{master.id}",
+                code="wrong_master_key",
+            )
+        return crypto.unwrap_key(master, row.wrapped_key, f"{info.name}:{info.version}")
+
+    def read_plaintext(self, info: VersionInfo, folder: Path) -> dict[str, bytes]:
+        """Every file of an encrypted version, decrypted in memory from its verified local copy."""
+        key = self.data_key(info)
+        out = {}
+        for entry in info.manifest.files:
+            with open(folder / entry.path, "rb") as f:
+                out[entry.path] = crypto.decrypt_file(f, key, entry.path, info.ref)
+        return out
+
+    def rekey(self, new: crypto.MasterKey) -> tuple[int, list[str]]:
+        """Re-wrap every data key held under the configured master key with `new`; the artifacts'
+        ciphertext is not touched. Returns (re-wrapped, skipped: versions under another key)."""
+        old = self.require_master_key("re-wrap data keys")
+        done, skipped = 0, []
+        with self.catalog.session() as s:
+            for row in s.scalars(select(ArtifactKey).with_for_update()):
+                owner = f"{row.model_name}:{row.version}"
+                if row.master_key_id == new.id:
+                    continue
+                if row.master_key_id != old.id:
+                    skipped.append(f"{owner} (under master key {row.master_key_id})")
+                    continue
+                data_key = crypto.unwrap_key(old, row.wrapped_key, owner)
+                row.wrapped_key, row.master_key_id = crypto.wrap_key(new, data_key, owner), new.id
+                row.updated_at = utcnow()
+                done += 1
+        self._master = new
+        return done, skipped
 
     def _reserve_version(self, name: str, task: str, framework: str, description: str) -> int:
         with self.catalog.session() as s:

@@ -62,19 +62,21 @@ class ArtifactStore:
         version: int,
         progress: Progress,
     ) -> list[FileEntry]:
-        """Copy each (relative path, opener, size) into the version folder, hashing as it goes."""
+        """Copy each (relative path, opener, size) into the version folder, hashing as it goes. The
+        entries describe the bytes stored (the ciphertext when the opener encrypts)."""
         entries = []
         base = self.version_path(name, version)
         for rel, opener, size in files:
             target = f"{base}/{rel}"
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            digest = hashlib.sha256()
+            digest, written = hashlib.sha256(), 0
             with opener() as src, self.fs.open(target, "wb") as dst:
                 while chunk := src.read(CHUNK):
                     digest.update(chunk)
                     dst.write(chunk)
+                    written += len(chunk)
                     progress.advance(len(chunk))
-            entries.append(FileEntry(path=rel, sha256=digest.hexdigest(), size=size))
+            entries.append(FileEntry(path=rel, sha256=digest.hexdigest(), size=written))
         return entries
 
     def write_manifest(self, manifest: Manifest) -> bytes:

@@ -83,3 +83,21 @@ class AliasEvent(Base):
     actor: Mapped[str] = mapped_column(String(128), default="")
     reason: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ArtifactKey(Base):
+    """The data key of an encrypted version, wrapped (encrypted) by a master key. `rekey` rewrites
+    this row only: the artifact's ciphertext never changes."""
+
+    __tablename__ = "artifact_keys"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["model_name", "version"], ["model_versions.model_name", "model_versions.version"], ondelete="CASCADE"
+        ),
+    )
+
+    model_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    master_key_id: Mapped[str] = mapped_column(String(32))
+    wrapped_key: Mapped[str] = mapped_column(Text)  # base64(nonce | AES-GCM(master, data key))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

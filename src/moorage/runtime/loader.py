@@ -13,6 +13,7 @@ from ..errors import BadRequest
 from ..refs import ModelRef
 from ..registry import Progress, Registry, VersionInfo
 from ..registry.manifest import check_safe
+from ..security.crypto import MemoryFolder
 from .base import TaskHandler
 from .cache import ModelCache
 
@@ -60,7 +61,11 @@ def load_version(
     check_safe([f.path for f in info.manifest.files])
     folder = registry.local_path(info, progress)
     handler = handler_for(info.task, info.framework)
-    handler.load(folder, info.manifest, settings)
+    if info.manifest.encryption:
+        with MemoryFolder(registry.read_plaintext(info, folder)) as plain:  # plaintext only in memory
+            handler.load(plain, info.manifest, settings)
+    else:
+        handler.load(folder, info.manifest, settings)
     elapsed = time.perf_counter() - started
     log.info("loaded %s (%s, %s) in %.2fs", info.ref, info.task, info.framework, elapsed)
     return LoadedModel(info, handler, elapsed)

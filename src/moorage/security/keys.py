@@ -1,0 +1,247 @@
+"""API keys and roles.
+
+A key reads ``moor_<id>_<secret>``. The id is public (listed, logged, audited); only the sha256 of
+the secret is stored, and it is compared in constant time. Roles nest: an ``invoker`` calls the
+models its patterns allow, an ``operator`` may also register, alias, roll back and reload them,
+an ``admin`` may also manage keys, settings and the audit log.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+
+from ..errors import BadRequest, Forbidden, NotFound, Unauthorized
+from ..registry.catalog import Catalog
+from ..registry.tables import as_utc, utcnow
+from .tables import ApiKey
+
+ROLES = ("invoker", "operator", "admin")
+PREFIX = "moor"
+# What each role may do, beyond calling models (every role may call the models its patterns allow).
+PERMISSIONS = {
+    "invoker": frozenset({"invoke"}),
+    "operator": frozenset({"invoke", "manage_models"}),
+    "admin": frozenset({"invoke", "manage_models", "manage_keys", "read_settings", "read_audit"}),
+}
+_KEY_RE = re.compile(rf"^{PREFIX}_([0-9a-f]{{12}})_([A-Za-z0-9_-]{{20,128}})$")
+_PATTERN_RE = re.compile(r"^[a-z0-9_.*?\[\]-]{1,64}$")
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a key's id, role, model patterns and rate limits."""
+
+    key_id: str
+    role: str
+    models: tuple[str, ...] = ("*",)
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    def can(self, permission: str) -> bool:
+        return permission in PERMISSIONS[self.role]
+
+    def require(self, permission: str) -> None:
+        if not self.can(permission):
+            raise Forbidden(f"key {self.key_id} (role {self.role}) may not {permission.replace('_', ' ')}")
+
+    def may_use(self, model_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(model_name, p) for p in self.models)
+
+    def require_model(self, model_name: str) -> None:
+        if not self.may_use(model_name):
+            raise Forbidden(f"key {self.key_id} may not use model {model_name!r}", code="model_not_allowed")
+
+
+ANONYMOUS = Principal(key_id="anonymous", role="admin")  # auth off (local development only)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    name: str
+    role: str
+    models: tuple[str, ...]
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    created_at: datetime
+    created_by: str
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at:
+            return "revoked"
+        if self.expires_at and self.expires_at <= utcnow():
+            return "expired"
+        return "active"
+
+    def as_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["models"] = list(self.models)
+        out["state"] = self.state
+        for k in ("created_at", "expires_at", "revoked_at"):
+            out[k] = out[k].isoformat() if out[k] else None
+        return out
+
+
+def _info(row: ApiKey) -> KeyInfo:
+    return KeyInfo(
+        id=row.id,
+        name=row.name,
+        role=row.role,
+        models=tuple(row.models),
+        requests_per_minute=row.requests_per_minute,
+        tokens_per_minute=row.tokens_per_minute,
+        created_at=as_utc(row.created_at),
+        created_by=row.created_by,
+        expires_at=as_utc(row.expires_at) if row.expires_at else None,
+        revoked_at=as_utc(row.revoked_at) if row.revoked_at else None,
+    )
+
+
+class KeyStore:
+    """Keys in the catalog database. `authenticate` caches rows for `cache_s` seconds, so a key
+    revoked by another process stops working within that time (at once in this process)."""
+
+    def __init__(self, catalog: Catalog, cache_s: float = 5.0) -> None:
+        self.catalog = catalog
+        self.cache_s = cache_s
+        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._lock = threading.Lock()
+
+    def create(
+        self,
+        role: str,
+        *,
+        name: str = "",
+        models: list[str] | tuple[str, ...] = ("*",),
+        expires_at: datetime | None = None,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        created_by: str = "",
+    ) -> tuple[KeyInfo, str]:
+        """A new key; the plaintext is returned once and never stored."""
+        if role not in ROLES:
+            raise BadRequest(f"unknown role {role!r}: use one of {', '.join(ROLES)}", code="invalid_role")
+        models = list(models) or ["*"]
+        bad = [p for p in models if not _PATTERN_RE.fullmatch(p)]
+        if bad:
+            raise BadRequest(
+                f"invalid model pattern {bad[0]!r}: use model names with * ? [] globs", code="invalid_pattern"
+            )
+        if expires_at is not None and as_utc(expires_at) <= utcnow():
+            raise BadRequest("the expiry is in the past", code="invalid_expiry")
+        for limit in (requests_per_minute, tokens_per_minute):
+            if limit is not None and limit < 1:
+                raise BadRequest("rate limits must be at least 1 per minute", code="invalid_limit")
+        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        row = ApiKey(
+            id=key_id,
+            name=name[:128],
+            role=role,
+            models=models,
+            secret_sha256=_digest(secret),
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+            created_by=created_by,
+            created_at=utcnow(),
+            expires_at=expires_at,
+        )
+        with self.catalog.session() as s:
+            s.add(row)
+        return _info(row), f"{PREFIX}_{key_id}_{secret}"
+
+    def list(self, include_revoked: bool = False) -> list[KeyInfo]:
+        with self.catalog.session() as s:
+            rows = s.scalars(select(ApiKey).order_by(ApiKey.created_at)).all()
+        infos = [_info(r) for r in rows]
+        return [k for k in infos if include_revoked or k.state != "revoked"]
+
+    def get(self, key_id: str) -> KeyInfo:
+        with self.catalog.session() as s:
+            row = s.get(ApiKey, key_id)
+        if row is None:
+            raise NotFound(f"no API key with id {key_id!r}", code="key_not_found")
+        return _info(row)
+
+    def revoke(self, key_id: str) -> KeyInfo:
+        with self.catalog.session() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None:
+                raise NotFound(f"no API key with id {key_id!r}", code="key_not_found")
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+        with self._lock:
+            self._cache.pop(key_id, None)
+        return _info(row)
+
+    def count_active(self) -> int:
+        return sum(1 for k in self.list() if k.state == "active")
+
+    def authenticate(self, token: str | None) -> Principal:
+        """The principal of a presented key, or `Unauthorized` saying why (never which part was wrong)."""
+        if not token:
+            raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'", code="missing_api_key")
+        match = _KEY_RE.fullmatch(token.strip())
+        row = self._row(match.group(1)) if match else None
+        # compare even when there is no row, so timing does not tell a known id from an unknown one
+        expected = row.secret_sha256 if row is not None else "0" * 64
+        presented = _digest(match.group(2)) if match else "1" * 64
+        if row is None or not hmac.compare_digest(expected, presented):
+            raise Unauthorized("the API key is not valid")
+        if row.revoked_at is not None:
+            raise Unauthorized(f"API key {row.id} was revoked", code="revoked_api_key")
+        if row.expires_at is not None and as_utc(row.expires_at) <= utcnow():
+            raise Unauthorized(f"API key {row.id} expired", code="expired_api_key")
+        return Principal(
+            key_id=row.id,
+            role=row.role,
+            models=tuple(row.models) or ("*",),
+            requests_per_minute=row.requests_per_minute,
+            tokens_per_minute=row.tokens_per_minute,
+        )
+
+    def _row(self, key_id: str) -> ApiKey | None:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key_id)
+        if hit and now - hit[0] < self.cache_s:
+            return hit[1]
+        with self.catalog.session() as s:
+            row = s.get(ApiKey, key_id)
+        with self._lock:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[key_id] = (now, row)
+        return row
+
+
+def parse_expiry(text: str) -> datetime:
+    """'30d', '12h', '90m' from now, or an ISO 8601 date/time (UTC if no zone)."""
+    from datetime import timedelta
+
+    m = re.fullmatch(r"(\d+)([dhm])", text.strip())
+    if m:
+        unit = {"d": "days", "h": "hours", "m": "minutes"}[m.group(2)]
+        return utcnow() + timedelta(**{unit: int(m.group(1))})
+    try:
+        return as_utc(datetime.fromisoformat(text.strip()))
+    except ValueError:
+        raise BadRequest(
+            f"invalid expiry {text!r}: use e.g. 30d, 12h, 90m or an ISO date such as 2027-01-31", code="invalid_expiry"
+        ) from None

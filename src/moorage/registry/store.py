@@ -66,7 +66,7 @@ class ArtifactStore:
         entries describe the bytes stored (the ciphertext when the opener encrypts)."""
         entries = []
         base = self.version_path(name, version)
-        for rel, opener, size in files:
+        for rel, opener, _size in files:
             target = f"{base}/{rel}"
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             digest, written = hashlib.sha256(), 0

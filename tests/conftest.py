@@ -28,7 +28,10 @@ def home(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(home: Path):
-    return load_settings(environ={"MOORAGE_HOME": str(home), "MOORAGE_USER": "tester"})
+    """Auth off (the serving tests are about serving); tests/unit/test_security_*.py turn it on."""
+    return load_settings(
+        environ={"MOORAGE_HOME": str(home), "MOORAGE_USER": "tester", "MOORAGE_SECURITY__AUTH": "false"}
+    )
 
 
 @pytest.fixture

@@ -72,6 +72,7 @@ async def test_a_job_gives_the_same_outputs_as_predict_and_calls_back(settings, 
 
 
 async def test_job_errors_are_precise(settings, models, serving):
+    settings.security.limits.max_tokens = 10**7  # let a too-long generation reach the model
     async with serving(settings, models, refs=("emb@production", "gen")) as (_, c):
         r = await c.post("/v1/jobs", json={"model": "nope", "inputs": ["a"]})
         assert (r.status_code, r.json()["error"]["code"]) == (404, "model_not_found")
@@ -81,6 +82,8 @@ async def test_job_errors_are_precise(settings, models, serving):
         assert r.status_code == 422
         r = await c.get("/v1/jobs/job-doesnotexist")
         assert (r.status_code, r.json()["error"]["code"]) == (404, "job_not_found")
+        r = await c.post("/v1/jobs", json={"model": "gen", "inputs": ["hi"], "parameters": {"max_new_tokens": 10**8}})
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "max_tokens_too_large")
         # accepted, then fails in the model: the job says why, with the same code a predict would give
         r = await c.post("/v1/jobs", json={"model": "gen", "inputs": ["hi"], "parameters": {"max_new_tokens": 10**6}})
         job = await wait_job(c, r.json()["id"])

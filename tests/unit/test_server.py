@@ -53,10 +53,11 @@ def test_predict_endpoint_for_each_task(settings, models, serving):
         (
             "post",
             "/v1/completions",
-            {"model": "gen", "prompt": "x", "max_tokens": 10**6},
+            {"model": "gen", "prompt": "x", "max_tokens": 4000},  # under the server's limit, over the model's
             400,
             "context_length_exceeded",
         ),
+        ("post", "/v1/completions", {"model": "gen", "prompt": "x", "max_tokens": 10**6}, 422, "max_tokens_too_large"),
         ("post", "/v1/completions", {"model": "gen", "prompt": [], "max_tokens": 3}, 422, "invalid_input"),
         ("post", "/v1/completions", {"model": "gen", "prompt": "x", "temperature": 9}, 422, "invalid_input"),
         ("post", "/v1/chat/completions", {"model": "gen", "messages": []}, 422, "invalid_input"),

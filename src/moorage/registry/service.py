@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -98,6 +99,12 @@ class Registry:
 
     def close(self) -> None:
         self.catalog.dispose()
+
+    def acting_as(self, user: str) -> Registry:
+        """The same registry (catalog, store, keys) recording `user` as the actor of its changes."""
+        clone = copy.copy(self)
+        clone.user = user
+        return clone
 
     # ---- register -------------------------------------------------------------------------
     def register(

@@ -84,3 +84,38 @@ class Filters:
         if name in self._filters:
             return self._filters[name]
         return next((f for p, f in self._filters.items() if fnmatch.fnmatchcase(name, p)), None)
+
+
+class StreamFilter:
+    """The output filter of one streamed generation: text is released with `HOLDBACK` characters
+    kept back (cut at whitespace, so an address or a keyword is never split), or all of it at the
+    end when an allow-list must see the whole output. Once a deny rule matches, nothing more is
+    released and `blocked` is set."""
+
+    def __init__(self, cfilter: ContentFilter) -> None:
+        self.cfilter = cfilter
+        self.text = ""
+        self.released = 0
+        self.blocked = False
+
+    def push(self, text: str) -> str:
+        if self.blocked:
+            return ""
+        self.text += text
+        if self.cfilter.output_blocked(self.cfilter.mask(self.text), final=False):
+            self.blocked = True
+            return ""
+        if self.cfilter.output_allow is not None:
+            return ""
+        cut = self.text.rfind(" ", self.released, max(self.released, len(self.text) - HOLDBACK))
+        if cut <= self.released:
+            return ""
+        out, self.released = self.text[self.released : cut], cut
+        return self.cfilter.mask(out)
+
+    def finish(self) -> str:
+        if self.blocked or self.cfilter.output_blocked(self.cfilter.mask(self.text), final=True):
+            self.blocked = True
+            return ""
+        out, self.released = self.text[self.released :], len(self.text)
+        return self.cfilter.mask(out)

@@ -15,9 +15,10 @@ from ..config import ServeSettings, Settings
 from ..observability import metrics
 from ..registry import Registry
 from ..runtime import Runtime
-from . import health, inference, jobs, openai
+from . import admin, health, inference, jobs, openai
 from .edge import EdgeMiddleware
-from .errors import install_error_handlers
+from .errors import ERROR_RESPONSES, install_error_handlers
+from .security import Guard, SecurityMiddleware
 
 log = logging.getLogger("moorage.server")
 
@@ -50,6 +51,7 @@ def create_app(settings: Settings, models: list[str] | None = None, registry: Re
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.loading = asyncio.get_running_loop().create_task(_load(pool))
+        await guard.start()
         await app.state.jobs.start()
         try:
             yield
@@ -57,19 +59,36 @@ def create_app(settings: Settings, models: list[str] | None = None, registry: Re
             app.state.loading.cancel()
             await app.state.jobs.stop()
             await pool.stop()
+            await guard.stop()
             metrics.mark_process_dead(os.getpid())  # with several workers: drop this one's live gauges
             log.info("stopped: every accepted request was answered")
 
-    app = FastAPI(title="moorage", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    guard = Guard(settings, registry)
+    app = FastAPI(
+        title="moorage",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        responses=ERROR_RESPONSES,
+    )
     app.state.pool = pool
     app.state.settings = settings
-    app.state.jobs = jobs.JobRunner(settings, pool)
+    app.state.registry = registry
+    app.state.guard = guard
+    app.state.jobs = jobs.JobRunner(settings, pool, guard)
     install_error_handlers(app)
-    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.serve.max_body_bytes)
+    app.add_middleware(SecurityMiddleware, guard=guard)  # inside the edge: bounded bodies, counted requests
+    app.add_middleware(
+        EdgeMiddleware,
+        max_body_bytes=settings.serve.max_body_bytes,
+        upload_bytes=settings.security.max_upload_bytes,
+    )
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
     app.include_router(jobs.router)
+    app.include_router(admin.router)
     return app
 
 

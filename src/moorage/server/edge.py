@@ -13,9 +13,10 @@ from ..observability import metrics
 
 
 class EdgeMiddleware:
-    def __init__(self, app, max_body_bytes: int) -> None:
+    def __init__(self, app, max_body_bytes: int, upload_bytes: int | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.upload_bytes = upload_bytes or max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -25,16 +26,16 @@ class EdgeMiddleware:
         if declared is not None and not declared.isdigit():
             await _reject(send, 400, "bad_request", "the Content-Length header is not a number")
             return
-        if declared is not None and int(declared) > self.max_body_bytes:
-            await _reject(
-                send, 413, "payload_too_large", f"the request body is larger than {self.max_body_bytes} bytes"
-            )
+        upload = scope["method"] == "POST" and is_upload(scope["path"])  # streamed to disk by its route
+        limit = self.upload_bytes if upload else self.max_body_bytes
+        if declared is not None and int(declared) > limit:
+            await _reject(send, 413, "payload_too_large", f"the request body is larger than {limit} bytes")
             return
         started = time.perf_counter()
         # a per-request copy: some servers hand every request the same lifespan-state dict
         state = scope["state"] = {k: v for k, v in (scope.get("state") or {}).items() if k != "labels"}
         status = [500]
-        if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+        if declared is None and scope["method"] in ("POST", "PUT", "PATCH") and not upload:
             body = await _read_bounded(receive, self.max_body_bytes)  # chunked: count while reading
             if body is None:
                 await _reject(
@@ -57,6 +58,11 @@ class EdgeMiddleware:
             if labels is not None:
                 metrics.REQUESTS.labels(*labels, str(status[0])).inc()
                 metrics.REQUEST_LATENCY.labels(*labels).observe(time.perf_counter() - started)
+
+
+def is_upload(path: str) -> bool:
+    """Model uploads (``POST /v1/registry/models/{name}/versions``) are bounded by their own limit."""
+    return path.startswith("/v1/registry/models/") and path.endswith("/versions")
 
 
 async def _read_bounded(receive, limit: int) -> bytes | None:

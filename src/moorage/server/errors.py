@@ -11,6 +11,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
@@ -20,6 +21,38 @@ from .common import ClientGone
 log = logging.getLogger("moorage.server")
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+class _ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error: ``{"error": {"message", "type", "code", "param"}}`` (OpenAI's shape)."""
+
+    error: _ErrorDetail
+
+
+# Declared on every route so that the OpenAPI schema describes the errors the server really sends.
+ERROR_RESPONSES = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "bad request (stable code in error.code)",
+        401: "no API key, or an invalid, revoked or expired one",
+        403: "the key's role or model patterns do not allow this",
+        404: "unknown model, version, alias, job, key or route",
+        409: "conflict (e.g. nothing to roll back, task mismatch)",
+        413: "body, upload, text or input count too large",
+        422: "a field is invalid (error.param names it)",
+        429: "overloaded or rate limited; see Retry-After",
+        500: "internal error (opaque; logged on the server)",
+        503: "not ready (models loading) or a backing store is unavailable",
+        504: "deadline exceeded while queued",
+    }.items()
+}
 
 
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from ..observability import metrics
 from .common import FastJSON, pool_of
 from .errors import error_body
+from .security import principal, require
 
 router = APIRouter()
 STARTED = int(time.time())
@@ -40,6 +41,8 @@ async def prometheus_metrics() -> Response:
 
 @router.get("/v1/models", tags=["models"])
 async def list_models(request: Request) -> Response:
+    """The served models this key may call."""
+    caller = principal(request)
     data = [
         {
             "id": key,
@@ -50,11 +53,12 @@ async def list_models(request: Request) -> Response:
             "version": sv.version,
         }
         for key, sv in pool_of(request).served().items()
+        if caller.may_use(sv.name)
     ]
     return FastJSON({"object": "list", "data": data})
 
 
-@router.post("/admin/reload", tags=["admin"])
+@router.post("/admin/reload", tags=["admin"], dependencies=[Depends(require("manage_models"))])
 async def reload(request: Request) -> Response:
     """Re-resolve every served alias now; swap the ones that moved (no request fails)."""
     changes = await pool_of(request).reload()

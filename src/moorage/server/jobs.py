@@ -27,10 +27,12 @@ from starlette.responses import Response
 from ..batching import ModelPool
 from ..config import Settings
 from ..errors import MoorageError, NotFound
+from ..refs import parse_ref
 from ..streams.brokers import Broker, open_broker
 from .common import FastJSON, check_count, pool_of
-from .inference import predict_outputs
+from .inference import generate_inputs, predict_outputs
 from .schemas import PredictRequest
+from .security import Guard, authorize_model, policy_for, principal
 
 log = logging.getLogger("moorage.jobs")
 router = APIRouter(tags=["jobs"])
@@ -72,12 +74,16 @@ class JobStore:
             sa.Column("created_at", sa.Float, nullable=False),
             sa.Column("started_at", sa.Float),
             sa.Column("finished_at", sa.Float),
+            sa.Column("owner", sa.String(64)),  # the API key id that created it: only it (or an admin) reads it
         )
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
         meta.create_all(self.engine)
+        if "owner" not in {c["name"] for c in sa.inspect(self.engine).get_columns("jobs")}:  # a jobs.db from 0.3
+            with self.engine.begin() as conn:
+                conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN owner VARCHAR(64)"))
 
-    def create(self, job_id: str, body: JobRequest) -> dict:
+    def create(self, job_id: str, body: JobRequest, owner: str | None = None) -> dict:
         row = {
             "id": job_id,
             "model": body.model,
@@ -86,6 +92,7 @@ class JobStore:
             "callback_url": body.callback_url,
             "attempts": 0,
             "created_at": time.time(),
+            "owner": owner,
         }
         with self.engine.begin() as conn:
             conn.execute(self.jobs.insert(), row)
@@ -114,10 +121,15 @@ async def create_job(body: JobRequest, request: Request) -> Response:
     """Enqueue a predict request; answers its id at once (202). Poll GET /v1/jobs/{id}."""
     settings: Settings = request.app.state.settings
     check_count(len(body.inputs), settings.serve.max_inputs, "inputs")
-    pool_of(request).lookup(body.model)  # 404/400 now, not later in the job
+    policy = authorize_model(request, body.model)
+    sv = pool_of(request).lookup(body.model)  # 404/400 now, not later in the job
+    if sv.task == "generate":  # a refused prompt answers 400 now, not as a failed job later
+        generate_inputs(body, settings.serve.default_max_tokens, policy)
+    else:
+        body = body.model_copy(update={"inputs": policy.texts([str(t) for t in body.inputs], "inputs")})
     runner: JobRunner = request.app.state.jobs
     job_id = JOB_ID_PREFIX + uuid.uuid4().hex
-    job = await asyncio.to_thread(runner.store.create, job_id, body)
+    job = await asyncio.to_thread(runner.store.create, job_id, body, principal(request).key_id)
     await runner.enqueue(job_id)
     return FastJSON(public(job), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
@@ -127,7 +139,8 @@ async def get_job(job_id: str, request: Request) -> Response:
     """A job's status (queued, running, succeeded, failed) and, once it ended, its result or error."""
     runner: JobRunner = request.app.state.jobs
     job = await asyncio.to_thread(runner.store.get, job_id) if len(job_id) <= 64 else None
-    if job is None:
+    caller = principal(request)
+    if job is None or (job.get("owner") not in (None, caller.key_id) and caller.role != "admin"):
         raise NotFound(f"no job {job_id!r}", code="job_not_found")
     return FastJSON(public(job))
 
@@ -135,9 +148,10 @@ async def get_job(job_id: str, request: Request) -> Response:
 class JobRunner:
     """Takes jobs from the queue and runs them, `concurrency` at a time."""
 
-    def __init__(self, settings: Settings, pool: ModelPool, concurrency: int = 8) -> None:
+    def __init__(self, settings: Settings, pool: ModelPool, guard: Guard | None = None, concurrency: int = 8) -> None:
         home = settings.home
         self.settings = settings
+        self.guard = guard
         self.pool = pool
         self.store = JobStore(f"sqlite:///{home / 'jobs.db'}")
         self.queue_url = settings.stream.jobs_url or f"sqlite:///{home / 'jobs.db'}?topic=jobs&visibility_timeout=900"
@@ -213,8 +227,9 @@ class JobRunner:
     async def _execute(self, job: dict) -> dict:
         try:
             body = PredictRequest(**job["request"])
+            policy = policy_for(self.guard, parse_ref(job["model"]).name) if self.guard else None
             async with self.pool.use(job["model"]) as sv:
-                outputs = await predict_outputs(sv, body, self.settings.serve)
+                outputs = await predict_outputs(sv, body, self.settings.serve, policy=policy)
             result = {"model": sv.name, "version": sv.version, "task": sv.task, "outputs": outputs}
             return {"status": "succeeded", "result": _jsonable(result)}
         except MoorageError as exc:

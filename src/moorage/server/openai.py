@@ -17,9 +17,11 @@ from starlette.responses import Response, StreamingResponse
 from ..batching import GenerationEngine, TokenEvent
 from ..errors import BadRequest, MoorageError
 from ..runtime import GenerateInput, GenerationParams
+from ..security.filters import StreamFilter
 from .common import FastJSON, check_count, complete_all, mark, pool_of, unless_disconnected
 from .errors import error_body
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, _Sampling
+from .security import Policy, authorize_model, usage
 
 router = APIRouter(tags=["openai"])
 
@@ -28,6 +30,7 @@ router = APIRouter(tags=["openai"])
 async def embeddings(body: EmbeddingsRequest, request: Request) -> Response:
     texts = [body.input] if isinstance(body.input, str) else body.input
     check_count(len(texts), request.app.state.settings.serve.max_inputs, "input")
+    texts = authorize_model(request, body.model).texts(texts)
     async with pool_of(request).use(body.model, task="embed") as sv:
         mark(request, sv)
         results = await unless_disconnected(request, sv.engine.run(texts))
@@ -36,8 +39,15 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> Response:
         for i, r in enumerate(results)
     ]
     tokens = sum(r.tokens for r in results)
-    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-    return FastJSON({"object": "list", "data": data, "model": body.model, "usage": usage})
+    usage(request, tokens)
+    return FastJSON(
+        {
+            "object": "list",
+            "data": data,
+            "model": body.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
 
 
 def _vector(vec: np.ndarray, dimensions: int | None, encoding: str):
@@ -55,22 +65,27 @@ def _vector(vec: np.ndarray, dimensions: int | None, encoding: str):
 async def completions(body: CompletionRequest, request: Request) -> Response:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     check_count(len(prompts), request.app.state.settings.serve.max_inputs, "prompt")
-    params = _params(body, body.max_tokens, request)
+    policy = authorize_model(request, body.model)
+    prompts = policy.texts(prompts, "prompt")
+    params = _params(body, body.max_tokens, request, policy)
     items = [GenerateInput(prompt=p, params=params[j]) for p in prompts for j in range(body.n)]
     echo = [prompts[i // body.n] if body.echo else "" for i in range(len(items))]
-    return await _generate(request, body, items, "text_completion", "cmpl", echo)
+    return await _generate(request, body, items, "text_completion", "cmpl", echo, policy)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    messages = tuple({"role": m.role, "content": m.text()} for m in body.messages)
-    params = _params(body, body.max_completion_tokens or body.max_tokens, request)
+    policy = authorize_model(request, body.model)
+    contents = policy.texts([m.text() for m in body.messages], "messages")
+    messages = tuple({"role": m.role, "content": c} for m, c in zip(body.messages, contents))
+    params = _params(body, body.max_completion_tokens or body.max_tokens, request, policy)
     items = [GenerateInput(messages=messages, params=params[j]) for j in range(body.n)]
-    return await _generate(request, body, items, "chat.completion", "chatcmpl", [""] * len(items))
+    return await _generate(request, body, items, "chat.completion", "chatcmpl", [""] * len(items), policy)
 
 
-def _params(body: _Sampling, max_tokens: int | None, request: Request) -> list[GenerationParams]:
+def _params(body: _Sampling, max_tokens: int | None, request: Request, policy: Policy) -> list[GenerationParams]:
     """One parameter set per choice: with a seed and n > 1, choice j samples with seed + j."""
+    policy.max_tokens(max_tokens)
     default = request.app.state.settings.serve.default_max_tokens
     return [
         GenerationParams(
@@ -84,7 +99,7 @@ def _params(body: _Sampling, max_tokens: int | None, request: Request) -> list[G
     ]
 
 
-async def _generate(request, body, items, kind, prefix, echo) -> Response:
+async def _generate(request, body, items, kind, prefix, echo, policy: Policy) -> Response:
     pool = pool_of(request)
     sv = pool.acquire(body.model, task="generate")
     mark(request, sv)
@@ -94,7 +109,9 @@ async def _generate(request, body, items, kind, prefix, echo) -> Response:
             results = await complete_all(request, sv.engine, items)
         finally:
             pool.release(sv)
-        return FastJSON(_full_response(kind, meta, results, echo, body.n))
+        response = _full_response(kind, meta, results, echo, body.n, policy)
+        usage(request, response["usage"]["total_tokens"])
+        return FastJSON(response)
     events = _events(sv.engine, items)
     try:
         first = await anext(events)  # errors before the first token keep their HTTP status
@@ -107,18 +124,19 @@ async def _generate(request, body, items, kind, prefix, echo) -> Response:
         await events.aclose()
         pool.release(sv)
 
-    chunks = _chunks(kind, meta, first, events, echo, body.include_usage, body.n)
+    chunks = _chunks(_Chunks(kind, meta, body.n, policy), first, events, echo, body.include_usage, request)
     return _SSE(chunks, close)
 
 
-def _full_response(kind: str, meta: dict, results, echo: list[str], n: int) -> dict:
+def _full_response(kind: str, meta: dict, results, echo: list[str], n: int, policy: Policy) -> dict:
     choices = []
     for i, g in enumerate(results):
-        choice = {"index": i, "finish_reason": g.finish_reason, "logprobs": None}
+        text, withheld = policy.output(g.text)
+        choice = {"index": i, "finish_reason": "content_filter" if withheld else g.finish_reason, "logprobs": None}
         if kind == "chat.completion":
-            choice["message"] = {"role": "assistant", "content": g.text}
+            choice["message"] = {"role": "assistant", "content": text}
         else:
-            choice["text"] = echo[i] + g.text
+            choice["text"] = echo[i] + text
         choices.append(choice)
     prompt_tokens = _prompt_usage(results, n)
     completion_tokens = sum(g.completion_tokens for g in results)
@@ -173,11 +191,13 @@ async def _events(engine: GenerationEngine, items: list[GenerateInput]) -> Async
 class _Chunks:
     """Renders token events as OpenAI stream chunks (chat deltas or completion texts)."""
 
-    def __init__(self, kind: str, meta: dict, n: int) -> None:
+    def __init__(self, kind: str, meta: dict, n: int, policy: Policy) -> None:
         self.is_chat = kind == "chat.completion"
         self.meta = {**meta, "object": "chat.completion.chunk" if self.is_chat else "text_completion"}
         self.n = n
         self.results: dict[int, object] = {}
+        self.policy = policy
+        self.filters: dict[int, StreamFilter | None] = {}
 
     def chunk(self, index: int, text: str | None, finish: str | None) -> bytes:
         if self.is_chat:
@@ -193,28 +213,38 @@ class _Chunks:
         return [self.chunk(i, text, None) for i, text in enumerate(echo) if text]
 
     def render(self, index: int, event: TokenEvent) -> list[bytes]:
-        out = [self.chunk(index, event.text, None)] if event.text else []
+        if index not in self.filters:
+            self.filters[index] = self.policy.stream()
+        gate, text, finish = self.filters[index], event.text, None
+        if gate is not None:
+            text = gate.push(text) if text else ""
         if event.result is not None:
             self.results[index] = event.result
-            out.append(self.chunk(index, None, event.result.finish_reason))
+            finish = event.result.finish_reason
+            if gate is not None:
+                text += gate.finish()
+                finish = "content_filter" if gate.blocked else finish
+        out = [self.chunk(index, text, None)] if text else []
+        if finish is not None:
+            out.append(self.chunk(index, None, finish))
         return out
 
-    def usage(self) -> bytes:
+    def usage(self) -> dict:
         ordered = [self.results[i] for i in sorted(self.results)]
-        usage = _usage(_prompt_usage(ordered, self.n), sum(g.completion_tokens for g in ordered))
-        return _sse({**self.meta, "choices": [], "usage": usage})
+        return _usage(_prompt_usage(ordered, self.n), sum(g.completion_tokens for g in ordered))
 
 
-async def _chunks(kind, meta, first, events, echo, include_usage, n) -> AsyncIterator[bytes]:
-    out = _Chunks(kind, meta, n)
+async def _chunks(out: _Chunks, first, events, echo, include_usage, request) -> AsyncIterator[bytes]:
     try:
         for part in out.preamble(echo) + out.render(*first):
             yield part
         async for index, event in events:
             for part in out.render(index, event):
                 yield part
+        totals = out.usage()
+        usage(request, totals["total_tokens"])
         if include_usage:
-            yield out.usage()
+            yield _sse({**out.meta, "choices": [], "usage": totals})
     except MoorageError as exc:  # after the headers: the error travels as an event
         yield _sse(error_body(exc.message, exc.type, exc.code))
     yield b"data: [DONE]\n\n"

@@ -1,0 +1,255 @@
+"""The security edge: who is calling (API key), may they (role, model pattern, rate limit), what
+they sent (content filters, size limits) and a hash-chained audit row for every call.
+
+`SecurityMiddleware` authenticates every request outside the open paths before any route runs
+(default deny: a new route cannot be left open by mistake), takes a request from the key's rate
+limit, hashes the body as it streams through, and after the response writes the audit row and
+charges the tokens the route reported. Routes ask `principal(request)` for per-model rights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from ..config import LimitSettings, SecuritySettings, Settings
+from ..errors import MoorageError, PayloadTooLarge, Unauthorized, Unprocessable
+from ..refs import parse_ref
+from ..registry import Registry
+from ..security.audit import AuditEntry, AuditLog, AuditWriter
+from ..security.filters import ContentFilter, Filters, StreamFilter
+from ..security.keys import ANONYMOUS, KeyStore, Principal
+from ..security.limits import RateLimiter
+
+log = logging.getLogger("moorage.security")
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+MAX_AUDIT_TEXT = 64 * 1024
+
+
+class Guard:
+    """Everything the security edge needs, built once per app."""
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings: SecuritySettings = settings.security
+        self.keys = KeyStore(registry.catalog)
+        self.limiter = RateLimiter()
+        self.filters = Filters(self.settings.filters)
+        self.audit = AuditLog(registry.catalog)
+        self.writer = AuditWriter(self.audit, self.settings.audit_flush_ms / 1000) if self.settings.audit else None
+
+    def is_open(self, path: str) -> bool:
+        return path in OPEN_PATHS or (path == "/metrics" and not self.settings.metrics_auth)
+
+    async def start(self) -> None:
+        if not self.settings.auth:
+            log.warning(
+                "security.auth is false: every endpoint is open to anyone who reaches this server, with admin "
+                "rights. Use this for local development only."
+            )
+        elif await asyncio.to_thread(self.keys.count_active) == 0:
+            log.warning("no active API key: every request will get 401; create one with `moorage keys create`")
+        if self.writer:
+            await self.writer.start()
+
+    async def stop(self) -> None:
+        if self.writer:
+            await self.writer.stop()
+
+    async def authenticate(self, headers: dict[bytes, bytes]) -> Principal:
+        if not self.settings.auth:
+            return ANONYMOUS
+        return await asyncio.to_thread(self.keys.authenticate, _token(headers))
+
+    def admit(self, p: Principal) -> None:
+        limits = self.settings.limits
+        rpm = p.requests_per_minute or limits.requests_per_minute
+        self.limiter.admit(p.key_id, rpm, p.tokens_per_minute or limits.tokens_per_minute)
+
+    def charge(self, p: Principal, tokens: int) -> None:
+        self.limiter.charge_tokens(p.key_id, p.tokens_per_minute or self.settings.limits.tokens_per_minute, tokens)
+
+
+def _token(headers: dict[bytes, bytes]) -> str | None:
+    auth = headers.get(b"authorization", b"").decode("latin-1").strip()
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    api_key = headers.get(b"x-api-key")
+    return api_key.decode("latin-1").strip() if api_key else None
+
+
+def _claimed_id(headers: dict[bytes, bytes]) -> str:
+    token = _token(headers) or ""
+    parts = token.split("_")
+    return f"unknown:{parts[1][:12]}" if len(parts) >= 3 and parts[0] == "moor" else "none"
+
+
+class SecurityMiddleware:
+    def __init__(self, app, guard: Guard) -> None:
+        self.app = app
+        self.guard = guard
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self.guard.is_open(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope.get("headers") or ())
+        state = scope.setdefault("state", {})
+        try:
+            principal = await self.guard.authenticate(headers)
+            state["principal"] = principal
+            self.guard.admit(principal)
+        except MoorageError as exc:
+            await _reject(send, exc)
+            key_id = state["principal"].key_id if "principal" in state else _claimed_id(headers)
+            await self._audit(scope, key_id, exc.status, started, "", None, detail={"error": exc.code})
+            return
+        digest, body = hashlib.sha256(), bytearray()
+        keep_text = self.guard.settings.audit_inputs
+
+        async def hashing_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                chunk = message.get("body", b"")
+                digest.update(chunk)
+                if keep_text and len(body) < MAX_AUDIT_TEXT:
+                    body.extend(chunk[: MAX_AUDIT_TEXT - len(body)])
+            return message
+
+        status = [500]
+
+        async def tracking_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, hashing_receive, tracking_send)
+        finally:
+            self.guard.charge(principal, int(state.get("usage_tokens", 0)))
+            if scope["path"] != "/metrics":
+                text = body.decode("utf-8", "replace") if keep_text and body else None
+                await self._audit(scope, principal.key_id, status[0], started, digest.hexdigest(), text)
+
+    async def _audit(self, scope, key_id, status, started, input_sha, text, detail=None) -> None:
+        writer = self.guard.writer
+        if writer is None:
+            return
+        state = scope.get("state") or {}
+        endpoint = scope.get("endpoint")
+        action = state.get("audit_action") or (endpoint.__name__ if endpoint else f"{scope['method']} {scope['path']}")
+        labels = state.get("labels")
+        params = scope.get("path_params") or {}
+        model = labels[0] if labels else state.get("audit_model") or params.get("name") or params.get("model") or ""
+        version = labels[1] if labels else state.get("audit_version")
+        entry = AuditEntry(
+            key_id=key_id,
+            action=action,
+            status=status,
+            model=str(model)[:128],
+            version=int(version) if str(version or "").isdigit() else None,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            input_sha256=input_sha,
+            input_text=text,
+            detail=detail or state.get("audit_detail") or {},
+        )
+        admin = scope["path"].startswith(("/admin", "/v1/registry")) and scope["method"] != "GET"
+        await writer.record(entry, now=admin or status in (401, 403))
+
+
+async def _reject(send, exc: MoorageError) -> None:
+    body = json.dumps({"error": {"message": exc.message, "type": exc.type, "code": exc.code, "param": None}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if exc.status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="moorage"'))
+    if hasattr(exc, "retry_after"):
+        headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---- what routes call --------------------------------------------------------------------------
+def guard_of(request: Request) -> Guard:
+    return request.app.state.guard
+
+
+def principal(request: Request) -> Principal:
+    p = getattr(request.state, "principal", None)
+    if p is None:  # only reachable if a route is served without the middleware
+        raise Unauthorized("an API key is required", code="missing_api_key")
+    return p
+
+
+@dataclass
+class Policy:
+    """What one model's calls must respect: size limits and its content filter (if any)."""
+
+    limits: LimitSettings
+    cfilter: ContentFilter | None = None
+
+    def texts(self, texts: list[str], what: str = "input") -> list[str]:
+        """Each text checked against the limits and the input filter; returns what the model sees."""
+        out = []
+        for i, text in enumerate(texts):
+            where = f"{what}.{i}" if len(texts) > 1 else what
+            if len(text) > self.limits.max_text_chars:
+                raise PayloadTooLarge(
+                    f"{where} has {len(text)} characters; the limit is {self.limits.max_text_chars}",
+                    code="text_too_long",
+                )
+            out.append(self.cfilter.check_input(text, where) if self.cfilter else text)
+        return out
+
+    def max_tokens(self, max_tokens: int | None) -> None:
+        if max_tokens is not None and max_tokens > self.limits.max_tokens:
+            raise Unprocessable(
+                f"max_tokens={max_tokens} is above this server's limit of {self.limits.max_tokens}",
+                code="max_tokens_too_large",
+            )
+
+    def output(self, text: str) -> tuple[str, bool]:
+        """(text to return, withheld?): a blocked output is replaced by an empty string."""
+        if self.cfilter is None:
+            return text, False
+        masked = self.cfilter.mask(text)
+        return ("", True) if self.cfilter.output_blocked(masked) else (masked, False)
+
+    def stream(self) -> StreamFilter | None:
+        return StreamFilter(self.cfilter) if self.cfilter and self.cfilter.filters_output else None
+
+
+def policy_for(guard: Guard, name: str) -> Policy:
+    return Policy(guard.settings.limits, guard.filters.for_model(name))
+
+
+def authorize_model(request: Request, model: str) -> Policy:
+    """Check the caller may use `model` (a reference); return the policy its call must follow."""
+    name = parse_ref(model).name
+    p = principal(request)
+    p.require("invoke")
+    p.require_model(name)
+    request.state.audit_model = name
+    return policy_for(guard_of(request), name)
+
+
+def require(permission: str):
+    """A route dependency: the caller's role must grant `permission`."""
+
+    def dependency(request: Request) -> Principal:
+        p = principal(request)
+        p.require(permission)
+        return p
+
+    return dependency
+
+
+def usage(request: Request, tokens: int) -> None:
+    """Report the tokens a request used (input + output): charged to the key's tokens per minute."""
+    request.state.usage_tokens = getattr(request.state, "usage_tokens", 0) + tokens

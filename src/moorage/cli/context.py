@@ -43,6 +43,17 @@ class AppState:
             self._registry = Registry.from_settings(self.settings)
         return self._registry
 
+    def audit(self, action: str, model: str = "", version: int | None = None, **detail: Any) -> None:
+        """An audit row for an admin action taken on this machine (actor ``cli:USER``)."""
+        if not self.settings.security.audit:
+            return
+        from ..security.audit import AuditEntry, AuditLog
+
+        entry = AuditEntry(
+            key_id=f"cli:{self.settings.user}", action=action, status=0, model=model, version=version, detail=detail
+        )
+        AuditLog(self.registry.catalog).append([entry])
+
 
 def state(ctx: typer.Context) -> AppState:
     return ctx.find_root().obj

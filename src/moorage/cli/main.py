@@ -13,7 +13,7 @@ import typer
 
 from .. import __version__
 from ..errors import MoorageError
-from . import models, serve, stream
+from . import audit, keys, models, serve, stream
 from .context import AppState, console, err_console, state
 
 app = typer.Typer(
@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 app.add_typer(models.app, name="models")
 app.add_typer(stream.app, name="stream")
+app.add_typer(keys.app, name="keys")
+app.add_typer(audit.app, name="audit")
 app.command()(serve.serve)
 
 

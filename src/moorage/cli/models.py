@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,11 +33,15 @@ def register(
     dataset_sha256: Annotated[Optional[str], typer.Option(help="lineage: hash of the training data")] = None,
     code_version: Annotated[Optional[str], typer.Option(help="lineage: code version (git sha)")] = None,
     reason: Annotated[str, typer.Option(help="why, for the alias history")] = "",
+    encrypt: Annotated[
+        Optional[bool], typer.Option("--encrypt/--no-encrypt", help="encrypt at rest (default: settings)")
+    ] = None,
 ) -> None:
     """Copy a model folder into the registry as its next version."""
     if parent is not None:
         parse_ref(parent)
-    reg = state(ctx).registry
+    st = state(ctx)
+    reg = st.registry
     with RichProgress() as progress:
         info = reg.register(
             path,
@@ -50,7 +55,9 @@ def register(
             lineage=Lineage(parent=parent, dataset_sha256=dataset_sha256, code_version=code_version),
             reason=reason,
             progress=progress,
+            encrypt=encrypt,
         )
+    st.audit("register", info.name, info.version, alias=alias, encrypted=bool(info.manifest.encryption))
     where = f" (alias {alias})" if alias else ""
     console.print(
         f"registered [bold]{info.ref}[/] {info.task}/{info.framework}, "
@@ -125,6 +132,7 @@ def alias(
         raise BadRequest("give the target VERSION, or --remove", code="missing_version")
     else:
         event = reg.set_alias(name, alias, parse_version(version), reason)
+    state(ctx).audit("remove_alias" if remove else "set_alias", name, event.to_version, alias=alias, reason=reason)
     console.print(f"{name}@{alias}: {event.from_version or '-'} → {event.to_version or '-'}")
 
 
@@ -132,6 +140,7 @@ def alias(
 def rollback(ctx: typer.Context, name: str, alias: str, reason: Annotated[str, typer.Option()] = "") -> None:
     """Move ALIAS back to the version it pointed at before."""
     event = state(ctx).registry.rollback(name, alias, reason)
+    state(ctx).audit("rollback_alias", name, event.to_version, alias=alias, reason=reason)
     console.print(f"{name}@{alias}: {event.from_version} → {event.to_version} (rolled back)")
 
 
@@ -187,6 +196,7 @@ def delete(
     if not yes:
         typer.confirm(f"delete {parsed} and its files?", abort=True)
     state(ctx).registry.delete_version(parsed.name, parsed.version)
+    state(ctx).audit("delete_version", parsed.name, parsed.version)
     console.print(f"deleted {parsed}")
 
 
@@ -226,7 +236,43 @@ def import_(ctx: typer.Context, source: Annotated[str, typer.Argument(help="expo
         names = import_models(
             st.registry, source, storage_options=st.settings.registry.storage_options, progress=progress
         )
+    for name in names:
+        st.audit("import", name, source=source)
     console.print(f"imported {', '.join(names)}")
+
+
+@app.command("new-master-key")
+def new_master_key(path: Annotated[Path, typer.Argument(help="file to create (mode 0600)")]) -> None:
+    """Write a new random master key (base64, 32 bytes) for encrypted artifacts."""
+    from ..security.crypto import MasterKey, generate_master_key
+
+    if path.exists():
+        raise BadRequest(f"{path} exists; refusing to overwrite a key", code="file_exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = generate_master_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    console.print(f"wrote master key {MasterKey.from_text(key, str(path)).id} to {path} (keep a copy in your vault)")
+
+
+@app.command()
+def rekey(
+    ctx: typer.Context,
+    new_key_file: Annotated[Path, typer.Option("--new-key-file", help="the new master key (base64 file)")],
+) -> None:
+    """Re-wrap the data keys of encrypted versions under a new master key (the configured key is the
+    old one). The encrypted files are not rewritten; afterwards configure the new key."""
+    from ..security.crypto import MasterKey
+
+    st = state(ctx)
+    new = MasterKey.from_file(new_key_file)
+    old_id = st.registry.require_master_key("re-wrap data keys").id
+    done, skipped = st.registry.rekey(new)
+    st.audit("rekey", old_key=old_id, new_key=new.id, rewrapped=done, skipped=len(skipped))
+    console.print(f"re-wrapped {done} data key(s) from master key {old_id} to {new.id}")
+    for line in skipped:
+        console.print(f"  skipped {line}")
 
 
 def _size(num: int) -> str:

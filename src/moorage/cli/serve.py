@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -25,6 +27,8 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="listen address (default 127.0.0.1)")] = None,
     port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="TCP port (default 8000)")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="server processes, each loads the models")] = None,
+    ssl_certfile: Annotated[Optional[Path], typer.Option(help="TLS certificate (PEM); serve HTTPS")] = None,
+    ssl_keyfile: Annotated[Optional[Path], typer.Option(help="TLS private key (PEM)")] = None,
 ) -> None:
     """Serve models over HTTP: REST, OpenAI-compatible API, /metrics, hot swaps when aliases move."""
     try:
@@ -32,7 +36,14 @@ def serve(
     except ImportError:
         raise MissingDependency("serving needs: pip install 'moorage[serve]'") from None
     st = state(ctx)
-    serve_opts = {"models": model, "host": host, "port": port, "workers": workers}
+    serve_opts = {
+        "models": model,
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "ssl_certfile": ssl_certfile,
+        "ssl_keyfile": ssl_keyfile,
+    }
     serve_settings = st.settings.serve.model_copy(update={k: v for k, v in serve_opts.items() if v is not None})
     settings = st.settings.model_copy(update={"serve": serve_settings})
     if not serve_settings.models:
@@ -40,6 +51,13 @@ def serve(
     for ref in serve_settings.models:  # fail here, in one line, rather than in every worker
         info = st.registry.resolve(ref)
         console.print(f"serving {ref} -> {info.name}:{info.version} ({info.task})", highlight=False)
+    _check_tls(serve_settings)
+    if not settings.security.auth:
+        console.print(
+            "[yellow]warning:[/] security.auth is false: anyone who reaches this server has admin rights "
+            "(local development only)",
+            highlight=False,
+        )
     logging.getLogger("moorage").setLevel(settings.log_level)
     options = {
         "host": serve_settings.host,
@@ -48,6 +66,8 @@ def serve(
         "log_level": settings.log_level.lower(),
         "access_log": settings.log_level == "DEBUG",
     }
+    if serve_settings.ssl_certfile:
+        options |= {"ssl_certfile": str(serve_settings.ssl_certfile), "ssl_keyfile": str(serve_settings.ssl_keyfile)}
     if serve_settings.workers == 1:
         from ..server import create_app
 
@@ -55,11 +75,35 @@ def serve(
         return
     metrics_dir = tempfile.mkdtemp(prefix="moorage-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in each worker
-    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    os.environ[SETTINGS_ENV] = _settings_json(settings)
     try:
         uvicorn.run("moorage.cli.serve:app_from_env", factory=True, workers=serve_settings.workers, **options)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _settings_json(settings: Settings) -> str:
+    """The settings for the workers, secrets included (pydantic masks SecretStr when dumping)."""
+    data = json.loads(settings.model_dump_json())
+    if settings.security.master_key is not None:
+        data["security"]["master_key"] = settings.security.master_key.get_secret_value()
+    return json.dumps(data)
+
+
+def _check_tls(serve_settings) -> None:
+    cert, key = serve_settings.ssl_certfile, serve_settings.ssl_keyfile
+    if (cert is None) != (key is None):
+        raise MoorageError("TLS needs both --ssl-certfile and --ssl-keyfile", code="invalid_tls")
+    for path in (cert, key):
+        if path is not None and not Path(path).is_file():
+            raise MoorageError(f"TLS file {path} does not exist", code="invalid_tls")
+    if cert is not None:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, ValueError) as exc:
+            raise MoorageError(f"cannot use TLS certificate {cert} with key {key}: {exc}", code="invalid_tls") from None
 
 
 def app_from_env():

@@ -14,6 +14,7 @@ import pytest
 @pytest.fixture
 def cli_env(tmp_path: Path) -> dict:
     env = {**os.environ, "MOORAGE_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    env["MOORAGE_SECURITY__AUTH"] = "false"  # test_security_cli.py covers keys, TLS and the audit end to end
     env.pop("MOORAGE_CONFIG", None)
     return env
 

@@ -215,7 +215,7 @@ async def rollback_alias(
 
 def _history(e) -> dict:
     return {
-        "model": e.model_name,
+        "model": e.name,
         "alias": e.alias,
         "action": e.action,
         "from_version": e.from_version,

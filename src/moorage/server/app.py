@@ -89,7 +89,24 @@ def create_app(settings: Settings, models: list[str] | None = None, registry: Re
     app.include_router(openai.router)
     app.include_router(jobs.router)
     app.include_router(admin.router)
+    app.openapi = lambda: _openapi_with_auth(app, guard)
     return app
+
+
+def _openapi_with_auth(app: FastAPI, guard: Guard) -> dict:
+    """The schema, saying which operations need a bearer key (all but the open probes)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "moorage API key (moorage keys create)"}
+        }
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                operation["security"] = [] if guard.is_open(path) else [{"apiKey": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 async def _load(pool: ModelPool) -> None:

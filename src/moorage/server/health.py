@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from ..observability import metrics
 from .common import FastJSON, pool_of
@@ -33,7 +33,7 @@ async def readyz(request: Request) -> Response:
     return FastJSON(error_body(message, "server_error", "not_ready"), status_code=503)
 
 
-@router.get("/metrics", tags=["health"])
+@router.get("/metrics", tags=["health"], response_class=PlainTextResponse)
 async def prometheus_metrics() -> Response:
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)

@@ -18,7 +18,6 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from moorage.config import load_settings

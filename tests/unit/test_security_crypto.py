@@ -134,3 +134,20 @@ def test_encrypting_without_a_key_says_how_to_get_one(tmp_path, fake_model):
     with pytest.raises(EncryptionError, match="MOORAGE_SECURITY__MASTER_KEY"):
         reg.register(fake_model("embed"), "emb", "embed")
     assert reg.list_models() == []
+
+
+def test_export_import_keeps_an_encrypted_version_encrypted(tmp_path, fake_model):
+    from moorage.registry import export_model, import_models
+
+    key = crypto.generate_master_key()
+    src = Registry.from_settings(_settings(tmp_path / "a", key))
+    src.register(fake_model("embed"), "emb", "embed")
+    export_model(src, "emb", str(tmp_path / "export"))
+    dst_settings = _settings(tmp_path / "b", key)
+    dst = Registry.from_settings(dst_settings)
+    import_models(dst, str(tmp_path / "export"))
+    assert dst.verify("emb:1") == []
+    expected = Runtime(src, dst_settings.runtime).predict("emb", ["moor"])[0]
+    np.testing.assert_allclose(Runtime(dst, dst_settings.runtime).predict("emb", ["moor"])[0], expected)
+    with pytest.raises(EncryptionError, match="master key is needed"):
+        Runtime(Registry.from_settings(_settings(tmp_path / "b", encrypt=False)), dst_settings.runtime).get("emb")

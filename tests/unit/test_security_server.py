@@ -157,6 +157,9 @@ async def test_roles_by_endpoints_every_cell(secured, serving, fake_model):
                 assert (await c.request(method, path, headers=headers)).status_code == 200
         listed = (await c.get("/v1/models", headers={"Authorization": f"Bearer {keys['invoker']}"})).json()["data"]
         assert [m["id"] for m in listed] == ["emb@production"]  # only the models its patterns allow
+        scraped = (await c.get("/metrics", headers=admin)).text
+        for code in ("missing_api_key", "invalid_api_key", "revoked_api_key", "expired_api_key"):
+            assert f'moorage_security_rejections_total{{code="{code}"}}' in scraped
     assert cells == 9 * len(ENDPOINTS)
     rows = AuditLog(registry.catalog).rows()
     assert {r["status"] for r in rows} >= {200, 201, 202, 401, 403}

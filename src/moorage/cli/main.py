@@ -79,7 +79,13 @@ def predict(
 @app.command("config")
 def show_config(ctx: typer.Context) -> None:
     """Print the effective settings (defaults < file < MOORAGE_* < flags)."""
-    print(json.dumps(state(ctx).settings.model_dump(mode="json"), indent=2))
+    settings = state(ctx).settings
+    data = settings.model_dump(mode="json")  # secrets (master key) come out masked
+    if settings.registry.catalog_url:
+        from sqlalchemy.engine import make_url
+
+        data["registry"]["catalog_url"] = make_url(settings.registry.catalog_url).render_as_string(hide_password=True)
+    print(json.dumps(data, indent=2))
 
 
 @app.command()

@@ -60,6 +60,12 @@ STREAM_LATENCY = Histogram(
 )
 STREAM_LAG = Gauge("moorage_stream_lag", "messages of the source not yet acknowledged by the group", ("source",),
                    multiprocess_mode="max")  # fmt: skip
+SECURITY_REJECTIONS = Counter(
+    "moorage_security_rejections", "requests refused before routing (auth, rate limit) by error code", ("code",)
+)
+CONTENT_FILTERED = Counter(
+    "moorage_content_filtered", "inputs refused and outputs withheld by content filters", ("model", "direction")
+)
 PROCESS_CPU = Gauge("moorage_process_cpu_seconds", "CPU time of the server process", multiprocess_mode="all")
 PROCESS_MEMORY = Gauge("moorage_process_max_resident_memory_bytes", "peak RSS of the process", multiprocess_mode="all")
 PROCESS_RSS = Gauge("moorage_process_resident_memory_bytes", "RSS of the process", multiprocess_mode="all")

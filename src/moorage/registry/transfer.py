@@ -19,7 +19,7 @@ from ..refs import validate_name
 from .manifest import MANIFEST_NAME, Manifest, sha256_bytes
 from .service import Registry
 from .store import NoProgress, Progress
-from .tables import Alias, AliasEvent, Model, ModelVersion, as_utc
+from .tables import Alias, AliasEvent, ArtifactKey, Model, ModelVersion, as_utc
 
 EXPORT_NAME = "export.json"
 EXPORT_FORMAT = 1
@@ -50,6 +50,8 @@ def export_model(
             )
         )
         aliases = list(s.scalars(select(Alias).where(Alias.model_name == name)))
+        # encrypted versions travel as ciphertext with their wrapped data key: the importer needs the same master key
+        keys = {k.version: k for k in s.scalars(select(ArtifactKey).where(ArtifactKey.model_name == name))}
         events = list(s.scalars(select(AliasEvent).where(AliasEvent.model_name == name).order_by(AliasEvent.id)))
     doc = {
         "format": EXPORT_FORMAT,
@@ -71,6 +73,16 @@ def export_model(
                 "tags": v.tags,
                 "created_at": _iso(v.created_at),
                 "created_by": v.created_by,
+                **(
+                    {
+                        "data_key": {
+                            "master_key_id": keys[v.version].master_key_id,
+                            "wrapped": keys[v.version].wrapped_key,
+                        }
+                    }
+                    if v.version in keys
+                    else {}
+                ),
             }
             for v in versions
         ],
@@ -175,6 +187,16 @@ def _import_one(registry: Registry, fs, folder: str, progress: Progress) -> str:
         for v, manifest in zip(doc["versions"], manifests):
             row = s.get(ModelVersion, (name, v["version"]))
             row.status, row.size_bytes = "ready", manifest.size_bytes
+            if "data_key" in v:
+                key = v["data_key"]
+                s.add(
+                    ArtifactKey(
+                        model_name=name,
+                        version=v["version"],
+                        master_key_id=key["master_key_id"],
+                        wrapped_key=key["wrapped"],
+                    )
+                )
         s.flush()
         for a in doc["aliases"]:
             s.add(

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from ..config import LimitSettings, SecuritySettings, Settings
-from ..errors import MoorageError, PayloadTooLarge, Unauthorized, Unprocessable
+from ..errors import ContentBlocked, MoorageError, PayloadTooLarge, Unauthorized, Unprocessable
+from ..observability import metrics
 from ..refs import parse_ref
 from ..registry import Registry
 from ..security.audit import AuditEntry, AuditLog, AuditWriter
@@ -107,6 +108,7 @@ class SecurityMiddleware:
             state["principal"] = principal
             self.guard.admit(principal)
         except MoorageError as exc:
+            metrics.SECURITY_REJECTIONS.labels(exc.code).inc()
             await _reject(send, exc)
             key_id = state["principal"].key_id if "principal" in state else _claimed_id(headers)
             await self._audit(scope, key_id, exc.status, started, "", None, detail={"error": exc.code})
@@ -204,7 +206,11 @@ class Policy:
                     f"{where} has {len(text)} characters; the limit is {self.limits.max_text_chars}",
                     code="text_too_long",
                 )
-            out.append(self.cfilter.check_input(text, where) if self.cfilter else text)
+            try:
+                out.append(self.cfilter.check_input(text, where) if self.cfilter else text)
+            except ContentBlocked:
+                metrics.CONTENT_FILTERED.labels(self.cfilter.name, "input").inc()
+                raise
         return out
 
     def max_tokens(self, max_tokens: int | None) -> None:
@@ -219,7 +225,10 @@ class Policy:
         if self.cfilter is None:
             return text, False
         masked = self.cfilter.mask(text)
-        return ("", True) if self.cfilter.output_blocked(masked) else (masked, False)
+        if self.cfilter.output_blocked(masked):
+            metrics.CONTENT_FILTERED.labels(self.cfilter.name, "output").inc()
+            return "", True
+        return masked, False
 
     def stream(self) -> StreamFilter | None:
         return StreamFilter(self.cfilter) if self.cfilter and self.cfilter.filters_output else None

@@ -36,6 +36,7 @@ from moorage.demo import assets  # noqa: E402
 from moorage.demo.run import DEMO_MODELS, ensure_registered  # noqa: E402
 from moorage.registry import Registry  # noqa: E402
 from moorage.runtime import GenerateInput, GenerationParams, Runtime  # noqa: E402
+from moorage.security.keys import KeyStore  # noqa: E402
 
 GEN_TOKENS = 64
 GEN_CLIENTS = 32
@@ -105,13 +106,13 @@ def bench_raw_embed(model, texts: list[str], seconds: float) -> dict:
     return {"best_batch_size": best, "throughput": round(by_size[best], 1), "by_batch_size": _round(by_size)}
 
 
-def http_embed(port: int, model: str, texts: list[str], concurrency: int, seconds: float) -> dict:
+def http_embed(port: int, model: str, texts: list[str], concurrency: int, seconds: float, key: str = "") -> dict:
     bodies = [orjson.dumps({"model": model, "input": t}) for t in texts]
-    requests = [encode_post("127.0.0.1", port, "/v1/embeddings", b) for b in bodies]
+    requests = [encode_post("127.0.0.1", port, "/v1/embeddings", b, key) for b in bodies]
     warm = asyncio.run(run_load("127.0.0.1", port, requests, concurrency, concurrency * 2, 5))
     assert warm.ok, f"warm-up failed: {warm.statuses}"
     result = asyncio.run(run_load("127.0.0.1", port, requests, concurrency, 10**9, seconds))
-    return result.summary()
+    return result.summary() | {"warmup_requests": sum(warm.statuses.values())}
 
 
 def prompts() -> list[GenerateInput]:
@@ -143,7 +144,7 @@ def bench_generate_in_process(model, items: list[GenerateInput], sequential: int
     return d, e
 
 
-async def http_generate(port: int, model: str, items: list[GenerateInput]) -> dict:
+async def http_generate(port: int, model: str, items: list[GenerateInput], key: str = "") -> dict:
     """(f) one streaming chat request per client, all at once; tokens counted from `usage`."""
     ttfts, tokens, errors = [], [], []
 
@@ -173,7 +174,10 @@ async def http_generate(port: int, model: str, items: list[GenerateInput]) -> di
         ttfts.append(first if first is not None else time.perf_counter() - started)
 
     limits = httpx.Limits(max_connections=len(items))
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300, limits=limits) as http:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=300, limits=limits, headers=headers
+    ) as http:
         await client(http, items[0])  # warm-up
         ttfts.clear(), tokens.clear()
         started = time.perf_counter()
@@ -211,6 +215,7 @@ def main() -> None:
     for name, task, package in DEMO_MODELS:
         ensure_registered(registry, name, task, package, folders[name])
     texts = sentences()
+    key = KeyStore(registry.catalog).create("invoker", name="bench")[1]
 
     port, naive_port = free_port(), free_port()
     server = start(
@@ -237,7 +242,7 @@ def main() -> None:
         results["a_raw_in_process"] = raw
         print(f"  (a) raw in-process       {raw['throughput']:8.1f} sentences/s (batch {raw['best_batch_size']})")
         for c in (1, 16, 64):
-            r = http_embed(port, "minilm", texts, c, args.seconds)
+            r = http_embed(port, "minilm", texts, c, args.seconds, key)
             results[f"b_moorage_http_c{c}"] = r
             latency = f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms"
             print(f"  (b) moorage, {c:2d} clients  {r['throughput_rps']:8.1f} req/s  {latency}")
@@ -254,7 +259,7 @@ def main() -> None:
         results["d_sequential_generate"], results["e_static_batched_generate"] = d, e
         print(f"  (d) sequential generate  {d['tokens_per_s']:8.1f} tokens/s")
         print(f"  (e) static batch of {len(items)}   {e['tokens_per_s']:8.1f} tokens/s")
-        f = asyncio.run(http_generate(port, "smollm2", items))
+        f = asyncio.run(http_generate(port, "smollm2", items, key))
         results["f_moorage_stream_c32"] = f
         ttft = f"TTFT p50 {f['ttft_p50_ms']} ms  p99 {f['ttft_p99_ms']} ms"
         print(f"  (f) moorage, {len(items)} streams {f['tokens_per_s']:8.1f} tokens/s  {ttft}")

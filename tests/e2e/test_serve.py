@@ -54,9 +54,14 @@ def test_sigterm_finishes_in_flight_work_then_exits(cli, server, tmp_path):
 def test_metrics_add_up_over_worker_processes(cli, server, tmp_path):
     _register(cli, tmp_path, "emb", "embed")
     _, url = server("-m", "emb", "--workers", "2")
+    ready_in_a_row, deadline = 0, time.time() + 60
+    while ready_in_a_row < 10:  # the fixture saw one worker ready; new connections reach both
+        assert time.time() < deadline, "both workers did not become ready"
+        ready_in_a_row = ready_in_a_row + 1 if httpx.get(url + "/readyz").status_code == 200 else 0
     with httpx.Client(base_url=url) as http:
         for i in range(20):  # new connections, so both workers get some
-            assert httpx.post(url + "/v1/embeddings", json={"model": "emb", "input": f"t {i}"}).status_code == 200
+            r = httpx.post(url + "/v1/embeddings", json={"model": "emb", "input": f"t {i}"})
+            assert r.status_code == 200, r.text
         text = http.get("/metrics").text
     counted = sum(
         float(line.rsplit(" ", 1)[1])

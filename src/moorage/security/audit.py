@@ -44,6 +44,9 @@ class AuditEntry:
     detail: dict[str, Any] = field(default_factory=dict)
     at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="microseconds"))
 
+    def __post_init__(self) -> None:  # fit the columns: a client-chosen path or key id cannot break an insert
+        self.key_id, self.action, self.model = self.key_id[:160], self.action[:64], self.model[:128]
+
 
 def sha256_text(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
@@ -159,6 +162,8 @@ class AuditWriter:
     `record(..., now=True)` (admin actions) writes at once. Rows still queued when the process is
     killed with SIGKILL are lost; a clean stop writes them all."""
 
+    MAX_PENDING = 100_000  # while the database is unreachable; beyond it the oldest rows are dropped, loudly
+
     def __init__(self, log_: AuditLog, interval_s: float) -> None:
         self.log = log_
         self.interval_s = interval_s
@@ -190,6 +195,10 @@ class AuditWriter:
                 await asyncio.to_thread(self.log.append, batch)
             except Exception:
                 self._pending[:0] = batch  # keep them for the next attempt
+                dropped = len(self._pending) - self.MAX_PENDING
+                if dropped > 0:
+                    del self._pending[:dropped]
+                    log.error("audit database unreachable: dropped the %d oldest unwritten audit rows", dropped)
                 log.exception("could not write %d audit rows; will retry", len(batch))
 
     async def _loop(self) -> None:

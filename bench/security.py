@@ -81,11 +81,9 @@ def main() -> None:
         for c in (1, 16)
     }
     results["ratios"] = ratios
-    results["audit"] = {"rows_added": count - before, "responses_measured": sent, "chain_problems": problems}
+    results["audit"] = {"rows_added": count - before, "requests_sent": sent, "chain_problems": problems}
     print("ratios (throughput, secured / open):", ", ".join(f"{k} {v}" for k, v in ratios.items()))
-    print(
-        f"audit: {count - before} rows added (measured responses {sent}, plus warm-up), chain problems: {len(problems)}"
-    )
+    print(f"audit: {count - before} rows added for {sent} requests sent (warm-up included), problems: {len(problems)}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     registry.close()

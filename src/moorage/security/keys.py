@@ -193,6 +193,16 @@ class KeyStore:
     def count_active(self) -> int:
         return sum(1 for k in self.list() if k.state == "active")
 
+    def needs_lookup(self, token: str | None) -> bool:
+        """Whether `authenticate(token)` would query the database (the key is not freshly cached):
+        callers on an event loop run only those in a thread."""
+        match = _KEY_RE.fullmatch(token.strip()) if token else None
+        if match is None:
+            return False
+        with self._lock:
+            hit = self._cache.get(match.group(1))
+        return hit is None or time.monotonic() - hit[0] >= self.cache_s
+
     def authenticate(self, token: str | None) -> Principal:
         """The principal of a presented key, or `Unauthorized` saying why (never which part was wrong)."""
         if not token:

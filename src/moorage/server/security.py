@@ -66,7 +66,10 @@ class Guard:
     async def authenticate(self, headers: dict[bytes, bytes]) -> Principal:
         if not self.settings.auth:
             return ANONYMOUS
-        return await asyncio.to_thread(self.keys.authenticate, _token(headers))
+        token = _token(headers)
+        if self.keys.needs_lookup(token):
+            return await asyncio.to_thread(self.keys.authenticate, token)
+        return self.keys.authenticate(token)  # a cached key: no database, no thread hop
 
     def admit(self, p: Principal) -> None:
         limits = self.settings.limits

@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import tarfile
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -214,16 +215,7 @@ async def rollback_alias(
 
 
 def _history(e) -> dict:
-    return {
-        "model": e.name,
-        "alias": e.alias,
-        "action": e.action,
-        "from_version": e.from_version,
-        "to_version": e.to_version,
-        "actor": e.actor,
-        "reason": e.reason,
-        "at": e.at.isoformat(),
-    }
+    return {**asdict(e), "at": e.at.isoformat()}  # the same fields as `moorage models history --json`
 
 
 # ---- keys, settings, audit (admin) -------------------------------------------------------------

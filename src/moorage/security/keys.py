@@ -37,6 +37,12 @@ _KEY_RE = re.compile(rf"^{PREFIX}_([0-9a-f]{{12}})_([A-Za-z0-9_-]{{20,128}})$")
 _PATTERN_RE = re.compile(r"^[a-z0-9_.*?\[\]-]{1,64}$")
 
 
+def claimed_key_id(token: str | None) -> str | None:
+    """The id a presented token claims (for the audit of a refused call), if it has the key format."""
+    match = _KEY_RE.fullmatch(token.strip()) if token else None
+    return match.group(1) if match else None
+
+
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -196,11 +202,11 @@ class KeyStore:
     def needs_lookup(self, token: str | None) -> bool:
         """Whether `authenticate(token)` would query the database (the key is not freshly cached):
         callers on an event loop run only those in a thread."""
-        match = _KEY_RE.fullmatch(token.strip()) if token else None
-        if match is None:
+        key_id = claimed_key_id(token)
+        if key_id is None:
             return False
         with self._lock:
-            hit = self._cache.get(match.group(1))
+            hit = self._cache.get(key_id)
         return hit is None or time.monotonic() - hit[0] >= self.cache_s
 
     def authenticate(self, token: str | None) -> Principal:

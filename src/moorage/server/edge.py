@@ -6,10 +6,11 @@ sent (streams included) the request is counted by status and its latency observe
 
 from __future__ import annotations
 
-import json
 import time
 
+from ..errors import BadRequest, MoorageError, PayloadTooLarge
 from ..observability import metrics
+from .errors import error_response
 
 
 class EdgeMiddleware:
@@ -24,31 +25,25 @@ class EdgeMiddleware:
             return
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and not declared.isdigit():
-            await _reject(send, 400, "bad_request", "the Content-Length header is not a number")
+            await reject(scope, receive, send, BadRequest("the Content-Length header is not a number"))
             return
         upload = scope["method"] == "POST" and is_upload(scope["path"])  # streamed to disk by its route
         limit = self.upload_bytes if upload else self.max_body_bytes
         if declared is not None and int(declared) > limit:
-            await _reject(send, 413, "payload_too_large", f"the request body is larger than {limit} bytes")
+            await reject(scope, receive, send, PayloadTooLarge(f"the request body is larger than {limit} bytes"))
             return
         started = time.perf_counter()
         # a per-request copy: some servers hand every request the same lifespan-state dict
         state = scope["state"] = {k: v for k, v in (scope.get("state") or {}).items() if k != "labels"}
-        status = [500]
         if declared is None and scope["method"] in ("POST", "PUT", "PATCH") and not upload:
             body = await _read_bounded(receive, self.max_body_bytes)  # chunked: count while reading
             if body is None:
-                await _reject(
-                    send, 413, "payload_too_large", f"the request body is larger than {self.max_body_bytes} bytes"
-                )
+                too_large = PayloadTooLarge(f"the request body is larger than {self.max_body_bytes} bytes")
+                await reject(scope, receive, send, too_large)
                 return
             receive = _replay(body, receive)
 
-        async def send_tracked(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
+        send_tracked, status = track_status(send)
         try:
             await self.app(scope, receive, send_tracked)
         finally:
@@ -92,8 +87,18 @@ def _replay(body: bytes, receive):
     return replay
 
 
-async def _reject(send, status: int, code: str, message: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+async def reject(scope, receive, send, exc: MoorageError) -> None:
+    """Answer `exc` from a pure-ASGI middleware, exactly as a route's error would be answered."""
+    await error_response(exc)(scope, receive, send)
+
+
+def track_status(send):
+    """(a `send` that records the response status, the one-item list it records it in; 500 until sent)."""
+    status = [500]
+
+    async def tracked(message) -> None:
+        if message["type"] == "http.response.start":
+            status[0] = message["status"]
+        await send(message)
+
+    return tracked, status

@@ -63,6 +63,9 @@ def error_response(exc: MoorageError) -> JSONResponse:
     headers = {}
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="moorage"'
+
     return JSONResponse(error_body(exc.message, exc.type, exc.code), status_code=exc.status, headers=headers)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,8 +24,9 @@ from ..refs import parse_ref
 from ..registry import Registry
 from ..security.audit import AuditEntry, AuditLog, AuditWriter
 from ..security.filters import ContentFilter, Filters, StreamFilter
-from ..security.keys import ANONYMOUS, KeyStore, Principal
+from ..security.keys import ANONYMOUS, KeyStore, Principal, claimed_key_id
 from ..security.limits import RateLimiter
+from .edge import reject, track_status
 
 log = logging.getLogger("moorage.security")
 
@@ -89,9 +89,8 @@ def _token(headers: dict[bytes, bytes]) -> str | None:
 
 
 def _claimed_id(headers: dict[bytes, bytes]) -> str:
-    token = _token(headers) or ""
-    parts = token.split("_")
-    return f"unknown:{parts[1][:12]}" if len(parts) >= 3 and parts[0] == "moor" else "none"
+    key_id = claimed_key_id(_token(headers))
+    return f"unknown:{key_id}" if key_id else "none"
 
 
 class SecurityMiddleware:
@@ -112,7 +111,7 @@ class SecurityMiddleware:
             self.guard.admit(principal)
         except MoorageError as exc:
             metrics.SECURITY_REJECTIONS.labels(exc.code).inc()
-            await _reject(send, exc)
+            await reject(scope, receive, send, exc)
             key_id = state["principal"].key_id if "principal" in state else _claimed_id(headers)
             await self._audit(scope, key_id, exc.status, started, "", None, detail={"error": exc.code})
             return
@@ -128,13 +127,7 @@ class SecurityMiddleware:
                     body.extend(chunk[: MAX_AUDIT_TEXT - len(body)])
             return message
 
-        status = [500]
-
-        async def tracking_send(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
+        tracking_send, status = track_status(send)
         try:
             await self.app(scope, hashing_receive, tracking_send)
         finally:
@@ -166,18 +159,7 @@ class SecurityMiddleware:
             detail=detail or state.get("audit_detail") or {},
         )
         admin = scope["path"].startswith(("/admin", "/v1/registry")) and scope["method"] != "GET"
-        await writer.record(entry, now=admin or status in (401, 403))
-
-
-async def _reject(send, exc: MoorageError) -> None:
-    body = json.dumps({"error": {"message": exc.message, "type": exc.type, "code": exc.code, "param": None}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if exc.status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="moorage"'))
-    if hasattr(exc, "retry_after"):
-        headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+        await writer.record(entry, now=admin)  # refusals are batched: a flood of bad keys is not a flood of commits
 
 
 # ---- what routes call --------------------------------------------------------------------------

@@ -111,3 +111,28 @@ async def test_competing_consumers_share_without_overlap(broker_url, n):
     if broker_url.kind != "kafka":  # Kafka may hand an uncommitted message to the next owner of its partition
         assert len(everything) == n, "each message went to exactly one consumer"
     assert seen["a"] and seen["b"], "both consumers of the group got work"
+
+
+async def test_closing_under_a_cancelled_receive_loses_nothing(broker_url):
+    """A server's shutdown cancels a receive whose thread may still be reading, then closes the
+    connection: that must neither crash the process (closing a C client under a running call) nor
+    lose the messages the cancelled receives took."""
+    url = broker_url(max_deliveries=100)  # RabbitMQ counts every requeue on close as a delivery
+    async with open_broker(url) as pub:
+        await pub.publish(bodies(2000))
+    for i in range(12):
+        b = open_broker(url + f"&consumer=c{i}")
+        await b.connect()
+        task = asyncio.create_task(b.receive(400, 1.0))
+        await asyncio.sleep(0.002 * i)  # from "not started yet" to "reading in its thread"
+        task.cancel()
+        await b.close()
+        await asyncio.gather(task, return_exceptions=True)
+    seen: set[bytes] = set()
+    deadline = time.monotonic() + 60
+    async with open_broker(url + "&consumer=last") as b:
+        while len(seen) < 2000 and time.monotonic() < deadline:
+            got = await b.receive(200, 0.5)
+            seen.update(m.body for m in got)
+            await b.ack(got)  # RabbitMQ hands a consumer at most `prefetch` unacked messages
+    assert sorted(seen) == sorted(bodies(2000))

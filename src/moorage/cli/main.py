@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import sys
@@ -106,6 +107,7 @@ def _render(out) -> str:
 
 
 def main() -> None:
+    faulthandler.enable()  # a crash in a C extension prints every thread's Python stack, not just "Segmentation fault"
     try:
         # Non-standalone mode hands errors to us; `typer.Exit(n)` comes back as the return value.
         result = app(standalone_mode=False)

@@ -108,8 +108,11 @@ def _check_tls(serve_settings) -> None:
 
 def app_from_env():
     """Worker-process entry point for `--workers N` (settings arrive as JSON from the parent)."""
+    import faulthandler
+
     from ..server import create_app
 
+    faulthandler.enable()  # as in the parent (cli.main): a worker's crash shows its Python stacks
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
     return create_app(settings)

@@ -11,6 +11,7 @@ Appends take the head row's lock (``SELECT ... FOR UPDATE``; SQLite serialises w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import hashlib
 import json
@@ -170,14 +171,19 @@ class AuditWriter:
         self._pending: list[AuditEntry] = []
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         if self.interval_s > 0:
+            self._stopping.clear()
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        """Write every queued row. The loop is asked to end rather than cancelled: a cancelled await
+        would leave its batch being written in a thread while the final flush runs beside it."""
         if self._task:
-            self._task.cancel()
+            self._stopping.set()
+            await self._task
             self._task = None
         await self.flush()
 
@@ -202,6 +208,7 @@ class AuditWriter:
                 log.exception("could not write %d audit rows; will retry", len(batch))
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.interval_s)
             await self.flush()

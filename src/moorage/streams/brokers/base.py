@@ -19,8 +19,10 @@ crash, a lost connection or an expired lease, with its delivery count raised.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -137,6 +139,48 @@ class BrokerUnavailable(MoorageError):
 
     status = 503
     code = "broker_unavailable"
+
+
+class BlockingCalls:
+    """Runs a synchronous client's calls in threads, and closes the client only once none is running.
+
+    Cancelling an ``await asyncio.to_thread(...)`` does not stop its thread: a receive cancelled at
+    shutdown goes on polling, and closing the client under it makes C libraries (sqlite3, librdkafka)
+    use freed memory and crash the process. ``close(fn)`` refuses new calls, waits for the running
+    ones, then runs ``fn``; a call after that raises BrokerUnavailable."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._running = 0
+        self._closed = False
+
+    def open(self) -> None:
+        with self._cv:
+            self._closed = False
+
+    async def run(self, fn, *args):
+        return await asyncio.to_thread(self._call, fn, *args)
+
+    def _call(self, fn, *args):
+        with self._cv:
+            if self._closed:
+                raise BrokerUnavailable("the broker connection is closed")
+            self._running += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._cv:
+                self._running -= 1
+                self._cv.notify_all()
+
+    async def close(self, fn) -> None:
+        await asyncio.to_thread(self._close, fn)
+
+    def _close(self, fn) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.wait_for(lambda: self._running == 0)
+        fn()
 
 
 class Broker(ABC):

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from .base import Broker, BrokerUnavailable, BrokerURL, DeadLetter, Message
+from .base import BlockingCalls, Broker, BrokerUnavailable, BrokerURL, DeadLetter, Message
 
 
 class KafkaBroker(Broker):
@@ -42,6 +42,7 @@ class KafkaBroker(Broker):
         self._consumer: Consumer | None = None
         self._created: set[str] = set()
         self._lock = threading.Lock()
+        self._calls = BlockingCalls()
         self._outstanding: dict[int, set[int]] = {}  # partition -> offsets received, not acked
         self._next: dict[int, int] = {}  # partition -> offset after the highest received
         self._deliveries: dict[tuple[int, int], int] = {}
@@ -52,15 +53,19 @@ class KafkaBroker(Broker):
         self._producer = Producer(
             {"bootstrap.servers": self.bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 5}
         )
-        await asyncio.to_thread(self._ensure_topic, self.topic)
+        self._calls.open()
+        await self._calls.run(self._ensure_topic, self.topic)
 
     async def close(self) -> None:
+        await self._calls.close(self._close_clients)
+
+    def _close_clients(self) -> None:
         if self._producer is not None:
-            await asyncio.to_thread(self._producer.flush, 10)
+            self._producer.flush(10)
             self._producer = None
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
-            await asyncio.to_thread(consumer.close)
+            consumer.close()
 
     def _ensure_topic(self, topic: str) -> None:
         if topic in self._created:
@@ -106,8 +111,8 @@ class KafkaBroker(Broker):
     # -- the contract ---------------------------------------------------------------------------
     async def publish(self, bodies: Sequence[bytes], topic: str | None = None, headers: dict | None = None) -> None:
         topic = topic or self.topic
-        await asyncio.to_thread(self._ensure_topic, topic)
-        await asyncio.to_thread(self._produce, topic, [(bytes(b), headers or {}) for b in bodies])
+        await self._calls.run(self._ensure_topic, topic)
+        await self._calls.run(self._produce, topic, [(bytes(b), headers or {}) for b in bodies])
 
     def _produce(self, topic: str, items: list[tuple[bytes, dict]]) -> None:
         failures: list[str] = []
@@ -131,8 +136,8 @@ class KafkaBroker(Broker):
 
     async def receive(self, max_messages: int, timeout_s: float) -> list[Message]:
         if self._consumer is None:
-            self._consumer = await asyncio.to_thread(self._new_consumer)
-        raw = await asyncio.to_thread(self._consumer.consume, max_messages, timeout_s)
+            self._consumer = await self._calls.run(self._new_consumer)
+        raw = await self._calls.run(self._consumer.consume, max_messages, timeout_s)
         out = []
         with self._lock:
             for m in raw:
@@ -176,7 +181,7 @@ class KafkaBroker(Broker):
                 pending = self._outstanding.get(p)
                 offsets.append(TopicPartition(self.topic, p, min(pending) if pending else self._next[p]))
         if offsets and self._consumer is not None:
-            await asyncio.to_thread(self._commit, offsets)
+            await self._calls.run(self._commit, offsets)
 
     def _commit(self, offsets: list[TopicPartition]) -> None:
         try:
@@ -196,14 +201,14 @@ class KafkaBroker(Broker):
         await asyncio.sleep(min(delay_s, 5.0))
         for p, off in first.items():  # read the partition again from the first failed message
             try:
-                await asyncio.to_thread(self._consumer.seek, TopicPartition(self.topic, p, off))
+                await self._calls.run(self._consumer.seek, TopicPartition(self.topic, p, off))
             except KafkaException:  # not assigned any more: its new owner reads it from the commit
                 pass
 
     async def dead_letter(self, entries: Sequence[tuple[Message, str]]) -> None:
         if not entries:
             return
-        await asyncio.to_thread(self._ensure_topic, self.dlq)
+        await self._calls.run(self._ensure_topic, self.dlq)
         items = [
             (
                 m.body,
@@ -217,11 +222,11 @@ class KafkaBroker(Broker):
             )  # fmt: skip
             for m, reason in entries
         ]
-        await asyncio.to_thread(self._produce, self.dlq, items)
+        await self._calls.run(self._produce, self.dlq, items)
         await self.ack([m for m, _ in entries])
 
     async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
-        return await asyncio.to_thread(self._read_dlq, limit)
+        return await self._calls.run(self._read_dlq, limit)
 
     def _read_dlq(self, limit: int) -> list[DeadLetter]:
         self._ensure_topic(self.dlq)
@@ -256,7 +261,7 @@ class KafkaBroker(Broker):
             reader.close()
 
     async def lag(self) -> int | None:
-        return await asyncio.to_thread(self._lag)
+        return await self._calls.run(self._lag)
 
     def _lag(self) -> int | None:
         """Messages behind the end of the assigned partitions, from local state only (no broker round

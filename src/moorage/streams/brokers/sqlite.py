@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ...errors import BadRequest
-from .base import Broker, BrokerURL, DeadLetter, Message
+from .base import BlockingCalls, Broker, BrokerURL, DeadLetter, Message
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -63,9 +63,11 @@ class SQLiteBroker(Broker):
         self.poll_s = url.number("poll_ms", 50.0) / 1000
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._calls = BlockingCalls()
 
     async def connect(self) -> None:
         await asyncio.to_thread(self._open)
+        self._calls.open()
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,11 +79,18 @@ class SQLiteBroker(Broker):
 
     async def close(self) -> None:
         if self._db is not None:
-            db, self._db = self._db, None
-            await asyncio.to_thread(db.close)
+            await self._calls.close(self._close_db)
 
-    def _tx(self, fn, *args):
-        """Run `fn(db, *args)` in one write transaction (taken at BEGIN, so readers never deadlock)."""
+    def _close_db(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    async def _tx(self, fn, *args):
+        """Run `fn(db, *args)` in a thread, in one write transaction (taken at BEGIN, so readers never deadlock)."""
+        return await self._calls.run(self._transaction, fn, *args)
+
+    def _transaction(self, fn, *args):
         if self._db is None:
             raise RuntimeError("broker is not connected: use `async with open_broker(url)`")
         with self._lock:
@@ -104,12 +113,12 @@ class SQLiteBroker(Broker):
                 "INSERT INTO messages (topic, body, headers, published_at, visible_at) VALUES (?, ?, ?, ?, ?)", rows
             )
 
-        await asyncio.to_thread(self._tx, insert)
+        await self._tx(insert)
 
     async def receive(self, max_messages: int, timeout_s: float) -> list[Message]:
         deadline = time.monotonic() + timeout_s
         while True:
-            messages = await asyncio.to_thread(self._tx, self._lease, max_messages)
+            messages = await self._tx(self._lease, max_messages)
             if messages or time.monotonic() >= deadline:
                 return messages
             await asyncio.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
@@ -144,12 +153,12 @@ class SQLiteBroker(Broker):
     async def ack(self, messages: Sequence[Message]) -> None:
         handles = [m.handle for m in messages]
         sql = "DELETE FROM messages WHERE seq = ? AND lease = ?"
-        await asyncio.to_thread(self._tx, lambda db: db.executemany(sql, handles))
+        await self._tx(lambda db: db.executemany(sql, handles))
 
     async def retry(self, messages: Sequence[Message], reason: str, delay_s: float = 1.0) -> None:
         rows = [(time.time() + delay_s, reason, *m.handle) for m in messages]
         sql = "UPDATE messages SET visible_at = ?, last_error = ?, lease = NULL WHERE seq = ? AND lease = ?"
-        await asyncio.to_thread(self._tx, lambda db: db.executemany(sql, rows))
+        await self._tx(lambda db: db.executemany(sql, rows))
 
     async def dead_letter(self, entries: Sequence[tuple[Message, str]]) -> None:
         now = time.time()
@@ -164,7 +173,7 @@ class SQLiteBroker(Broker):
                         (self.dlq, self.topic, m.broker_id, m.body, reason, m.attempts, now),
                     )
 
-        await asyncio.to_thread(self._tx, move)
+        await self._tx(move)
 
     async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
         def read(db):
@@ -174,10 +183,10 @@ class SQLiteBroker(Broker):
                 (self.dlq, limit),
             ).fetchall()
 
-        return [DeadLetter(*row) for row in await asyncio.to_thread(self._tx, read)]
+        return [DeadLetter(*row) for row in await self._tx(read)]
 
     async def lag(self) -> int | None:
         def count(db):
             return db.execute("SELECT count(*) FROM messages WHERE topic = ?", (self.topic,)).fetchone()[0]
 
-        return await asyncio.to_thread(self._tx, count)
+        return await self._tx(count)

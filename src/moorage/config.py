@@ -138,6 +138,9 @@ class SecuritySettings(BaseModel):
     audit: bool = Field(True, description="hash-chained audit rows for admin actions and inference calls")
     audit_inputs: bool = Field(False, description="store the raw input text in the audit (default: sha256 only)")
     audit_flush_ms: float = Field(200.0, ge=0, description="inference audit rows are written in batches this often")
+    audit_streams: bool = Field(
+        True, description="an audit row per stream message (processed or dead-lettered); off for firehose topics"
+    )
     encrypt_artifacts: bool = Field(False, description="encrypt new versions at rest (AES-256-GCM)")
     master_key: SecretStr | None = Field(None, description="base64 master key (32 bytes) that wraps data keys")
     master_key_file: Path | None = Field(None, description="file holding the base64 master key")

@@ -97,9 +97,11 @@ async def test_a_model_rejection_is_dead_lettered_with_its_code(broker_url, sett
                                                                                fake_model, tmp_path):  # fmt: skip
     registry.register(fake_model("generate"), "gen", task="generate")
     url, db = broker_url(), tmp_path / "out.db"
-    too_long = json.dumps({"id": "too-long", "text": "hi", "parameters": {"max_new_tokens": 100000}}).encode()
+    # past the fake model's context of 2048 tokens, but within security.limits.max_tokens (4096)
+    too_long = json.dumps({"id": "too-long", "text": "hi", "parameters": {"max_new_tokens": 3000}}).encode()
+    too_many = json.dumps({"id": "too-many", "text": "hi", "parameters": {"max_new_tokens": 100000}}).encode()
     async with open_broker(url) as b:
-        await b.publish(inputs(30) + [too_long])
+        await b.publish(inputs(30) + [too_long, too_many])
     stop = asyncio.Event()
     job = StreamJob(url, f"sql+sqlite:///{db}?table=results", "gen")
     worker = asyncio.create_task(run_stream(stream_settings(settings), job, stop, registry=registry))
@@ -107,14 +109,15 @@ async def test_a_model_rejection_is_dead_lettered_with_its_code(broker_url, sett
         await drain(url, lambda: len(sink_rows(db)) >= 30)
         async with open_broker(url) as b:
             deadline = time.monotonic() + 20
-            while not await b.dead_letters() and time.monotonic() < deadline:
+            while len(await b.dead_letters()) < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
             dead = await b.dead_letters()
     finally:
         stop.set()
         await worker
     assert sorted(r[0] for r in sink_rows(db)) == sorted(f"in-{i}" for i in range(30))
-    assert [d.reason.split(":")[0] for d in dead] == ["context_length_exceeded"]
+    # the model refuses one; the server's limits (the same policy as over HTTP) refuse the other first
+    assert sorted(d.reason.split(":")[0] for d in dead) == ["context_length_exceeded", "max_tokens_too_large"]
 
 
 async def test_two_workers_in_one_group_split_the_load(broker_url, settings, registry, fake_model, tmp_path):

@@ -10,9 +10,10 @@ from ..batching import ServedVersion
 from ..config import ServeSettings
 from ..errors import Unprocessable
 from ..runtime import GenerateInput, GenerationParams
+from ..security.policy import Policy
 from .common import FastJSON, check_count, gather_or_cancel, mark, pool_of, unless_disconnected
 from .schemas import PredictRequest
-from .security import Policy, authorize_model, usage
+from .security import authorize_model, usage
 
 router = APIRouter(tags=["inference"])
 

@@ -18,10 +18,11 @@ from ..batching import GenerationEngine, TokenEvent
 from ..errors import BadRequest, MoorageError
 from ..runtime import GenerateInput, GenerationParams
 from ..security.filters import StreamFilter
+from ..security.policy import Policy
 from .common import FastJSON, check_count, complete_all, mark, pool_of, unless_disconnected
 from .errors import error_body
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, _Sampling
-from .security import Policy, authorize_model, usage
+from .security import authorize_model, usage
 
 router = APIRouter(tags=["openai"])
 

@@ -13,19 +13,19 @@ import asyncio
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
 
 from fastapi import Request
 
-from ..config import LimitSettings, SecuritySettings, Settings
-from ..errors import ContentBlocked, MoorageError, PayloadTooLarge, Unauthorized, Unprocessable
+from ..config import SecuritySettings, Settings
+from ..errors import MoorageError, Unauthorized
 from ..observability import metrics
 from ..refs import parse_ref
 from ..registry import Registry
 from ..security.audit import AuditEntry, AuditLog, AuditWriter
-from ..security.filters import ContentFilter, Filters, StreamFilter
+from ..security.filters import Filters
 from ..security.keys import ANONYMOUS, KeyStore, Principal, claimed_key_id
 from ..security.limits import RateLimiter
+from ..security.policy import Policy
 from .edge import reject, track_status
 
 log = logging.getLogger("moorage.security")
@@ -174,53 +174,8 @@ def principal(request: Request) -> Principal:
     return p
 
 
-@dataclass
-class Policy:
-    """What one model's calls must respect: size limits and its content filter (if any)."""
-
-    limits: LimitSettings
-    cfilter: ContentFilter | None = None
-
-    def texts(self, texts: list[str], what: str = "input") -> list[str]:
-        """Each text checked against the limits and the input filter; returns what the model sees."""
-        out = []
-        for i, text in enumerate(texts):
-            where = f"{what}.{i}" if len(texts) > 1 else what
-            if len(text) > self.limits.max_text_chars:
-                raise PayloadTooLarge(
-                    f"{where} has {len(text)} characters; the limit is {self.limits.max_text_chars}",
-                    code="text_too_long",
-                )
-            try:
-                out.append(self.cfilter.check_input(text, where) if self.cfilter else text)
-            except ContentBlocked:
-                metrics.CONTENT_FILTERED.labels(self.cfilter.name, "input").inc()
-                raise
-        return out
-
-    def max_tokens(self, max_tokens: int | None) -> None:
-        if max_tokens is not None and max_tokens > self.limits.max_tokens:
-            raise Unprocessable(
-                f"max_tokens={max_tokens} is above this server's limit of {self.limits.max_tokens}",
-                code="max_tokens_too_large",
-            )
-
-    def output(self, text: str) -> tuple[str, bool]:
-        """(text to return, withheld?): a blocked output is replaced by an empty string."""
-        if self.cfilter is None:
-            return text, False
-        masked = self.cfilter.mask(text)
-        if self.cfilter.output_blocked(masked):
-            metrics.CONTENT_FILTERED.labels(self.cfilter.name, "output").inc()
-            return "", True
-        return masked, False
-
-    def stream(self) -> StreamFilter | None:
-        return StreamFilter(self.cfilter) if self.cfilter and self.cfilter.filters_output else None
-
-
 def policy_for(guard: Guard, name: str) -> Policy:
-    return Policy(guard.settings.limits, guard.filters.for_model(name))
+    return Policy.for_model(guard.settings, name, guard.filters)
 
 
 def authorize_model(request: Request, model: str) -> Policy:

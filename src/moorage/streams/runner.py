@@ -8,9 +8,12 @@ import signal
 from dataclasses import dataclass, fields
 
 from ..batching import BatchConfig, GenerationConfig, ModelPool, PoolConfig
-from ..config import Settings, StreamSettings
+from ..config import Settings
+from ..refs import parse_ref
 from ..registry import Registry
 from ..runtime import Runtime
+from ..security.audit import AuditLog, AuditWriter
+from ..security.policy import Policy
 from .brokers import open_broker
 from .sinks import open_sink
 from .worker import Counts, StreamWorker, WorkerConfig
@@ -25,9 +28,11 @@ class StreamJob:
     model: str
 
 
-def worker_config(stream: StreamSettings) -> WorkerConfig:
-    """The worker's share of the `stream.*` settings (same names)."""
-    return WorkerConfig(**{f.name: getattr(stream, f.name) for f in fields(WorkerConfig)})
+def worker_config(settings: Settings) -> WorkerConfig:
+    """The worker's share of the `stream.*` settings (same names), and whether audit rows keep inputs."""
+    stream = settings.stream
+    shared = {f.name: getattr(stream, f.name) for f in fields(WorkerConfig) if hasattr(stream, f.name)}
+    return WorkerConfig(**shared, audit_inputs=settings.security.audit_inputs)
 
 
 def stream_pool_config(settings: Settings) -> PoolConfig:
@@ -54,11 +59,22 @@ async def run_stream(
     """One worker until `stop` is set (or SIGTERM/SIGINT when run as a program)."""
     registry = registry or Registry.from_settings(settings)
     pool = ModelPool(registry, Runtime(registry, settings.runtime), [job.model], stream_pool_config(settings))
+    security = settings.security
+    policy = Policy.for_model(security, parse_ref(job.model).name)  # the model's filters and limits, as over HTTP
+    audit = None
+    if security.audit and security.audit_streams:
+        audit = AuditWriter(AuditLog(registry.catalog), security.audit_flush_ms / 1000)
     await pool.start()
     try:
         async with open_broker(job.source) as source, open_sink(job.sink, name_prefix=name) as sink:
-            worker = StreamWorker(source, sink, pool, job.model, worker_config(settings.stream))
-            return await worker.run(stop)
+            worker = StreamWorker(source, sink, pool, job.model, worker_config(settings), policy, audit)
+            if audit is not None:
+                await audit.start()
+            try:
+                return await worker.run(stop)
+            finally:
+                if audit is not None:
+                    await audit.stop()
     finally:
         await pool.stop()
 

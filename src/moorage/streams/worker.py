@@ -6,8 +6,11 @@ computes the previous batch and the sink writes the one before:
     receiver: broker.receive -> decode/validate -> submit to the model's batcher -> queue
     writer:   queue (in order) -> await results -> sink.write -> ack (after the sink is durable)
 
-A message whose body is bad (not JSON, no text, too long) or that the model rejects (a 4xx error
-such as a too-long prompt) goes to the dead-letter destination with its reason. A model error that
+A message whose body is bad (not JSON, no text, too long), that the model's security policy refuses
+(content filter, size limits: the same `Policy` as over HTTP) or that the model rejects (a 4xx error
+such as a too-long prompt) goes to the dead-letter destination with its reason. A generated output
+that the content filter withholds is written with empty text and finish_reason "content_filter".
+With an `AuditWriter`, every processed or dead-lettered message gets a hash-chained audit row. A model error that
 may pass (anything else) is retried in place with backoff; a sink that keeps failing hands its
 batch back to the broker. Each broker counts deliveries; past ``max_deliveries`` a message is
 dead-lettered with its last error, so one bad message never stalls a worker.
@@ -19,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import orjson
@@ -28,6 +31,8 @@ from ..batching import ModelPool, ServedVersion
 from ..errors import MoorageError
 from ..observability import metrics
 from ..runtime import GenerateInput, GenerationParams
+from ..security.audit import AuditEntry, AuditWriter, sha256_text
+from ..security.policy import Policy
 from .brokers import Broker, Message
 from .sinks import Row, Sink
 
@@ -48,6 +53,7 @@ class WorkerConfig:
     max_backoff_s: float = 10.0
     log_interval_s: float = 10.0
     default_max_tokens: int = 128
+    audit_inputs: bool = False  # keep the raw body in audit rows (default: its sha256 only)
 
 
 class Poison(Exception):
@@ -69,6 +75,7 @@ class InFlight:
     sv: ServedVersion
     requests: list[Request]
     dead: list[tuple[Message, str]] = field(default_factory=list)
+    audit: list[AuditEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -146,12 +153,23 @@ def encode_output(task: str, value: Any) -> Row:
 class StreamWorker:
     """Consume `source`, run `model` (a reference served by `pool`), write to `sink`."""
 
-    def __init__(self, source: Broker, sink: Sink, pool: ModelPool, model: str, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        source: Broker,
+        sink: Sink,
+        pool: ModelPool,
+        model: str,
+        config: WorkerConfig,
+        policy: Policy | None = None,
+        audit: AuditWriter | None = None,
+    ) -> None:
         self.source = source
         self.sink = sink
         self.pool = pool
         self.model = model
         self.config = config
+        self.policy = policy
+        self.audit = audit
         self.counts = Counts()
         self._queue: asyncio.Queue[InFlight | None] = asyncio.Queue(maxsize=max(1, config.max_in_flight))
         self._unacked: list[Message] = []  # written to a buffering sink, not durable yet
@@ -194,17 +212,57 @@ class StreamWorker:
         for m in messages:
             if m.attempts > self.source.max_deliveries:
                 reason = f"max_deliveries: delivered {m.attempts} times (max_deliveries={self.source.max_deliveries})"
-                batch.dead.append((m, reason + (f"; last error: {m.last_error}" if m.last_error else "")))
+                self._dead(batch, m, reason + (f"; last error: {m.last_error}" if m.last_error else ""))
                 continue
             try:
                 msg_id, item = decode(m, sv.task, self.config)
+                item = self._allowed(item)
             except Poison as exc:
-                batch.dead.append((m, str(exc)))
+                self._dead(batch, m, str(exc))
+                continue
+            except MoorageError as exc:  # refused by the policy: content_blocked, text_too_long, ...
+                self._dead(batch, m, f"{exc.code}: {exc.message}", exc.status)
                 continue
             req = Request(m, msg_id, item, now)
             self._submit(sv, req)
             batch.requests.append(req)
         return batch
+
+    def _allowed(self, item: Any) -> Any:
+        """The input as the model may see it under its policy (size limits, content filter, masking)."""
+        policy = self.policy
+        if policy is None:
+            return item
+        if not isinstance(item, GenerateInput):
+            return policy.texts([item], "text")[0]
+        policy.max_tokens(item.params.max_new_tokens)
+        if item.messages is None:
+            return replace(item, prompt=policy.texts([item.prompt], "text")[0])
+        contents = policy.texts([m["content"] for m in item.messages], "messages")
+        return replace(item, messages=tuple({**m, "content": c} for m, c in zip(item.messages, contents)))
+
+    def _dead(self, batch: InFlight, message: Message, reason: str, status: int = 422) -> None:
+        batch.dead.append((message, reason))
+        self._audited(batch, message, status, error=reason.partition(":")[0])
+
+    def _audited(self, batch: InFlight, message: Message, status: int, latency_ms: float = 0.0, **detail) -> None:
+        if self.audit is None:
+            return
+        body = bytes(message.body)
+        keep = self.config.audit_inputs
+        batch.audit.append(
+            AuditEntry(
+                key_id=f"stream:{self.source.consumer}",
+                action=f"stream.{batch.sv.task}",
+                status=status,
+                model=batch.sv.name,
+                version=batch.sv.version,
+                latency_ms=latency_ms,
+                input_sha256=sha256_text(body),
+                input_text=body[:65536].decode("utf-8", "replace") if keep else None,
+                detail={"source": self._source_label, "message": message.broker_id, **detail},
+            )
+        )
 
     def _submit(self, sv: ServedVersion, req: Request) -> None:
         req.tries += 1
@@ -236,6 +294,12 @@ class StreamWorker:
             self._maybe_log()
 
     async def _finish(self, batch: InFlight) -> None:
+        await self._settle(batch)
+        if self.audit is not None:  # once the outcomes are settled with the broker and the sink
+            for entry in batch.audit:
+                await self.audit.record(entry)
+
+    async def _settle(self, batch: InFlight) -> None:
         rows, done, failed = await self._results(batch)
         if batch.dead:
             await self._retrying("dead-letter", lambda: self.source.dead_letter(batch.dead))
@@ -257,6 +321,9 @@ class StreamWorker:
             self._count("retried", batch.sv, len(done))
             return
         await self._reply([(m, row) for m, row in zip(done, rows)])
+        for m, row in zip(done, rows):
+            filtered = {"filtered": True} if row.get("finish_reason") == "content_filter" else {}
+            self._audited(batch, m, 200, row["latency_ms"], id=row["id"], **filtered)
         self._unacked.extend(done)
         if self.sink.pending == 0 or self.sink.flush_due():
             await self._flush()
@@ -278,7 +345,7 @@ class StreamWorker:
                     rows.append(self._row(batch.sv, req))
                     done.append(req.message)
                 elif isinstance(exc, MoorageError) and 400 <= exc.status < 500 and exc.status != 429:
-                    batch.dead.append((req.message, f"{exc.code}: {exc.message}"))
+                    self._dead(batch, req.message, f"{exc.code}: {exc.message}", exc.status)
                 elif req.tries <= self.config.model_retries:
                     again.append(req)
                 else:
@@ -294,6 +361,10 @@ class StreamWorker:
         value = req.future.result()  # a Generation, or an Output(value, tokens) from the batcher
         if sv.task == "generate":
             out, tokens = encode_output("generate", value), value.completion_tokens
+            if self.policy is not None:
+                out["text"], withheld = self.policy.output(value.text)
+                if withheld:
+                    out["finish_reason"] = "content_filter"
         else:
             out, tokens = encode_output(sv.task, value.value), value.tokens
         completed = time.time()

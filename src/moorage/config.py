@@ -124,6 +124,11 @@ class LimitSettings(BaseModel):
     tokens_per_minute: int | None = Field(None, ge=1, description="input + output tokens per key and minute")
     max_text_chars: int = Field(100_000, ge=1, description="longest text of one input (413 above)")
     max_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for (422 above)")
+    redis_url: str | None = Field(
+        None,
+        description="redis://HOST:PORT/DB: share the per-key buckets among server workers and replicas "
+        "(default: each server process enforces the whole limit on its own)",
+    )
 
 
 class SecuritySettings(BaseModel):

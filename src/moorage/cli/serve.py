@@ -58,6 +58,13 @@ def serve(
             "(local development only)",
             highlight=False,
         )
+    if serve_settings.workers > 1 and settings.security.auth and not settings.security.limits.redis_url:
+        if _has_rate_limits(st.registry, settings):
+            console.print(
+                f"[yellow]warning:[/] rate limits are kept per worker process: a key may make up to "
+                f"{serve_settings.workers}x its limit; set security.limits.redis_url to share them",
+                highlight=False,
+            )
     logging.getLogger("moorage").setLevel(settings.log_level)
     options = {
         "host": serve_settings.host,
@@ -80,6 +87,15 @@ def serve(
         uvicorn.run("moorage.cli.serve:app_from_env", factory=True, workers=serve_settings.workers, **options)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _has_rate_limits(registry, settings: Settings) -> bool:
+    from ..security.keys import KeyStore
+
+    limits = settings.security.limits
+    if limits.requests_per_minute or limits.tokens_per_minute:
+        return True
+    return any(k.requests_per_minute or k.tokens_per_minute for k in KeyStore(registry.catalog).list())
 
 
 def _settings_json(settings: Settings) -> str:

@@ -24,7 +24,7 @@ from ..registry import Registry
 from ..security.audit import AuditEntry, AuditLog, AuditWriter
 from ..security.filters import Filters
 from ..security.keys import ANONYMOUS, KeyStore, Principal, claimed_key_id
-from ..security.limits import RateLimiter
+from ..security.limits import rate_limiter
 from ..security.policy import Policy
 from .edge import reject, track_status
 
@@ -40,7 +40,7 @@ class Guard:
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings: SecuritySettings = settings.security
         self.keys = KeyStore(registry.catalog)
-        self.limiter = RateLimiter()
+        self.limiter = rate_limiter(self.settings.limits.redis_url)
         self.filters = Filters(self.settings.filters)
         self.audit = AuditLog(registry.catalog)
         self.writer = AuditWriter(self.audit, self.settings.audit_flush_ms / 1000) if self.settings.audit else None
@@ -62,6 +62,7 @@ class Guard:
     async def stop(self) -> None:
         if self.writer:
             await self.writer.stop()
+        await self.limiter.close()
 
     async def authenticate(self, headers: dict[bytes, bytes]) -> Principal:
         if not self.settings.auth:
@@ -71,13 +72,14 @@ class Guard:
             return await asyncio.to_thread(self.keys.authenticate, token)
         return self.keys.authenticate(token)  # a cached key: no database, no thread hop
 
-    def admit(self, p: Principal) -> None:
+    async def admit(self, p: Principal) -> None:
         limits = self.settings.limits
         rpm = p.requests_per_minute or limits.requests_per_minute
-        self.limiter.admit(p.key_id, rpm, p.tokens_per_minute or limits.tokens_per_minute)
+        await self.limiter.admit(p.key_id, rpm, p.tokens_per_minute or limits.tokens_per_minute)
 
-    def charge(self, p: Principal, tokens: int) -> None:
-        self.limiter.charge_tokens(p.key_id, p.tokens_per_minute or self.settings.limits.tokens_per_minute, tokens)
+    async def charge(self, p: Principal, tokens: int) -> None:
+        tpm = p.tokens_per_minute or self.settings.limits.tokens_per_minute
+        await self.limiter.charge_tokens(p.key_id, tpm, tokens)
 
 
 def _token(headers: dict[bytes, bytes]) -> str | None:
@@ -108,7 +110,7 @@ class SecurityMiddleware:
         try:
             principal = await self.guard.authenticate(headers)
             state["principal"] = principal
-            self.guard.admit(principal)
+            await self.guard.admit(principal)
         except MoorageError as exc:
             metrics.SECURITY_REJECTIONS.labels(exc.code).inc()
             await reject(scope, receive, send, exc)
@@ -131,7 +133,7 @@ class SecurityMiddleware:
         try:
             await self.app(scope, hashing_receive, tracking_send)
         finally:
-            self.guard.charge(principal, int(state.get("usage_tokens", 0)))
+            await self.guard.charge(principal, int(state.get("usage_tokens", 0)))
             if scope["path"] != "/metrics":
                 text = body.decode("utf-8", "replace") if keep_text and body else None
                 await self._audit(scope, principal.key_id, status[0], started, digest.hexdigest(), text)

@@ -3,6 +3,8 @@ with 1 and 2 worker processes, beside the raw in-process throughput of the same 
 same run.
 
     python bench/streams.py [--home DIR] [--messages 2000] [--out bench/results/streams.json]
+    python bench/streams.py --audit-ab --brokers sqlite     # 1 worker, audit rows off vs on
+
 
 Each broker is a real server on 127.0.0.1 started here (Redis, RabbitMQ from Debian's packages,
 librdkafka's mock Kafka cluster, the embedded SQLite queue) and stopped at the end. A run
@@ -104,6 +106,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--brokers", default="sqlite,redis,amqp,kafka")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "streams.json"))
+    parser.add_argument("--audit-ab", action="store_true", help="1 worker with audit rows off, then on")
     args = parser.parse_args()
     env = {**os.environ, "MOORAGE_HOME": args.home, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     settings = load_settings(environ=env)
@@ -127,17 +130,27 @@ def main() -> None:
         if "kafka" in wanted:
             bases["kafka"] = stack.enter_context(kafka_mock())
         extra = {"kafka": "&create=auto", "amqp": "&prefetch=512"}
+        variants = [("audit-off", 1, "false"), ("audit-on", 1, "true")] if args.audit_ab else [
+            ("1", 1, "true"), ("2", 2, "true")]  # fmt: skip
         for kind in wanted:
             per = {}
-            for workers in (1, 2):
-                run = f"{kind}-{workers}w"
+            for label, workers, audit in variants:
+                run = f"{kind}-{label}w"
                 url = f"{bases[kind]}?topic={run}{extra.get(kind, '')}"
-                r = stream_run(url, workers, args.messages, texts, env, tmp, run)
+                run_env = env | {"MOORAGE_SECURITY__AUDIT_STREAMS": audit}
+                r = stream_run(url, workers, args.messages, texts, run_env, tmp, run)
                 r["ratio_to_raw"] = round(r["throughput"] / raw, 3)
-                per[f"{workers}_worker"] = r
-                print(f"{kind:7s} {workers} worker(s): {r['throughput']:7.1f} msg/s  = {r['ratio_to_raw']:.2f} x raw"
+                per[f"{label}_worker"] = r
+                print(f"{kind:7s} {label} worker(s): {r['throughput']:7.1f} msg/s  = {r['ratio_to_raw']:.2f} x raw"
                       f"  ({r['rows']} rows, {r['unique_ids']} unique ids, {r['seconds']} s)", flush=True)  # fmt: skip
             results["brokers"][kind] = per
+    if args.audit_ab:
+        print("\nsummary: audit rows on / off, 1 worker")
+        for kind, per in results["brokers"].items():
+            on, off = per["audit-on_worker"]["throughput"], per["audit-off_worker"]["throughput"]
+            print(f"  {kind:7s} {off:.1f} -> {on:.1f} msg/s = {on / off:.2f}x")
+        Path(args.out).with_name("streams-audit.json").write_text(json.dumps(results, indent=2))
+        return
     print("\nsummary (target: 1 worker >= 0.85 x raw in-process)")
     for kind, per in results["brokers"].items():
         one, two = per["1_worker"]["ratio_to_raw"], per["2_worker"]["ratio_to_raw"]

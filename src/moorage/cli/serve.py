@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -124,8 +125,6 @@ def _check_tls(serve_settings) -> None:
 
 def app_from_env():
     """Worker-process entry point for `--workers N` (settings arrive as JSON from the parent)."""
-    import faulthandler
-
     from ..server import create_app
 
     faulthandler.enable()  # as in the parent (cli.main): a worker's crash shows its Python stacks

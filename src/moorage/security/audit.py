@@ -28,6 +28,7 @@ from .tables import AuditHead, AuditRow
 
 log = logging.getLogger("moorage.audit")
 GENESIS = "0" * 64
+MAX_AUDIT_TEXT = 64 * 1024  # characters of an input kept with security.audit_inputs
 FIELDS = ("seq", "at", "key_id", "action", "model", "version", "status", "latency_ms", "input_sha256", "input_text",
           "detail")  # fmt: skip
 
@@ -187,8 +188,8 @@ class AuditWriter:
             self._task = None
         await self.flush()
 
-    async def record(self, entry: AuditEntry, now: bool = False) -> None:
-        self._pending.append(entry)
+    async def record(self, *entries: AuditEntry, now: bool = False) -> None:
+        self._pending.extend(entries)
         if now or self._task is None:
             await self.flush()
 

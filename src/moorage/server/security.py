@@ -21,7 +21,7 @@ from ..errors import MoorageError, Unauthorized
 from ..observability import metrics
 from ..refs import parse_ref
 from ..registry import Registry
-from ..security.audit import AuditEntry, AuditLog, AuditWriter
+from ..security.audit import MAX_AUDIT_TEXT, AuditEntry, AuditLog, AuditWriter
 from ..security.filters import Filters
 from ..security.keys import ANONYMOUS, KeyStore, Principal, claimed_key_id
 from ..security.limits import rate_limiter
@@ -31,7 +31,6 @@ from .edge import reject, track_status
 log = logging.getLogger("moorage.security")
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
-MAX_AUDIT_TEXT = 64 * 1024
 
 
 class Guard:

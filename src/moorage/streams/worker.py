@@ -8,12 +8,14 @@ computes the previous batch and the sink writes the one before:
 
 A message whose body is bad (not JSON, no text, too long), that the model's security policy refuses
 (content filter, size limits: the same `Policy` as over HTTP) or that the model rejects (a 4xx error
-such as a too-long prompt) goes to the dead-letter destination with its reason. A generated output
-that the content filter withholds is written with empty text and finish_reason "content_filter".
-With an `AuditWriter`, every processed or dead-lettered message gets a hash-chained audit row. A model error that
+such as a too-long prompt) goes to the dead-letter destination with its reason. A model error that
 may pass (anything else) is retried in place with backoff; a sink that keeps failing hands its
 batch back to the broker. Each broker counts deliveries; past ``max_deliveries`` a message is
 dead-lettered with its last error, so one bad message never stalls a worker.
+
+A generated output that the content filter withholds is written with empty text and finish_reason
+"content_filter". With an `AuditWriter`, every processed or dead-lettered message gets a
+hash-chained audit row once its outcome is settled with the broker and the sink.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..batching import ModelPool, ServedVersion
 from ..errors import MoorageError
 from ..observability import metrics
 from ..runtime import GenerateInput, GenerationParams
-from ..security.audit import AuditEntry, AuditWriter, sha256_text
+from ..security.audit import MAX_AUDIT_TEXT, AuditEntry, AuditWriter, sha256_text
 from ..security.policy import Policy
 from .brokers import Broker, Message
 from .sinks import Row, Sink
@@ -249,7 +251,6 @@ class StreamWorker:
         if self.audit is None:
             return
         body = bytes(message.body)
-        keep = self.config.audit_inputs
         batch.audit.append(
             AuditEntry(
                 key_id=f"stream:{self.source.consumer}",
@@ -259,7 +260,7 @@ class StreamWorker:
                 version=batch.sv.version,
                 latency_ms=latency_ms,
                 input_sha256=sha256_text(body),
-                input_text=body[:65536].decode("utf-8", "replace") if keep else None,
+                input_text=body[:MAX_AUDIT_TEXT].decode("utf-8", "replace") if self.config.audit_inputs else None,
                 detail={"source": self._source_label, "message": message.broker_id, **detail},
             )
         )
@@ -295,9 +296,8 @@ class StreamWorker:
 
     async def _finish(self, batch: InFlight) -> None:
         await self._settle(batch)
-        if self.audit is not None:  # once the outcomes are settled with the broker and the sink
-            for entry in batch.audit:
-                await self.audit.record(entry)
+        if self.audit is not None and batch.audit:
+            await self.audit.record(*batch.audit)
 
     async def _settle(self, batch: InFlight) -> None:
         rows, done, failed = await self._results(batch)

@@ -54,15 +54,6 @@ class RateLimiter:
 
     async def admit(self, key_id: str, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
         """Take one request, or raise `RateLimited` with the seconds to wait."""
-        self.take(key_id, requests_per_minute, tokens_per_minute)
-
-    async def charge_tokens(self, key_id: str, tokens_per_minute: int | None, tokens: int) -> None:
-        self.charge(key_id, tokens_per_minute, tokens)
-
-    async def close(self) -> None:
-        pass
-
-    def take(self, key_id: str, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
         with self._lock:
             now = self.clock()
             if tokens_per_minute:
@@ -75,11 +66,14 @@ class RateLimiter:
                     raise _limited(key_id, "requests", requests_per_minute, requests.wait_for(1.0))
                 requests.level -= 1
 
-    def charge(self, key_id: str, tokens_per_minute: int | None, tokens: int) -> None:
+    async def charge_tokens(self, key_id: str, tokens_per_minute: int | None, tokens: int) -> None:
         if not tokens_per_minute or tokens <= 0:
             return
         with self._lock:
             self._bucket(key_id, "tokens", tokens_per_minute, self.clock()).level -= tokens
+
+    async def close(self) -> None:
+        pass
 
 
 def _limited(key_id: str, kind: str, per_minute: int, wait_s: float) -> RateLimited:

@@ -101,6 +101,39 @@ class StreamSettings(BaseModel):
     jobs_url: str | None = Field(None, description="queue of /v1/jobs; default: sqlite queue in the home folder")
 
 
+class JobSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    callback_allow: list[str] = Field(
+        default_factory=list,
+        description="callback hosts exempt from the egress policy, which otherwise refuses loopback, private, "
+        "link-local and metadata addresses: hostnames ('hooks.internal', '*.hooks.internal'), addresses or "
+        "networks ('127.0.0.1', '10.0.0.0/8')",
+    )
+    callback_retries: int = Field(3, ge=1, description="attempts of one callback delivery, the first included")
+    callback_timeout_s: float = Field(10.0, gt=0, description="deadline of one callback attempt")
+
+    @field_validator("callback_allow")
+    @classmethod
+    def _check_allow(cls, entries: list[str]) -> list[str]:
+        import ipaddress  # only this validator parses addresses
+
+        cleaned = []
+        for entry in entries:
+            value = entry.strip().lower().rstrip(".")
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                labels = value.removeprefix("*.").split(".")
+                if "/" in value or not all(label.replace("-", "").isalnum() for label in labels):
+                    raise ValueError(
+                        f"{entry!r} is neither a hostname ('hooks.internal', '*.hooks.internal') "
+                        "nor an address or network ('10.0.0.1', '10.0.0.0/8')"
+                    ) from None
+            cleaned.append(value)
+        return cleaned
+
+
 class FilterSettings(BaseModel):
     """Content filters of one model. A rule is a keyword (case-insensitive, whole words) or
     ``re:PATTERN`` (a Python regular expression, case-insensitive)."""
@@ -167,6 +200,7 @@ class Settings(BaseSettings):
     serve: ServeSettings = Field(default_factory=ServeSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
 
     @field_validator("home")
     @classmethod

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol
 
 from ..config import RuntimeSettings
 from ..registry.manifest import Manifest
+from .detokenize import Detokenizer, WindowDetokenizer
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,10 @@ class StepGenerator(TaskHandler):
     def decode_tokens(self, token_ids: list[int]) -> str:
         raise NotImplementedError
 
+    def new_detokenizer(self) -> Detokenizer:
+        """A detokeniser for one sequence; the generic one decodes short windows with `decode_tokens`."""
+        return WindowDetokenizer(self.decode_tokens)
+
     def new_batch(self) -> DecodeBatch:
         raise NotImplementedError
 
@@ -141,46 +146,65 @@ class TextStream:
     """Incremental detokenisation of one sequence, with stop strings and end of sequence.
 
     `push(token)` returns the text that became safe to show: never half a UTF-8 character and never
-    the start of what may become a stop string. `result` is set once the sequence is finished.
+    the start of what may become a stop string. `result` is set once the sequence is finished. The
+    work per token does not grow with the length of the sequence: the generator's detokeniser
+    decodes a short window, and stop strings are looked for only where a new one could end (the
+    text held back, at most the longest stop string less one character, and the new text).
     """
 
     def __init__(self, generator: StepGenerator, params: GenerationParams, prompt_tokens: int) -> None:
         self.generator = generator
         self.params = params
         self.prompt_tokens = prompt_tokens
-        self.tokens: list[int] = []
-        self.text = ""
-        self.sent = 0
+        self.num_tokens = 0
         self.result: Generation | None = None
-        self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self._detokenizer = generator.new_detokenizer()
+        self._stop = tuple(s for s in params.stop if s)
+        self._holdback = max((len(s) for s in self._stop), default=1) - 1
+        self._shown: list[str] = []  # the chunks push returned
+        self._held = ""  # decoded text not shown yet: it may be the start of a stop string
+
+    @property
+    def text(self) -> str:
+        """All the text so far (shown and held back)."""
+        return "".join(self._shown) + self._held
 
     def push(self, token: int) -> str:
         if token in self.generator.eos_token_ids:
             return self._finish("stop")
-        self.tokens.append(token)
-        self.text = self.generator.decode_tokens(self.tokens)
-        if self.params.stop:
-            self.text, stopped = truncate_at_stop(self.text, self.params.stop)
-            if stopped:
-                return self._finish("stop")
-        if len(self.tokens) >= self.params.max_new_tokens:
+        self.num_tokens += 1
+        if self._take(self._detokenizer.push(token)):
+            return self._finish("stop", flush=False)
+        if self.num_tokens >= self.params.max_new_tokens:
             return self._finish("length")
-        if self.text.endswith("\ufffd"):  # a multi-byte character split across tokens
-            return ""
-        return self._emit(len(self.text) - self._holdback)
+        return self._show(len(self._held) - self._holdback)
 
     def finish(self, reason: str) -> str:
         """End the sequence early (cancelled, context full)."""
         return self._finish(reason)
 
-    def _finish(self, reason: str) -> str:
-        self.result = Generation(self.text, reason, self.prompt_tokens, len(self.tokens))
-        return self._emit(len(self.text))
+    def _take(self, new: str) -> bool:
+        """Add decoded text; cut it at a stop string that ends in it and say whether one did."""
+        if not new:
+            return False
+        self._held += new
+        if not self._stop:
+            return False
+        self._held, stopped = truncate_at_stop(self._held, self._stop)
+        return stopped
 
-    def _emit(self, end: int) -> str:
-        if end <= self.sent:
+    def _finish(self, reason: str, flush: bool = True) -> str:
+        if flush and self._take(self._detokenizer.flush()):
+            reason = "stop"
+        delta = self._show(len(self._held))
+        self.result = Generation("".join(self._shown), reason, self.prompt_tokens, self.num_tokens)
+        return delta
+
+    def _show(self, end: int) -> str:
+        if end <= 0:
             return ""
-        delta, self.sent = self.text[self.sent : end], end
+        delta, self._held = self._held[:end], self._held[end:]
+        self._shown.append(delta)
         return delta
 
 

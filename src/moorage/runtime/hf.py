@@ -22,6 +22,7 @@ from .base import (
     TaskHandler,
     TextStream,
 )
+from .detokenize import Detokenizer, detokenizer_for, special_token_ids
 
 
 def _torch(settings: RuntimeSettings):
@@ -144,6 +145,7 @@ class CausalGenerator(StepGenerator):
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        self.special_ids = special_token_ids(self.tokenizer)
 
     def render(self, item: GenerateInput) -> str:
         """The prompt text: chat messages go through the tokenizer's chat template when it has one."""
@@ -161,6 +163,9 @@ class CausalGenerator(StepGenerator):
 
     def decode_tokens(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def new_detokenizer(self) -> Detokenizer:
+        return detokenizer_for(self.tokenizer, self.special_ids)
 
     def new_batch(self) -> _DecodeBatch:
         return _DecodeBatch(self.model, self.torch, self.tokenizer.pad_token_id)

@@ -8,8 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from moorage.errors import Unauthorized
-from moorage.registry import Registry
-from moorage.security import crypto
+from moorage.registry import Registry, crypto
 from moorage.security.audit import AuditEntry, AuditLog
 from moorage.security.keys import KeyStore
 

@@ -10,9 +10,8 @@ import pytest
 
 from moorage.config import load_settings
 from moorage.errors import EncryptionError, IntegrityError
-from moorage.registry import Registry
+from moorage.registry import Registry, crypto
 from moorage.runtime import Runtime
-from moorage.security import crypto
 
 
 def _settings(home, key=None, encrypt=True, key_file=None):

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import text
 
 from moorage.config import load_settings
+from moorage.db import utcnow
 from moorage.registry import Registry
-from moorage.registry.tables import utcnow
 from moorage.security.audit import AuditLog
 from moorage.security.keys import KeyStore
 

@@ -244,7 +244,7 @@ def import_(ctx: typer.Context, source: Annotated[str, typer.Argument(help="expo
 @app.command("new-master-key")
 def new_master_key(path: Annotated[Path, typer.Argument(help="file to create (mode 0600)")]) -> None:
     """Write a new random master key (base64, 32 bytes) for encrypted artifacts."""
-    from ..security.crypto import MasterKey, generate_master_key
+    from ..registry.crypto import MasterKey, generate_master_key
 
     if path.exists():
         raise BadRequest(f"{path} exists; refusing to overwrite a key", code="file_exists")
@@ -263,7 +263,7 @@ def rekey(
 ) -> None:
     """Re-wrap the data keys of encrypted versions under a new master key (the configured key is the
     old one). The encrypted files are not rewritten; afterwards configure the new key."""
-    from ..security.crypto import MasterKey
+    from ..registry.crypto import MasterKey
 
     st = state(ctx)
     new = MasterKey.from_file(new_key_file)

@@ -12,13 +12,13 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from ..db import Catalog, as_utc, utcnow
 from ..errors import BadRequest, Conflict, EncryptionError, IntegrityError, ModelNotFound
 from ..refs import DEFAULT_ALIAS, ModelRef, parse_ref, validate_alias, validate_name
-from ..security import crypto
-from .catalog import Catalog
+from . import crypto
 from .manifest import Lineage, Manifest, check_safe, detect_framework, list_model_files, sha256_bytes
 from .store import ArtifactStore, NoProgress, Progress, verify_local
-from .tables import Alias, AliasEvent, ArtifactKey, Model, ModelVersion, as_utc, utcnow
+from .tables import Alias, AliasEvent, ArtifactKey, Model, ModelVersion
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ class Registry:
 
     def _reserve_version(self, name: str, task: str, framework: str, description: str) -> int:
         with self.catalog.session() as s:
-            model = self.catalog.lock_model(s, name)
+            model = _lock_model(s, name)
             if model is None:
                 s.add(Model(name=name, task=task, description=description, tags={}, created_by=self.user))
                 s.flush()
@@ -474,7 +474,7 @@ class Registry:
     # ---- helpers ----------------------------------------------------------------------------
     def _model_or_404(self, s: Session, name: str, *, lock: bool = False) -> Model:
         """The model row; with `lock`, held against other writers until the transaction ends."""
-        model = self.catalog.lock_model(s, name) if lock else s.get(Model, name)
+        model = _lock_model(s, name) if lock else s.get(Model, name)
         if model is None:
             raise ModelNotFound(f"unknown model {name!r}; `moorage models list` shows the registered ones")
         return model
@@ -514,3 +514,8 @@ def _entry(e: AliasEvent) -> HistoryEntry:
     return HistoryEntry(
         e.id, e.model_name, e.alias, e.action, e.from_version, e.to_version, e.actor, e.reason, as_utc(e.at)
     )
+
+
+def _lock_model(s: Session, name: str) -> Model | None:
+    """Read the model row, holding a write lock on it until the transaction ends."""
+    return s.scalar(select(Model).where(Model.name == name).with_for_update())

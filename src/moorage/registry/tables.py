@@ -1,24 +1,16 @@
-"""Catalog tables (SQLAlchemy 2). The schema is created and upgraded by Alembic migrations."""
+"""The registry's tables in the catalog (SQLAlchemy 2). The schema is created and upgraded by Alembic
+migrations; `Base` and the time helpers come from `moorage.db`."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKeyConstraint, Integer, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import BigInteger, ForeignKeyConstraint, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
 
+from ..db.base import Base, as_utc, utcnow
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def as_utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every time moorage stores is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-class Base(DeclarativeBase):
-    type_annotation_map = {datetime: DateTime(timezone=True), dict: JSON}
+__all__ = ["Alias", "AliasEvent", "ArtifactKey", "Base", "Model", "ModelVersion", "as_utc", "utcnow"]
 
 
 class Model(Base):

@@ -14,12 +14,13 @@ from typing import Any
 import fsspec
 from sqlalchemy import select
 
+from ..db import as_utc
 from ..errors import BadRequest, Conflict, IntegrityError
 from ..refs import validate_name
 from .manifest import MANIFEST_NAME, Manifest, sha256_bytes
 from .service import Registry
 from .store import NoProgress, Progress
-from .tables import Alias, AliasEvent, ArtifactKey, Model, ModelVersion, as_utc
+from .tables import Alias, AliasEvent, ArtifactKey, Model, ModelVersion
 
 EXPORT_NAME = "export.json"
 EXPORT_FORMAT = 1

@@ -12,8 +12,8 @@ from ..config import RuntimeSettings
 from ..errors import BadRequest
 from ..refs import ModelRef
 from ..registry import Progress, Registry, VersionInfo
+from ..registry.crypto import MemoryFolder
 from ..registry.manifest import check_safe
-from ..security.crypto import MemoryFolder
 from .base import TaskHandler
 from .cache import ModelCache
 

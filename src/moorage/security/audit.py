@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from sqlalchemy import select
 
-from ..registry.catalog import Catalog
+from ..db import Catalog
 from .tables import AuditHead, AuditRow
 
 log = logging.getLogger("moorage.audit")

@@ -20,9 +20,8 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from ..db import Catalog, as_utc, utcnow
 from ..errors import BadRequest, Forbidden, NotFound, Unauthorized
-from ..registry.catalog import Catalog
-from ..registry.tables import as_utc, utcnow
 from .tables import ApiKey
 
 ROLES = ("invoker", "operator", "admin")

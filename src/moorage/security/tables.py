@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import JSON, Float, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from ..registry.tables import Base, utcnow
+from ..db import Base, utcnow
 
 
 class ApiKey(Base):

@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from moorage.registry.tables import Base
+from moorage.db import Base
 
 connection = context.config.attributes["connection"]
 context.configure(

@@ -1,0 +1,128 @@
+"""The SQL catalog: engine set-up, schema migrations and write serialisation.
+
+SQLite (the embedded default) takes its write lock at ``BEGIN IMMEDIATE``, so two processes that
+move the same alias queue behind each other instead of failing on a stale read. On PostgreSQL a
+writer locks the rows it reads (``SELECT ... FOR UPDATE``), as the registry does with a model's row.
+
+The Alembic history covers every table of the catalog (registry, security, jobs); its scripts ship
+as package data under ``moorage/registry/migrations``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from ..errors import ConfigError, MissingDependency, MoorageError
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "registry" / "migrations"
+_PG_MIGRATION_LOCK = 0x6D6F6F72  # 'moor'
+
+
+class CatalogUnavailable(MoorageError):
+    status = 503
+    code = "catalog_unavailable"
+
+
+class Catalog:
+    def __init__(self, url: str, lock_timeout_s: float = 30.0) -> None:
+        self.url = url
+        self.engine = _create_engine(url, lock_timeout_s)
+        self.dialect = self.engine.dialect.name
+        _ensure_schema(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        try:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            raise CatalogUnavailable(f"catalog {self.safe_url} failed: {exc.orig}") from None
+
+    @property
+    def safe_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _create_engine(url: str, lock_timeout_s: float) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"bad catalog URL {url!r}: use a SQLAlchemy URL such as sqlite:///path/catalog.db "
+            "or postgresql://user:pass@host/db"
+        ) from None
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(parsed, lock_timeout_s)
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("", "psycopg"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise MissingDependency("a PostgreSQL catalog needs psycopg: pip install 'moorage[postgres]'") from None
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    try:
+        return create_engine(parsed, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise MissingDependency(f"no driver for catalog URL {url!r}: {exc}") from None
+
+
+def _sqlite_engine(parsed, lock_timeout_s: float) -> Engine:
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed, connect_args={"timeout": lock_timeout_s}, poolclass=NullPool)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # pragma: no cover - trivial
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(lock_timeout_s * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # pragma: no cover - trivial
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _alembic_config():
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def _ensure_schema(engine: Engine) -> None:
+    """Upgrade the catalog to the newest schema; a no-op (one query) when it is already there."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    cfg = _alembic_config()
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    try:
+        with engine.connect() as conn:
+            if MigrationContext.configure(conn).get_current_revision() == head:
+                return
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    except OperationalError as exc:
+        safe = engine.url.render_as_string(hide_password=True)
+        raise CatalogUnavailable(f"cannot open catalog {safe}: {exc.orig}") from None

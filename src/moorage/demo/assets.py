@@ -62,7 +62,8 @@ def smollm2_folder(cache_dir: Path) -> Path:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kwargs)
         # The weights are dequantised to float32 on load; drop the GGUF marker so that
         # save_pretrained writes them as a plain safetensors model.
-        model.hf_quantizer = None
+        # (torch's Module.__getattr__ types undeclared attributes as Tensor | Module)
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(staging, safe_serialization=True)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Protocol
+
+from rich.console import Console
 from rich.table import Table
 
+from ..config import Settings
 from ..errors import ModelNotFound
-from ..registry import Registry
+from ..registry import NoProgress, Progress, Registry, VersionInfo
 from ..runtime import GenerateInput, GenerationParams, Runtime
 from . import assets
 
@@ -16,7 +23,14 @@ DEMO_MODELS = (
 )
 
 
-def ensure_registered(registry: Registry, name: str, task: str, package: str, folder_fn, progress=None):
+def ensure_registered(
+    registry: Registry,
+    name: str,
+    task: str,
+    package: str,
+    folder_fn: Callable[[], Path],
+    progress: Progress | None = None,
+) -> tuple[VersionInfo, bool]:
     """Register the demo model once per package version; later runs reuse that version."""
     source = f"{package}=={assets.package_version(package)}"
     try:
@@ -40,16 +54,35 @@ def ensure_registered(registry: Registry, name: str, task: str, package: str, fo
     return info, True
 
 
-def run_demo(state) -> None:
-    from ..cli.context import RichProgress, console
+class DemoState(Protocol):
+    """What the demo needs from its caller (the CLI's state): settings and the registry."""
 
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+
+def _no_progress() -> AbstractContextManager[Progress]:
+    return nullcontext(NoProgress())
+
+
+def run_demo(
+    state: DemoState,
+    progress_bar: Callable[[], AbstractContextManager[Progress]] = _no_progress,
+    console: Console | None = None,
+) -> None:
+    """Register the demo models and use each once. The caller draws: `progress_bar` makes the bar
+    shown while the models are registered (the CLI passes its rich one), `console` prints the rest."""
+    console = console or Console()
     settings, registry = state.settings, state.registry
     folders = {
         "minilm": assets.minilm_folder,
         "smollm2": lambda: assets.smollm2_folder(settings.cache_dir),
     }
     table = Table("model", "task", "version", "aliases", "status")
-    with RichProgress() as progress:
+    with progress_bar() as progress:
         for name, task, package in DEMO_MODELS:
             info, created = ensure_registered(registry, name, task, package, folders[name], progress)
             table.add_row(name, task, str(info.version), "production", "registered" if created else "already there")

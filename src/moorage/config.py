@@ -4,13 +4,17 @@ Precedence, lowest first: defaults < config file (YAML or TOML) < environment ``
 (nested keys with ``__``, e.g. ``MOORAGE_REGISTRY__CATALOG_URL``) < explicit overrides (CLI flags).
 
 The environment is read here and nowhere else, and `load_settings` takes it as an argument so that
-tests inject it instead of patching ``os.environ``.
+tests inject it instead of patching ``os.environ``. The tree is frozen: another value means another
+tree (``model_copy(update=...)``). People and logs see `Settings.redacted`, never a plain dump; a
+parent process hands the settings, secrets included, to its workers in an owner-only file
+(`write_settings_file`), not in the environment.
 """
 
 from __future__ import annotations
 
 import getpass
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -18,7 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr, ValidationError, field_validator
+from pydantic_core import to_json, to_jsonable_python
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -30,10 +35,15 @@ from .errors import ConfigError
 
 ENV_PREFIX = "MOORAGE_"
 CONFIG_NAMES = ("config.yaml", "config.yml", "config.toml")
+SETTINGS_FILE_ENV = "MOORAGE_SETTINGS_FILE"  # where a worker process finds the settings its parent wrote
+
+# Settings are read once and never change in a running process: a new value means a new tree
+# (``model_copy(update=...)``), so no part of a process sees settings another part changed.
+SECTION_CONFIG = ConfigDict(extra="forbid", frozen=True)
 
 
 class RegistrySettings(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = SECTION_CONFIG
 
     catalog_url: str | None = Field(
         None, description="SQLAlchemy URL of the catalog; default: SQLite file in the home folder"
@@ -48,7 +58,7 @@ class RegistrySettings(BaseModel):
 
 
 class RuntimeSettings(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = SECTION_CONFIG
 
     cache_dir: Path | None = Field(None, description="local copies of remote artifacts")
     max_loaded_bytes: int = Field(4 << 30, gt=0, description="memory bound of loaded models")
@@ -60,7 +70,7 @@ class RuntimeSettings(BaseModel):
 
 
 class ServeSettings(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = SECTION_CONFIG
 
     host: str = Field("127.0.0.1", description="address the server listens on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
@@ -80,10 +90,15 @@ class ServeSettings(BaseModel):
     graceful_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for in-flight work")
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM): serve HTTPS")
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM)")
+    metrics_dir: Path | None = Field(
+        None,
+        description="with several workers: an empty folder where each worker writes the metrics /metrics merges "
+        "(default: a private temporary folder, removed at exit)",
+    )
 
 
 class StreamSettings(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = SECTION_CONFIG
 
     batch_size: int = Field(64, ge=1, description="messages received and batched together")
     max_wait_ms: float = Field(20.0, ge=0, description="how long a model batch waits to fill")
@@ -102,7 +117,7 @@ class StreamSettings(BaseModel):
 
 
 class JobSettings(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = SECTION_CONFIG
 
     callback_allow: list[str] = Field(
         default_factory=list,
@@ -138,7 +153,7 @@ class FilterSettings(BaseModel):
     """Content filters of one model. A rule is a keyword (case-insensitive, whole words) or
     ``re:PATTERN`` (a Python regular expression, case-insensitive)."""
 
-    model_config = {"extra": "forbid"}
+    model_config = SECTION_CONFIG
 
     input_deny: list[str] = Field(default_factory=list, description="inputs matching any rule are refused (400)")
     input_allow: list[str] = Field(
@@ -151,7 +166,7 @@ class FilterSettings(BaseModel):
 
 
 class LimitSettings(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = SECTION_CONFIG
 
     requests_per_minute: int | None = Field(None, ge=1, description="per key, unless the key sets its own")
     tokens_per_minute: int | None = Field(None, ge=1, description="input + output tokens per key and minute")
@@ -165,7 +180,7 @@ class LimitSettings(BaseModel):
 
 
 class SecuritySettings(BaseModel):
-    model_config = {"extra": "forbid"}
+    model_config = SECTION_CONFIG
 
     auth: bool = Field(True, description="require an API key; false only for local development (warned at start)")
     metrics_auth: bool = Field(True, description="require a key for /metrics (false: open to scrapers)")
@@ -189,7 +204,7 @@ class Settings(BaseSettings):
     """Everything a moorage process needs to know, validated at start-up."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True, frozen=True
     )
 
     home: Path = Field(Path("~/.moorage"), description="catalog, artifacts and caches")
@@ -227,6 +242,11 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         return (self.runtime.cache_dir or self.home / "cache").expanduser()
 
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON-able data with every credential masked: the one view that
+        `/admin/settings`, `moorage config` and log lines show. See `redact`."""
+        return redact(self.model_dump())
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -236,7 +256,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        environ, file_data = _LOAD_CONTEXT.get((os.environ, {}))
+        # Outside `load_settings` (``Settings(...)``, a worker's settings file) nothing is read:
+        # the environment is read by `load_settings` alone.
+        environ, file_data = _LOAD_CONTEXT.get(({}, {}))
         return (
             init_settings,
             _MappingEnvSource(settings_cls, environ),
@@ -333,6 +355,102 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
         problems.append(f"setting '{key}' ({env}): {err['msg']}")
     where = f" (config file {path})" if path else ""
     return "invalid settings" + where + ": " + "; ".join(problems)
+
+
+# ---- what a person or a log may see -------------------------------------------------------------
+
+MASK = "***"
+# storage_options go to fsspec as they are and each backend names its credentials its own way
+# (key, secret, token, account_key, sas_token, client_secret, ...): show only options known to be safe.
+SHOWN_STORAGE_OPTIONS = frozenset(
+    {"endpoint_url", "region_name", "anon", "use_ssl", "requester_pays", "version_aware", "client_kwargs"}
+)
+_CREDENTIAL_NAME = re.compile(r"pass(word|wd)?|pwd|secret|token|credential|session|signature|auth|(^|_)key($|_)", re.I)
+# scheme://user:password@host: the password runs to the last "@" before the query, so that an
+# unescaped "@" or "/" inside it is masked too
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/?#@:]*:)[^\s?#]*@")
+_QUERY_CREDENTIAL = re.compile(
+    r"(?P<head>[?&;][^=&#\s]*(pass|pwd|secret|token|key|credential|session|signature|auth)[^=&#\s]*=)[^&#\s]*", re.I
+)
+
+
+def redact(data: Any) -> Any:
+    """`data` (a settings dump) as JSON-able values with every credential masked: secrets
+    (``SecretStr``), the password of every URL (``scheme://user:***@host``) and its credential-named
+    query parameters, string values under credential-like names (``*_token``, ``api_key``, ...),
+    and every ``storage_options`` value but those in `SHOWN_STORAGE_OPTIONS`."""
+    return to_jsonable_python(_redact(data, "", opaque=False))
+
+
+def redact_url(text: str) -> str:
+    """`text` with the passwords of its URLs and their credential-named query parameters masked."""
+    if "://" not in text and "=" not in text:
+        return text
+    text = _URL_PASSWORD.sub(lambda m: m["head"] + MASK + "@", text)
+    return _QUERY_CREDENTIAL.sub(lambda m: m["head"] + MASK, text)
+
+
+def _redact(value: Any, name: str, opaque: bool) -> Any:
+    if isinstance(value, SecretStr | SecretBytes):
+        return MASK
+    if isinstance(value, Mapping):
+        inner = opaque or name == "storage_options"
+        return {key: _redact(item, str(key), inner) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact(item, name, opaque) for item in value]
+    if opaque and name not in SHOWN_STORAGE_OPTIONS and value is not None and not isinstance(value, bool):
+        return MASK
+    if isinstance(value, str):
+        if _CREDENTIAL_NAME.search(name) and not name.endswith(("_file", "_dir", "_path")):
+            return MASK
+        return redact_url(value)
+    return value
+
+
+# ---- settings handed to worker processes --------------------------------------------------------
+
+
+def write_settings_file(settings: Settings, path: Path) -> Path:
+    """Write `settings`, secrets included, to a new file that only its owner can read (mode 0600):
+    how a parent process hands its settings to its workers. The caller puts it in a private folder
+    and removes it when the workers are done."""
+    data = to_json(_reveal(settings.model_dump()))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def read_settings_file(path: str | Path | None = None, *, environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings `write_settings_file` wrote; by default to the file ``MOORAGE_SETTINGS_FILE`` names."""
+    if path is None:
+        path = (os.environ if environ is None else environ).get(SETTINGS_FILE_ENV)
+        if not path:
+            raise ConfigError(
+                f"{SETTINGS_FILE_ENV} names no settings file: server workers are started by `moorage serve --workers N`"
+            )
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        raise ConfigError(f"settings file {path} holds secrets: it must be readable by its owner only (chmod 600)")
+    try:
+        return Settings.model_validate_json(text)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def _reveal(value: Any) -> Any:
+    if isinstance(value, SecretStr | SecretBytes):
+        return value.get_secret_value()
+    if isinstance(value, Mapping):
+        return {key: _reveal(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_reveal(item) for item in value]
+    return value
 
 
 def _current_user() -> str:

@@ -1,4 +1,5 @@
-"""The `moorage` command. Every user error ends as one line on stderr and exit code 2."""
+"""The `moorage` command. Every user error ends as one line on stderr and exit code 2; a usage mistake
+(unknown command, bad option) as click shows it: the usage line, a hint and the error, also exit code 2."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from .. import __version__
 from ..errors import MoorageError
 from . import audit, keys, models, serve, stream
 from .context import AppState, console, err_console, state
+
+try:  # typer >= 0.22 carries its own copy of click, whose errors are TyperExceptions
+    from typer import TyperException as CommandLineError
+except ImportError:  # older typer raises click's own
+    from click import ClickException as CommandLineError  # type: ignore[assignment]
 
 app = typer.Typer(
     name="moorage",
@@ -79,14 +84,8 @@ def predict(
 
 @app.command("config")
 def show_config(ctx: typer.Context) -> None:
-    """Print the effective settings (defaults < file < MOORAGE_* < flags)."""
-    settings = state(ctx).settings
-    data = settings.model_dump(mode="json")  # secrets (master key) come out masked
-    if settings.registry.catalog_url:
-        from sqlalchemy.engine import make_url
-
-        data["registry"]["catalog_url"] = make_url(settings.registry.catalog_url).render_as_string(hide_password=True)
-    print(json.dumps(data, indent=2))
+    """Print the effective settings (defaults < file < MOORAGE_* < flags), credentials masked."""
+    print(json.dumps(state(ctx).settings.redacted(), indent=2))
 
 
 @app.command()
@@ -114,11 +113,15 @@ def main() -> None:
     except MoorageError as exc:
         err_console.print(f"[red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err_console.print("aborted")
         sys.exit(1)
-    except click.ClickException as exc:
-        exc.show()
+    except CommandLineError as exc:  # a usage mistake: click's usage line, the error, exit status 2
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            err_console.print(f"[red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

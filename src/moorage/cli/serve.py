@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..config import Settings
+from ..config import SETTINGS_FILE_ENV, Settings, read_settings_file, write_settings_file
 from ..errors import MissingDependency, MoorageError
 from .context import console, state
-
-SETTINGS_ENV = "MOORAGE_SERVE_SETTINGS_JSON"  # how `--workers N` hands the settings to each worker
 
 
 def serve(
@@ -81,13 +77,16 @@ def serve(
 
         uvicorn.run(create_app(settings, registry=st.registry), **options)
         return
-    metrics_dir = tempfile.mkdtemp(prefix="moorage-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in each worker
-    os.environ[SETTINGS_ENV] = _settings_json(settings)
-    try:
-        uvicorn.run("moorage.cli.serve:app_from_env", factory=True, workers=serve_settings.workers, **options)
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+    # The workers get the settings, master key included, in a file only this user can read, inside
+    # a folder only this user can enter (mode 0700), removed at exit; the environment of a process
+    # is readable by much more (ps e, /proc, crash reports) and is inherited by everything it starts.
+    with tempfile.TemporaryDirectory(prefix="moorage-serve-") as private:
+        metrics_dir = serve_settings.metrics_dir or Path(private) / "metrics"
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        settings = settings.model_copy(update={"serve": serve_settings.model_copy(update={"metrics_dir": metrics_dir})})
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # prometheus_client reads it in each worker
+        os.environ[SETTINGS_FILE_ENV] = str(write_settings_file(settings, Path(private) / "settings.json"))
+        uvicorn.run("moorage.cli.serve:worker_app", factory=True, workers=serve_settings.workers, **options)
 
 
 def _has_rate_limits(registry, settings: Settings) -> bool:
@@ -97,14 +96,6 @@ def _has_rate_limits(registry, settings: Settings) -> bool:
     if limits.requests_per_minute or limits.tokens_per_minute:
         return True
     return any(k.requests_per_minute or k.tokens_per_minute for k in KeyStore(registry.catalog).list())
-
-
-def _settings_json(settings: Settings) -> str:
-    """The settings for the workers, secrets included (pydantic masks SecretStr when dumping)."""
-    data = json.loads(settings.model_dump_json())
-    if settings.security.master_key is not None:
-        data["security"]["master_key"] = settings.security.master_key.get_secret_value()
-    return json.dumps(data)
 
 
 def _check_tls(serve_settings) -> None:
@@ -123,11 +114,13 @@ def _check_tls(serve_settings) -> None:
             raise MoorageError(f"cannot use TLS certificate {cert} with key {key}: {exc}", code="invalid_tls") from None
 
 
-def app_from_env():
-    """Worker-process entry point for `--workers N` (settings arrive as JSON from the parent)."""
+def worker_app():
+    """Worker-process entry point for `--workers N`: the app for the settings the parent wrote."""
+    from ..observability import metrics
     from ..server import create_app
 
     faulthandler.enable()  # as in the parent (cli.main): a worker's crash shows its Python stacks
-    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    settings = read_settings_file()  # the file that SETTINGS_FILE_ENV names
+    metrics.merge_processes(settings.serve.metrics_dir)
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
     return create_app(settings)

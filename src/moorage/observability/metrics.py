@@ -1,14 +1,17 @@
 """Every Prometheus metric moorage exports, declared once.
 
-Several server worker processes: set ``PROMETHEUS_MULTIPROC_DIR`` before the workers start (``moorage
-serve --workers N`` does) and `render` merges the files every process writes, so counters add up
-across workers and gauges say how they are combined (``livesum``: live processes summed).
+Several server worker processes: each one writes its values to files in one folder, and `render`
+merges them, so counters add up across workers and gauges say how they are combined (``livesum``:
+live processes summed). prometheus_client learns the folder from ``PROMETHEUS_MULTIPROC_DIR`` when
+it is imported, so ``moorage serve --workers N`` sets that for its workers; moorage itself is told
+the same folder (``serve.metrics_dir``) through `merge_processes`.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -70,6 +73,15 @@ PROCESS_CPU = Gauge("moorage_process_cpu_seconds", "CPU time of the server proce
 PROCESS_MEMORY = Gauge("moorage_process_max_resident_memory_bytes", "peak RSS of the process", multiprocess_mode="all")
 PROCESS_RSS = Gauge("moorage_process_resident_memory_bytes", "RSS of the process", multiprocess_mode="all")
 
+_processes_dir: str | None = None  # the folder of every worker's values, when there are several
+
+
+def merge_processes(directory: Path | None) -> None:
+    """From now on `render` merges the values every worker process writes to `directory` (None: only
+    this process's). Called once by a worker of ``serve --workers N`` before it serves."""
+    global _processes_dir
+    _processes_dir = str(directory) if directory is not None else None
+
 
 def update_process_metrics() -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -89,13 +101,13 @@ def _current_rss() -> int:
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type, merged over worker processes when there are several."""
     update_process_metrics()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if _processes_dir is not None:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry, path=_processes_dir)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST
 
 
 def mark_process_dead(pid: int) -> None:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        multiprocess.mark_process_dead(pid)
+    if _processes_dir is not None:
+        multiprocess.mark_process_dead(pid, path=_processes_dir)

@@ -261,12 +261,8 @@ async def revoke_key(key_id: str, request: Request, caller: Principal = Depends(
 
 @admin.get("/settings")
 async def effective_settings(request: Request, caller: Principal = Depends(require("read_settings"))) -> Response:
-    """The server's effective settings; secrets are masked, database passwords hidden."""
-    settings = request.app.state.settings
-    data = settings.model_dump(mode="json")
-    if settings.registry.catalog_url:
-        data["registry"]["catalog_url"] = request.app.state.registry.catalog.safe_url
-    return FastJSON(data)
+    """The server's effective settings, every credential masked (`Settings.redacted`)."""
+    return FastJSON(request.app.state.settings.redacted())
 
 
 @admin.get("/audit")

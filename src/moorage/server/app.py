@@ -10,8 +10,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .. import __version__
-from ..batching import BatchConfig, GenerationConfig, ModelPool, PoolConfig
-from ..config import ServeSettings, Settings
+from ..batching import ModelPool
+from ..batching.settings import serving_pool_config
+from ..config import Settings
 from ..observability import metrics
 from ..registry import Registry
 from ..runtime import Runtime
@@ -23,30 +24,12 @@ from .security import Guard, SecurityMiddleware
 log = logging.getLogger("moorage.server")
 
 
-def pool_config(serve: ServeSettings) -> PoolConfig:
-    return PoolConfig(
-        batch=BatchConfig(
-            max_batch_size=serve.max_batch_size,
-            max_wait_ms=serve.max_wait_ms,
-            max_queue=serve.max_queue,
-            timeout_s=serve.request_timeout_s,
-        ),
-        generation=GenerationConfig(
-            max_num_seqs=serve.max_num_seqs,
-            max_prefill_tokens=serve.max_prefill_tokens,
-            max_waiting=serve.max_waiting_seqs,
-            timeout_s=serve.request_timeout_s,
-        ),
-        poll_interval_s=serve.poll_interval_s,
-    )
-
-
 def create_app(settings: Settings, models: list[str] | None = None, registry: Registry | None = None) -> FastAPI:
     """The app for `models` (default: ``settings.serve.models``). Models load in the background after
     start-up: ``/healthz`` answers at once, ``/readyz`` once every model is loaded."""
     registry = registry or Registry.from_settings(settings)
     runtime = Runtime(registry, settings.runtime)
-    pool = ModelPool(registry, runtime, list(models or settings.serve.models), pool_config(settings.serve))
+    pool = ModelPool(registry, runtime, list(models or settings.serve.models), serving_pool_config(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from ..batching import BatchConfig, GenerationConfig, ModelPool, PoolConfig
+from ..batching import ModelPool
+from ..batching.settings import from_settings, stream_pool_config
 from ..config import Settings
 from ..refs import parse_ref
 from ..registry import Registry
@@ -30,27 +31,7 @@ class StreamJob:
 
 def worker_config(settings: Settings) -> WorkerConfig:
     """The worker's share of the `stream.*` settings (same names), and whether audit rows keep inputs."""
-    stream = settings.stream
-    shared = {f.name: getattr(stream, f.name) for f in fields(WorkerConfig) if hasattr(stream, f.name)}
-    return WorkerConfig(**shared, audit_inputs=settings.security.audit_inputs)
-
-
-def stream_pool_config(settings: Settings) -> PoolConfig:
-    """The serving engine, sized for streams: batches as large as a receive, room for the pipeline."""
-    st = settings.stream
-    room = st.batch_size * (st.max_in_flight + 2)
-    return PoolConfig(
-        batch=BatchConfig(
-            max_batch_size=st.batch_size, max_wait_ms=st.max_wait_ms, max_queue=room, timeout_s=st.item_timeout_s
-        ),
-        generation=GenerationConfig(
-            max_num_seqs=settings.serve.max_num_seqs,
-            max_prefill_tokens=settings.serve.max_prefill_tokens,
-            max_waiting=room,
-            timeout_s=st.item_timeout_s,
-        ),
-        poll_interval_s=settings.serve.poll_interval_s,
-    )
+    return from_settings(WorkerConfig, settings.stream, audit_inputs=settings.security.audit_inputs)
 
 
 async def run_stream(

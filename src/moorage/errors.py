@@ -146,6 +146,13 @@ class NotReady(MoorageError):
     type = "server_error"
 
 
+class EngineFailed(NotReady):
+    """The engine of a model version died (a bug or a broken device): every waiting call fails at once
+    with 503 instead of hanging, and ``/readyz`` answers 503 until the process is restarted."""
+
+    code = "engine_failed"
+
+
 class DeadlineExceeded(MoorageError):
     """A request waited in a queue past its deadline and was never started."""
 

@@ -78,6 +78,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def eventually(condition, timeout_s: float = 10.0) -> None:
+    """Wait (yielding to the loop) until `condition()` holds; fail after a generous deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
 def test_concurrent_inputs_are_batched_and_match_unbatched_results(tmp_path):
     handler = CountingEmbedder(tmp_path / "m", delay_ms=20)
     texts = [f"text number {i}" for i in range(40)]
@@ -85,15 +94,15 @@ def test_concurrent_inputs_are_batched_and_match_unbatched_results(tmp_path):
     async def main():
         batcher = DynamicBatcher(handler, BatchConfig(max_batch_size=16, max_wait_ms=5))
         batcher.start()
-        outs = await asyncio.gather(*(batcher.run([t]) for t in texts))
+        outs = await asyncio.gather(*(batcher.submit(t) for t in texts))
         await batcher.stop()
-        return [o[0] for o in outs]
+        return outs
 
     outs = run(main())
     assert max(len(b) for b in handler.batches) > 1
     assert sum(len(b) for b in handler.batches) == len(texts)
     for text, out in zip(texts, outs):
-        assert (out.value == handler._embed(text)).all() and out.tokens == 3
+        assert (out.output == handler._embed(text)).all() and out.prompt_tokens == 3
 
 
 def test_a_full_queue_answers_overloaded_and_a_failed_batch_fails_only_its_own(tmp_path):
@@ -102,20 +111,20 @@ def test_a_full_queue_answers_overloaded_and_a_failed_batch_fails_only_its_own(t
     async def main():
         batcher = DynamicBatcher(handler, BatchConfig(max_batch_size=2, max_wait_ms=0, max_queue=4))
         batcher.start()
-        first = asyncio.ensure_future(batcher.run(["boom", "ok one"]))
-        await asyncio.sleep(0.01)  # that batch is computing; now fill the queue
-        queued = [asyncio.ensure_future(batcher.run([f"t{i}"])) for i in range(4)]
-        await asyncio.sleep(0)
+        first = [batcher.submit("boom"), batcher.submit("ok one")]
+        while batcher.queue_depth:  # that batch is taken; now fill the queue
+            await asyncio.sleep(0)
+        queued = [batcher.submit(f"t{i}") for i in range(4)]
         with pytest.raises(Overloaded) as over:
-            await batcher.run(["one too many"])
-        results = await asyncio.gather(first, *queued, return_exceptions=True)
+            batcher.submit("one too many")
+        results = await asyncio.gather(*first, *queued, return_exceptions=True)
         await batcher.stop()
         return over.value, results
 
     over, results = run(main())
     assert over.status == 429 and over.retry_after >= 1
-    assert isinstance(results[0], RuntimeError)
-    assert all(not isinstance(r, BaseException) for r in results[1:])
+    assert isinstance(results[0], RuntimeError) and isinstance(results[1], RuntimeError)  # one batch
+    assert all(not isinstance(r, BaseException) for r in results[2:])
 
 
 def test_deadline_passes_while_queued_gives_504_and_cancelled_inputs_are_never_computed(tmp_path):
@@ -124,11 +133,11 @@ def test_deadline_passes_while_queued_gives_504_and_cancelled_inputs_are_never_c
     async def main():
         batcher = DynamicBatcher(handler, BatchConfig(max_batch_size=1, max_wait_ms=0))
         batcher.start()
-        busy = asyncio.ensure_future(batcher.run(["first"]))
-        await asyncio.sleep(0.01)
-        late = asyncio.ensure_future(batcher.run(["too late"], timeout_s=0.05))
-        gone = asyncio.ensure_future(batcher.run(["client went away"]))
-        await asyncio.sleep(0.01)
+        busy = batcher.submit("first")
+        while batcher.queue_depth:
+            await asyncio.sleep(0)
+        late = batcher.submit("too late", timeout_s=0.05)
+        gone = batcher.submit("client went away")
         gone.cancel()
         with pytest.raises(DeadlineExceeded):
             await late
@@ -165,7 +174,7 @@ def test_streamed_tokens_add_up_to_the_same_generations_as_a_static_batch(genera
 
         async def one(item):
             texts, result = [], None
-            async for event in engine.generate(item):
+            async for event in engine.stream(item):
                 texts.append(event.text)
                 result = event.result or result
             return "".join(texts), result
@@ -176,7 +185,9 @@ def test_streamed_tokens_add_up_to_the_same_generations_as_a_static_batch(genera
 
     outs = run(main())
     expected = handler.predict(items)
-    assert [r for _, r in outs] == expected
+    assert [(r.output, r.finish_reason, r.prompt_tokens, r.completion_tokens) for _, r in outs] == [
+        (g.text, g.finish_reason, g.prompt_tokens, g.completion_tokens) for g in expected
+    ]
     assert [t for t, _ in outs] == [g.text for g in expected]  # the streamed deltas add up to the text
     assert "ready" not in outs[-1][0]
 
@@ -187,24 +198,18 @@ def test_new_sequences_join_between_steps_and_cancel_frees_the_row(generator):
     async def main():
         engine = GenerationEngine(handler, GenerationConfig(max_num_seqs=2))
         engine.start()
-        long_stream = engine.generate(_item("a long one", n=200))
+        long_stream = engine.stream(_item("a long one", n=200))
         await anext(long_stream)
-        started = time.perf_counter()
-        short = await engine.complete(_item("short", n=3))  # joins while the long one runs
-        joined_in = time.perf_counter() - started
+        short = await engine.submit(_item("short", n=3))  # joins while the long one runs
+        long_was_running = len(engine.scheduler.running) == 1
         await long_stream.aclose()  # the client goes away
-        for _ in range(100):
-            if not engine.scheduler.running:
-                break
-            await asyncio.sleep(0.01)
-        running_after_cancel = len(engine.scheduler.running)
+        await eventually(lambda: not engine.scheduler.running)
         await engine.stop()
-        return short, joined_in, running_after_cancel
+        return short, long_was_running
 
-    short, joined_in, running = run(main())
-    assert short == handler.predict([_item("short", n=3)])[0]
-    assert joined_in < 200 * 0.005  # it did not wait for the 200-token sequence to end
-    assert running == 0
+    short, long_was_running = run(main())
+    assert short.output == handler.predict([_item("short", n=3)])[0].text
+    assert long_was_running  # it did not wait for the 200-token sequence to end
 
 
 def test_generation_overload_and_context_limits(generator):
@@ -215,14 +220,15 @@ def test_generation_overload_and_context_limits(generator):
         engine = GenerationEngine(handler, GenerationConfig(max_num_seqs=1, max_waiting=2))
         engine.start()
         with pytest.raises(BadRequest) as too_long:
-            engine.submit(_item("a b c", n=49))
-        seqs = [engine.submit(_item("runs", n=40))]
-        await asyncio.sleep(0.05)  # it holds the only row now
-        seqs += [engine.submit(_item(f"waits {i}", n=5)) for i in range(2)]
+            await engine.submit(_item("a b c", n=49))
+        runs = engine.stream(_item("runs", n=40))
+        await anext(runs)  # it holds the only row now
+        seqs = [engine.submit(_item(f"waits {i}", n=5)) for i in range(2)]
         with pytest.raises(Overloaded):
             engine.submit(_item("one too many", n=5))
         for s in seqs:
-            engine.cancel(s)
+            s.cancel()
+        await runs.aclose()
         await engine.stop()
         return too_long.value
 
@@ -240,7 +246,7 @@ def test_every_waiting_sequence_is_answered_when_the_model_fails(generator):
         engine = GenerationEngine(handler, GenerationConfig())
         engine._batch.add = broken
         engine.start()
-        results = await asyncio.gather(*(engine.complete(_item(f"p{i}")) for i in range(3)), return_exceptions=True)
+        results = await asyncio.gather(*(engine.submit(_item(f"p{i}")) for i in range(3)), return_exceptions=True)
         await engine.stop()
         return results
 

@@ -75,7 +75,7 @@ def test_predict_endpoint_for_each_task(settings, models, serving):
             "/v1/models/gen/predict",
             {"inputs": ["x"], "parameters": {"max_new_tokens": 0}},
             422,
-            "invalid_input",
+            "invalid_parameters",
         ),
         ("post", "/v1/models/bad..name/predict", {"inputs": ["x"]}, 400, "invalid_reference"),
         ("get", "/v1/nothing-here", None, 404, "not_found"),

@@ -11,12 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from moorage.errors import BadRequest
+from moorage.batching import InferenceService
+from moorage.errors import BadRequest, Unprocessable
 from moorage.streams import Message, open_broker, open_sink
 from moorage.streams.producer import messages, produce
 from moorage.streams.runner import StreamJob, run_stream
 from moorage.streams.sinks import FileSink, SQLSink
-from moorage.streams.worker import Poison, WorkerConfig, decode
+from moorage.streams.worker import Envelope, Poison, WorkerConfig, decode
 
 pytestmark = pytest.mark.anyio
 CFG = WorkerConfig(max_text_chars=50)
@@ -43,16 +44,23 @@ def test_bad_messages_are_poison_with_a_reason(body, code):
         decode(msg(body), "embed", CFG)
 
 
-def test_decode_takes_the_payload_id_or_the_broker_id_and_builds_generation_inputs():
-    assert decode(msg(b'{"id": 7, "text": "hi"}'), "embed", CFG) == ("7", "hi")
-    assert decode(msg(b'{"text": "hi"}'), "classify", CFG) == ("b-1", "hi")
-    _, item = decode(msg(b'{"messages": [{"role": "user", "content": "hi"}], "parameters": {"max_new_tokens": 3}}'),
-                     "generate", CFG)  # fmt: skip
+def test_decode_takes_the_payload_id_or_the_broker_id_and_the_service_validates_the_rest():
+    assert decode(msg(b'{"id": 7, "text": "hi"}'), "embed", CFG) == Envelope("7", "hi")
+    assert decode(msg(b'{"text": "hi"}'), "classify", CFG) == Envelope("b-1", "hi")
+    chat = b'{"messages": [{"role": "user", "content": "hi"}], "parameters": {"max_new_tokens": 3}}'
+    envelope = decode(msg(chat), "generate", CFG)
+    service = InferenceService(pool=None, default_max_tokens=16)  # type: ignore[arg-type]  # prepare needs no pool
+    (item,) = service.prepare("generate", [envelope.input], envelope.parameters).items
     assert item.messages[0]["content"] == "hi" and item.params.max_new_tokens == 3
-    with pytest.raises(Poison, match="^invalid_parameters"):
-        decode(msg(b'{"text": "hi", "parameters": {"temperature": 9}}'), "generate", CFG)
+    bad = decode(msg(b'{"text": "hi", "parameters": {"temperature": 9}}'), "generate", CFG)
+    with pytest.raises(Unprocessable) as info:  # the same parameter rules as over HTTP
+        service.prepare("generate", [bad.input], bad.parameters)
+    assert info.value.code == "invalid_parameters" and "temperature" in info.value.message
+    with pytest.raises(Unprocessable) as info:
+        service.prepare("generate", [{"messages": [{"role": 1}]}], None)
+    assert info.value.code == "invalid_input"
     with pytest.raises(Poison, match="^invalid_messages"):
-        decode(msg(b'{"messages": [{"role": 1}]}'), "generate", CFG)
+        decode(msg(b'{"messages": []}'), "generate", CFG)
 
 
 def test_sink_and_broker_urls_are_checked():

@@ -6,8 +6,9 @@ has waited `max_wait_ms`; among more waiting inputs than fit, the oldest always 
 neighbours closest to it in length, so a batch pads little. Tokenisation runs in one thread and
 the model in another, so the next batch is tokenised while the current one computes.
 
-Every future is resolved: a result, the batch's error, `DeadlineExceeded` when the deadline passes
-while queued, or nothing at all when its caller went away (a cancelled future is never computed).
+Every future is resolved: a `Result`, the batch's error, `DeadlineExceeded` when the deadline
+passes while queued, `EngineFailed` for everything waiting when the batching loop itself dies, or
+nothing at all when its caller went away (a cancelled future is never computed).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DeadlineExceeded, MoorageError, NotReady, Overloaded
+from ..errors import DeadlineExceeded, EngineFailed, MoorageError, NotReady, Overloaded
 from ..observability import metrics
 from ..runtime import TaskHandler
+from .contract import Result
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,6 @@ class BatchConfig:
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.timeout_s <= 0:
             raise ValueError(f"invalid batch config {self}: sizes must be >= 1, times positive")
-
-
-@dataclass(frozen=True)
-class Output:
-    value: Any
-    tokens: int
 
 
 @dataclass(eq=False)
@@ -78,7 +74,7 @@ class _Stats:
 
 
 class DynamicBatcher:
-    """`submit(item)` -> future of an `Output`; one instance per loaded model version."""
+    """`submit(item, timeout_s)` -> future of a `Result`; one instance per loaded model version."""
 
     def __init__(
         self,
@@ -99,9 +95,14 @@ class DynamicBatcher:
         self._pre = ThreadPoolExecutor(1, thread_name_prefix="moorage-tokenize")
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="moorage-compute")
         self._stats = _Stats(labels)
+        self._labels = labels
+        self.failure: BaseException | None = None  # set when the batching loop died
+        self._on_failure: list[Callable[[BaseException], None]] = []
 
     # -- the edge side ----------------------------------------------------------------------
-    def submit(self, item: Any, timeout_s: float | None = None) -> asyncio.Future:
+    def submit(self, item: Any, timeout_s: float | None = None) -> asyncio.Future[Result]:
+        if self.failure is not None:
+            raise EngineFailed("this model version's batcher stopped after an internal error")
         if self._closing or self._task is None:
             raise NotReady("this model version is not accepting requests (starting or shutting down)")
         if len(self._queue) >= self.config.max_queue:
@@ -114,35 +115,58 @@ class DynamicBatcher:
         self._wakeup.set()
         return future
 
-    async def run(self, items: list[Any], timeout_s: float | None = None) -> list[Any]:
-        """Submit several inputs as one request: all or nothing, and none computed after a cancel."""
-        if len(self._queue) + len(items) > self.config.max_queue:
-            raise Overloaded(f"queue full ({self.config.max_queue} inputs waiting); retry shortly", retry_after=1)
-        futures = [self.submit(item, timeout_s) for item in items]
-        try:
-            results = await asyncio.gather(*futures, return_exceptions=True)
-        finally:
-            for f in futures:  # an error or a cancel: the rest of this request stops costing compute
-                f.cancel()
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return list(results)
+    def has_room(self, n: int) -> bool:
+        return len(self._queue) + n <= self.config.max_queue
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def is_alive(self) -> bool:
+        return self.failure is None
+
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="moorage-batcher")
+        self._task.add_done_callback(self._loop_ended)
+
+    def add_failure_listener(self, callback: Callable[[BaseException], None]) -> None:
+        """`callback(exc)` runs (on the event loop) if the batching loop dies."""
+        self._on_failure.append(callback)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """If the loop dies (a bug, not a model error), nothing that waits on it may hang."""
+        if task.cancelled():  # the event loop is going away: nothing will compute what waits
+            for p in self._queue:
+                if not p.future.done():
+                    p.future.set_exception(NotReady("the server is shutting down"))
+            self._queue = []
+            return
+        if task.exception() is not None:
+            exc: BaseException = task.exception()  # type: ignore[assignment]
+        elif self._closing:
+            return
+        else:
+            exc = RuntimeError("the batching loop returned while serving")
+        log.error("the batcher of %s version %s died; failing %d waiting inputs", *self._labels, len(self._queue),
+                  exc_info=exc)
+        self.failure = exc
+        error = EngineFailed("this model version's batcher stopped after an internal error")
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(error)
+        self._queue = []
+        self._stats.queue_depth.set(0)
+        for callback in self._on_failure:
+            callback(exc)
 
     async def stop(self) -> None:
         """Stop accepting; everything queued is still computed and answered."""
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
-            await self._task
+            await asyncio.gather(self._task, return_exceptions=True)
         if self._computing:
             await asyncio.gather(*self._computing, return_exceptions=True)
         self._pre.shutdown(wait=False)
@@ -219,7 +243,7 @@ class DynamicBatcher:
             counts = self.handler.token_counts(features, [p.item for p in batch])
             for p, out, tokens in zip(batch, outputs, counts):
                 if not p.future.done():
-                    p.future.set_result(Output(out, tokens))
+                    p.future.set_result(Result(out, tokens))
         except Exception as exc:
             self._fail(batch, exc)
         finally:

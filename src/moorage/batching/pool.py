@@ -22,6 +22,7 @@ from ..refs import ModelRef, parse_ref
 from ..registry import Registry, VersionInfo
 from ..runtime import LoadedModel, Runtime
 from ..runtime.base import StepGenerator
+from .contract import Task
 from .dynamic import BatchConfig, DynamicBatcher
 from .generation import GenerationConfig, GenerationEngine
 
@@ -56,8 +57,8 @@ class ServedVersion:
         return self.info.version
 
     @property
-    def task(self) -> str:
-        return self.info.task
+    def task(self) -> Task:
+        return Task(self.info.task)
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -79,21 +80,23 @@ class ModelPool:
         self._swap_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._watcher: asyncio.Task | None = None
-        self.is_ready = False
+        self._loaded = False
         self.load_error: str | None = None
+        self.engine_failure: str | None = None  # set once any engine died: not ready until restarted
+        self.failed = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         for key, ref in self.refs.items():
             info = await asyncio.to_thread(self.registry.resolve, ref)
             self._served[key] = await self._start_version(info)
-        self.is_ready = True
+        self._loaded = True
         if self.config.poll_interval_s > 0:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="moorage-alias-watch")
 
     async def stop(self) -> None:
         """Finish what every engine has accepted, then stop them."""
-        self.is_ready = False
+        self._loaded = False
         if self._watcher is not None:
             self._watcher.cancel()
         async with self._swap_lock:
@@ -102,6 +105,14 @@ class ModelPool:
             await self._retire(sv)
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._loaded and self.engine_failure is None
+
+    def _engine_failed(self, sv: ServedVersion, exc: BaseException) -> None:
+        self.engine_failure = f"{sv.info.ref}: {type(exc).__name__}"
+        self.failed.set()
 
     # -- lookups -----------------------------------------------------------------------------
     def lookup(self, model: str) -> ServedVersion:
@@ -124,7 +135,7 @@ class ModelPool:
         return dict(self._served)
 
     @asynccontextmanager
-    async def use(self, model: str, task: str | None = None):
+    async def use(self, model: str, task: Task | None = None):
         """Hold a served version for one request: a swap lets it finish on the version it started on."""
         sv = self.acquire(model, task)
         try:
@@ -132,7 +143,7 @@ class ModelPool:
         finally:
             self.release(sv)
 
-    def acquire(self, model: str, task: str | None = None) -> ServedVersion:
+    def acquire(self, model: str, task: Task | None = None) -> ServedVersion:
         sv = self.lookup(model)
         if task is not None and sv.task != task:
             raise BadRequest(
@@ -182,14 +193,16 @@ class ModelPool:
         metrics.MODEL_LOAD_SECONDS.labels(info.name, str(info.version)).observe(loaded.load_seconds)
         labels = (info.name, str(info.version))
         handler = loaded.handler
-        if info.task == "generate":
+        if Task(info.task) == Task.GENERATE:
             if not isinstance(handler, StepGenerator):
                 raise BadRequest(f"{info.ref}: its handler cannot generate step by step", code="unsupported_model")
             engine: DynamicBatcher | GenerationEngine = GenerationEngine(handler, self.config.generation, labels)
         else:
             engine = DynamicBatcher(handler, self.config.batch, labels)
         engine.start()
-        return ServedVersion(loaded, engine)
+        sv = ServedVersion(loaded, engine)
+        engine.add_failure_listener(lambda exc: self._engine_failed(sv, exc))
+        return sv
 
     async def _retire(self, sv: ServedVersion) -> None:
         await sv.drained.wait()

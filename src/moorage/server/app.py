@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from .. import __version__
-from ..batching import ModelPool
+from ..batching import InferenceService, ModelPool
 from ..batching.settings import serving_pool_config
 from ..config import Settings
 from ..observability import metrics
@@ -33,12 +34,15 @@ def create_app(settings: Settings, models: list[str] | None = None, registry: Re
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.loading = asyncio.get_running_loop().create_task(_load(pool))
+        loop = asyncio.get_running_loop()
+        app.state.loading = loop.create_task(_load(pool))
+        watchdog = loop.create_task(_on_engine_failure(pool, settings.serve.exit_on_engine_failure))
         await guard.start()
         await app.state.jobs.start()
         try:
             yield
         finally:
+            watchdog.cancel()
             app.state.loading.cancel()
             await app.state.jobs.stop()
             await pool.stop()
@@ -56,10 +60,11 @@ def create_app(settings: Settings, models: list[str] | None = None, registry: Re
         responses=ERROR_RESPONSES,
     )
     app.state.pool = pool
+    app.state.service = InferenceService(pool, settings.serve.default_max_tokens)
     app.state.settings = settings
     app.state.registry = registry
     app.state.guard = guard
-    app.state.jobs = jobs.JobRunner(settings, pool, guard)
+    app.state.jobs = jobs.JobRunner(settings, app.state.service, guard)
     install_error_handlers(app)
     app.add_middleware(SecurityMiddleware, guard=guard)  # inside the edge: bounded bodies, counted requests
     app.add_middleware(
@@ -90,6 +95,19 @@ def _openapi_with_auth(app: FastAPI, guard: Guard) -> dict:
                 operation["security"] = [] if guard.is_open(path) else [{"apiKey": []}]
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+async def _on_engine_failure(pool: ModelPool, exit_process: bool) -> None:
+    """An engine that died has already failed everything waiting on it (503) and turned /readyz 503.
+    Its model state may be broken (a device error, memory exhausted), so the process is not patched
+    up in place: it stops gracefully and its supervisor (Kubernetes, systemd, `serve --workers`)
+    starts a fresh one, which loads the model anew."""
+    await pool.failed.wait()
+    if not exit_process:
+        log.critical("%s; serve.exit_on_engine_failure is off: staying up, not ready", pool.engine_failure)
+        return
+    log.critical("%s; stopping this server process so that its supervisor restarts it", pool.engine_failure)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _load(pool: ModelPool) -> None:

@@ -1,4 +1,4 @@
-"""Helpers the routes share: fast JSON, the pool, client-disconnect handling."""
+"""Helpers the routes share: fast JSON, the inference service, client-disconnect handling."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
-from ..batching import GenerationEngine, ModelPool, ServedVersion
+from ..batching import InferenceService, ModelPool, ServedVersion
 from ..errors import BadRequest, PayloadTooLarge
 
 T = TypeVar("T")
@@ -27,6 +27,10 @@ class FastJSON(Response):
 
 def pool_of(request: Request) -> ModelPool:
     return request.app.state.pool
+
+
+def service_of(request: Request) -> InferenceService:
+    return request.app.state.service
 
 
 def mark(request: Request, sv: ServedVersion) -> None:
@@ -55,21 +59,6 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         task.cancel()
         raise ClientGone()
     return task.result()
-
-
-async def gather_or_cancel(*aws: Awaitable[Any]) -> list[Any]:
-    """All results, or the first error, after which the other awaitables are cancelled."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-async def complete_all(request: Request, engine: GenerationEngine, items: list, timeout_s: float | None = None):
-    """Whole generations of `items` (one request); a disconnect cancels all of them."""
-    return await unless_disconnected(request, gather_or_cancel(*(engine.complete(i, timeout_s) for i in items)))
 
 
 def check_count(n: int, limit: int, what: str) -> None:

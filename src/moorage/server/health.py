@@ -24,13 +24,19 @@ async def healthz() -> dict:
 
 @router.get("/readyz", tags=["health"])
 async def readyz(request: Request) -> Response:
-    """Ready only when every served model is loaded and the server is not shutting down."""
+    """Ready only when every served model is loaded, every engine is alive and the server is not
+    shutting down."""
     pool = pool_of(request)
     if pool.is_ready:
         models = {k: sv.version for k, sv in pool.served().items()}
         return FastJSON({"status": "ready", "models": models})
-    message = f"not ready: {pool.load_error}" if pool.load_error else "not ready: models are loading"
-    return FastJSON(error_body(message, "server_error", "not_ready"), status_code=503)
+    if pool.engine_failure:
+        message, code = f"not ready: an engine stopped ({pool.engine_failure})", "engine_failed"
+    elif pool.load_error:
+        message, code = f"not ready: {pool.load_error}", "not_ready"
+    else:
+        message, code = "not ready: models are loading", "not_ready"
+    return FastJSON(error_body(message, "server_error", code), status_code=503)
 
 
 @router.get("/metrics", tags=["health"], response_class=PlainTextResponse)

@@ -24,13 +24,12 @@ from fastapi import APIRouter, Request
 from pydantic import Field, field_validator
 from starlette.responses import Response
 
-from ..batching import ModelPool
+from ..batching import InferenceService
 from ..config import Settings
 from ..errors import MoorageError, NotFound
 from ..refs import parse_ref
 from ..streams.brokers import Broker, open_broker
-from .common import FastJSON, check_count, pool_of
-from .inference import generate_inputs, predict_outputs
+from .common import FastJSON, check_count, pool_of, service_of
 from .schemas import PredictRequest
 from .security import Guard, authorize_model, policy_for, principal
 
@@ -123,10 +122,7 @@ async def create_job(body: JobRequest, request: Request) -> Response:
     check_count(len(body.inputs), settings.serve.max_inputs, "inputs")
     policy = authorize_model(request, body.model)
     sv = pool_of(request).lookup(body.model)  # 404/400 now, not later in the job
-    if sv.task == "generate":  # a refused prompt answers 400 now, not as a failed job later
-        generate_inputs(body, settings.serve.default_max_tokens, policy)
-    else:
-        body = body.model_copy(update={"inputs": policy.texts([str(t) for t in body.inputs], "inputs")})
+    service_of(request).prepare(sv.task, body.inputs, body.parameters, policy=policy)  # a refused input: 4xx now
     runner: JobRunner = request.app.state.jobs
     job_id = JOB_ID_PREFIX + uuid.uuid4().hex
     job = await asyncio.to_thread(runner.store.create, job_id, body, principal(request).key_id)
@@ -148,11 +144,14 @@ async def get_job(job_id: str, request: Request) -> Response:
 class JobRunner:
     """Takes jobs from the queue and runs them, `concurrency` at a time."""
 
-    def __init__(self, settings: Settings, pool: ModelPool, guard: Guard | None = None, concurrency: int = 8) -> None:
+    def __init__(
+        self, settings: Settings, service: InferenceService, guard: Guard | None = None, concurrency: int = 8
+    ) -> None:
         home = settings.home
         self.settings = settings
         self.guard = guard
-        self.pool = pool
+        self.service = service
+        self.pool = service.pool
         self.store = JobStore(f"sqlite:///{home / 'jobs.db'}")
         self.queue_url = settings.stream.jobs_url or f"sqlite:///{home / 'jobs.db'}?topic=jobs&visibility_timeout=900"
         self.concurrency = concurrency
@@ -228,10 +227,10 @@ class JobRunner:
         try:
             body = PredictRequest(**job["request"])
             policy = policy_for(self.guard, parse_ref(job["model"]).name) if self.guard else None
-            async with self.pool.use(job["model"]) as sv:
-                outputs = await predict_outputs(sv, body, self.settings.serve, policy=policy)
-            result = {"model": sv.name, "version": sv.version, "task": sv.task, "outputs": outputs}
-            return {"status": "succeeded", "result": _jsonable(result)}
+            outcome = await self.service.infer(
+                job["model"], body.inputs, body.parameters, policy=policy, timeout_s=body.timeout_s
+            )
+            return {"status": "succeeded", "result": _jsonable(outcome.encode())}
         except MoorageError as exc:
             return {"status": "failed", "error": {"code": exc.code, "message": exc.message}}
         except Exception as exc:

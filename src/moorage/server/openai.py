@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-from ..batching import GenerationEngine, TokenEvent
+from ..batching import GenerationParameters, Result, Task, TokenEvent
 from ..errors import BadRequest, MoorageError
-from ..runtime import GenerateInput, GenerationParams
-from ..security.filters import StreamFilter
 from ..security.policy import Policy
-from .common import FastJSON, check_count, complete_all, mark, pool_of, unless_disconnected
+from .common import FastJSON, check_count, mark, service_of, unless_disconnected
 from .errors import error_body
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest, _Sampling
 from .security import authorize_model, usage
+
+log = logging.getLogger("moorage.server")
 
 router = APIRouter(tags=["openai"])
 
@@ -31,15 +31,17 @@ router = APIRouter(tags=["openai"])
 async def embeddings(body: EmbeddingsRequest, request: Request) -> Response:
     texts = [body.input] if isinstance(body.input, str) else body.input
     check_count(len(texts), request.app.state.settings.serve.max_inputs, "input")
-    texts = authorize_model(request, body.model).texts(texts)
-    async with pool_of(request).use(body.model, task="embed") as sv:
+    policy = authorize_model(request, body.model)
+    service = service_of(request)
+    async with service.hold(body.model, Task.EMBED) as sv:
         mark(request, sv)
-        results = await unless_disconnected(request, sv.engine.run(texts))
+        call = service.prepare(sv.task, texts, policy=policy, field="input")
+        results = await unless_disconnected(request, service.run(sv, call))
     data = [
-        {"object": "embedding", "index": i, "embedding": _vector(r.value, body.dimensions, body.encoding_format)}
+        {"object": "embedding", "index": i, "embedding": _vector(r.output, body.dimensions, body.encoding_format)}
         for i, r in enumerate(results)
     ]
-    tokens = sum(r.tokens for r in results)
+    tokens = sum(r.prompt_tokens for r in results)
     usage(request, tokens)
     return FastJSON(
         {
@@ -67,87 +69,79 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     check_count(len(prompts), request.app.state.settings.serve.max_inputs, "prompt")
     policy = authorize_model(request, body.model)
-    prompts = policy.texts(prompts, "prompt")
-    params = _params(body, body.max_tokens, request, policy)
-    items = [GenerateInput(prompt=p, params=params[j]) for p in prompts for j in range(body.n)]
-    echo = [prompts[i // body.n] if body.echo else "" for i in range(len(items))]
-    return await _generate(request, body, items, "text_completion", "cmpl", echo, policy)
+    echo = [p if body.echo else "" for p in prompts for _ in range(body.n)]
+    return await _generate(request, body, prompts, body.max_tokens, "text_completion", "cmpl", echo, policy, "prompt")
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     policy = authorize_model(request, body.model)
-    contents = policy.texts([m.text() for m in body.messages], "messages")
-    messages = tuple({"role": m.role, "content": c} for m, c in zip(body.messages, contents))
-    params = _params(body, body.max_completion_tokens or body.max_tokens, request, policy)
-    items = [GenerateInput(messages=messages, params=params[j]) for j in range(body.n)]
-    return await _generate(request, body, items, "chat.completion", "chatcmpl", [""] * len(items), policy)
+    inputs = [{"messages": [{"role": m.role, "content": m.text()} for m in body.messages]}]
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return await _generate(
+        request, body, inputs, max_tokens, "chat.completion", "chatcmpl", [""] * body.n, policy, "messages"
+    )
 
 
-def _params(body: _Sampling, max_tokens: int | None, request: Request, policy: Policy) -> list[GenerationParams]:
-    """One parameter set per choice: with a seed and n > 1, choice j samples with seed + j."""
-    policy.max_tokens(max_tokens)
-    default = request.app.state.settings.serve.default_max_tokens
-    return [
-        GenerationParams(
-            max_new_tokens=max_tokens or default,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=tuple(body.stop),
-            seed=None if body.seed is None else body.seed + j,
-        )
-        for j in range(body.n)
-    ]
+def _parameters(body: _Sampling, max_tokens: int | None) -> GenerationParameters:
+    """OpenAI's sampling fields as the one parameter model (its limits apply here too)."""
+    return GenerationParameters(
+        max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed
+    )
 
 
-async def _generate(request, body, items, kind, prefix, echo, policy: Policy) -> Response:
-    pool = pool_of(request)
-    sv = pool.acquire(body.model, task="generate")
-    mark(request, sv)
+async def _generate(
+    request, body: _Sampling, inputs: list, max_tokens, kind, prefix, echo, policy: Policy, field: str
+) -> Response:
+    service = service_of(request)
+    sv = service.pool.acquire(body.model, task=Task.GENERATE)
+    try:
+        mark(request, sv)
+        call = service.prepare(sv.task, inputs, _parameters(body, max_tokens), policy=policy, n=body.n, field=field)
+    except BaseException:
+        service.pool.release(sv)
+        raise
     meta = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if not body.stream:
         try:
-            results = await complete_all(request, sv.engine, items)
+            results = await unless_disconnected(request, service.run(sv, call))
         finally:
-            pool.release(sv)
-        response = _full_response(kind, meta, results, echo, body.n, policy)
+            service.pool.release(sv)
+        response = _full_response(kind, meta, results, echo, body.n)
         usage(request, response["usage"]["total_tokens"])
         return FastJSON(response)
-    events = _events(sv.engine, items)
+    events = service.stream(sv, call)
     try:
         first = await anext(events)  # errors before the first token keep their HTTP status
     except BaseException:
         await events.aclose()
-        pool.release(sv)
+        service.pool.release(sv)
         raise
 
     async def close() -> None:
         await events.aclose()
-        pool.release(sv)
+        service.pool.release(sv)
 
-    chunks = _chunks(_Chunks(kind, meta, body.n, policy), first, events, echo, body.include_usage, request)
+    chunks = _chunks(_Chunks(kind, meta, body.n), first, events, echo, body.include_usage, request)
     return _SSE(chunks, close)
 
 
-def _full_response(kind: str, meta: dict, results, echo: list[str], n: int, policy: Policy) -> dict:
+def _full_response(kind: str, meta: dict, results: list[Result], echo: list[str], n: int) -> dict:
     choices = []
-    for i, g in enumerate(results):
-        text, withheld = policy.output(g.text)
-        choice = {"index": i, "finish_reason": "content_filter" if withheld else g.finish_reason, "logprobs": None}
+    for i, r in enumerate(results):
+        choice: dict[str, Any] = {"index": i, "finish_reason": r.finish_reason, "logprobs": None}
         if kind == "chat.completion":
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = {"role": "assistant", "content": r.output}
         else:
-            choice["text"] = echo[i] + text
+            choice["text"] = echo[i] + r.output
         choices.append(choice)
-    prompt_tokens = _prompt_usage(results, n)
-    completion_tokens = sum(g.completion_tokens for g in results)
-    usage = _usage(prompt_tokens, completion_tokens)
-    return {**meta, "object": kind, "choices": choices, "usage": usage}
+    completion_tokens = sum(r.completion_tokens for r in results)
+    return {**meta, "object": kind, "choices": choices, "usage": _usage(_prompt_usage(results, n), completion_tokens)}
 
 
-def _prompt_usage(results, n: int) -> int:
+def _prompt_usage(results: list[Result], n: int) -> int:
     """Each prompt counts once, as OpenAI counts it, however many choices (n) it has."""
-    return sum(g.prompt_tokens for g in results[::n])
+    return sum(r.prompt_tokens for r in results[::n])
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -158,47 +152,14 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-async def _events(engine: GenerationEngine, items: list[GenerateInput]) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """(choice index, event) of every sequence, interleaved as tokens arrive."""
-    if len(items) == 1:
-        async with aclosing(engine.generate(items[0])) as events:
-            async for event in events:
-                yield 0, event
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, item: GenerateInput) -> None:
-        try:
-            async with aclosing(engine.generate(item)) as events:
-                async for event in events:
-                    queue.put_nowait((index, event, None))
-        except Exception as exc:
-            queue.put_nowait((index, None, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, item)) for i, item in enumerate(items)]
-    try:
-        remaining = len(items)
-        while remaining:
-            index, event, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            remaining -= event.result is not None
-            yield index, event
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
 class _Chunks:
     """Renders token events as OpenAI stream chunks (chat deltas or completion texts)."""
 
-    def __init__(self, kind: str, meta: dict, n: int, policy: Policy) -> None:
+    def __init__(self, kind: str, meta: dict, n: int) -> None:
         self.is_chat = kind == "chat.completion"
         self.meta = {**meta, "object": "chat.completion.chunk" if self.is_chat else "text_completion"}
         self.n = n
-        self.results: dict[int, object] = {}
-        self.policy = policy
-        self.filters: dict[int, StreamFilter | None] = {}
+        self.results: dict[int, Result] = {}
 
     def chunk(self, index: int, text: str | None, finish: str | None) -> bytes:
         if self.is_chat:
@@ -214,28 +175,20 @@ class _Chunks:
         return [self.chunk(i, text, None) for i, text in enumerate(echo) if text]
 
     def render(self, index: int, event: TokenEvent) -> list[bytes]:
-        if index not in self.filters:
-            self.filters[index] = self.policy.stream()
-        gate, text, finish = self.filters[index], event.text, None
-        if gate is not None:
-            text = gate.push(text) if text else ""
+        out = [self.chunk(index, event.text, None)] if event.text else []
         if event.result is not None:
             self.results[index] = event.result
-            finish = event.result.finish_reason
-            if gate is not None:
-                text += gate.finish()
-                finish = "content_filter" if gate.blocked else finish
-        out = [self.chunk(index, text, None)] if text else []
-        if finish is not None:
-            out.append(self.chunk(index, None, finish))
+            out.append(self.chunk(index, None, event.result.finish_reason))
         return out
 
     def usage(self) -> dict:
         ordered = [self.results[i] for i in sorted(self.results)]
-        return _usage(_prompt_usage(ordered, self.n), sum(g.completion_tokens for g in ordered))
+        return _usage(_prompt_usage(ordered, self.n), sum(r.completion_tokens for r in ordered))
 
 
 async def _chunks(out: _Chunks, first, events, echo, include_usage, request) -> AsyncIterator[bytes]:
+    """The SSE body. Once the headers are sent, any error travels as an error event, and the stream
+    always ends with ``[DONE]``: a client never sees a cut stream."""
     try:
         for part in out.preamble(echo) + out.render(*first):
             yield part
@@ -246,8 +199,11 @@ async def _chunks(out: _Chunks, first, events, echo, include_usage, request) -> 
         usage(request, totals["total_tokens"])
         if include_usage:
             yield _sse({**out.meta, "choices": [], "usage": totals})
-    except MoorageError as exc:  # after the headers: the error travels as an event
+    except MoorageError as exc:
         yield _sse(error_body(exc.message, exc.type, exc.code))
+    except Exception as exc:  # a bug or a model failure: logged with its traceback, answered opaquely
+        log.error("stream %s failed", out.meta["id"], exc_info=exc)
+        yield _sse(error_body("the server failed while generating this response", "server_error", "internal_error"))
     yield b"data: [DONE]\n\n"
 
 

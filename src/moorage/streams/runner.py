@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..batching import ModelPool
 from ..batching.settings import from_settings, stream_pool_config
+from ..batching import InferenceService
 from ..config import Settings
 from ..refs import parse_ref
 from ..registry import Registry
@@ -48,7 +49,8 @@ async def run_stream(
     await pool.start()
     try:
         async with open_broker(job.source) as source, open_sink(job.sink, name_prefix=name) as sink:
-            worker = StreamWorker(source, sink, pool, job.model, worker_config(settings), policy, audit)
+            service = InferenceService(pool, settings.stream.default_max_tokens)
+            worker = StreamWorker(source, sink, service, job.model, worker_config(settings), policy, audit)
             if audit is not None:
                 await audit.start()
             try:

@@ -24,15 +24,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
 
-from ..batching import ModelPool, ServedVersion
+from ..batching import InferenceService, ServedVersion, Task, encode_result
 from ..errors import MoorageError
 from ..observability import metrics
-from ..runtime import GenerateInput, GenerationParams
 from ..security.audit import MAX_AUDIT_TEXT, AuditEntry, AuditWriter, sha256_text
 from ..security.policy import Policy
 from .brokers import Broker, Message
@@ -90,8 +89,18 @@ class Counts:
         return f"processed {self.processed}, dead-lettered {self.dead_lettered}, retried {self.retried}"
 
 
-def decode(message: Message, task: str, config: WorkerConfig) -> tuple[str, Any]:
-    """The message id and the model input, or `Poison` with a reason a person can act on."""
+@dataclass(frozen=True)
+class Envelope:
+    """What a stream message asks for, before validation: its id, one model input, parameters."""
+
+    id: str
+    input: Any  # a text, or {"messages": [...]} for a chat generation
+    parameters: Any = None
+
+
+def decode(message: Message, task: str, config: WorkerConfig) -> Envelope:
+    """The message's envelope, or `Poison` with a reason a person can act on. The input and its
+    parameters are validated by the inference service, with the same rules as over HTTP."""
     try:
         body = orjson.loads(message.body)
     except orjson.JSONDecodeError as exc:
@@ -102,54 +111,27 @@ def decode(message: Message, task: str, config: WorkerConfig) -> tuple[str, Any]
     if not isinstance(msg_id, str | int) or isinstance(msg_id, bool) or not str(msg_id) or len(str(msg_id)) > 512:
         raise Poison("invalid_id: 'id' must be a non-empty string or integer of at most 512 characters")
     text = body.get("text")
-    messages = body.get("messages") if task == "generate" else None
+    messages = body.get("messages") if task == Task.GENERATE else None
     if messages is None and (not isinstance(text, str) or not text.strip()):
         raise Poison("missing_text: the message needs a non-empty string 'text'")
     size = len(text) if isinstance(text, str) else len(orjson.dumps(messages))
     if size > config.max_text_chars:
         raise Poison(f"text_too_long: {size} characters; the limit is {config.max_text_chars} (stream.max_text_chars)")
-    if task != "generate":
-        return str(msg_id), text
-    return str(msg_id), _generate_input(text, messages, body.get("parameters") or {}, config)
-
-
-def _generate_input(text, messages, params: Any, config: WorkerConfig) -> GenerateInput:
-    if not isinstance(params, dict):
-        raise Poison("invalid_parameters: 'parameters' must be an object")
-    try:
-        gp = GenerationParams(
-            max_new_tokens=int(params.get("max_new_tokens", config.default_max_tokens)),
-            temperature=float(params.get("temperature", 0.0)),
-            top_p=float(params.get("top_p", 1.0)),
-            stop=tuple(str(s) for s in params.get("stop", ())),
-            seed=params.get("seed"),
-        )
-    except (TypeError, ValueError) as exc:
-        raise Poison(f"invalid_parameters: {exc}") from None
-    if gp.max_new_tokens < 1 or not 0 <= gp.temperature <= 2 or not 0 < gp.top_p <= 1:
-        raise Poison("invalid_parameters: max_new_tokens >= 1, 0 <= temperature <= 2, 0 < top_p <= 1")
     if messages is not None:
-        ok = isinstance(messages, list) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        )
-        if not ok or not messages:
-            raise Poison("invalid_messages: 'messages' must be a list of {role, content} strings")
-        return GenerateInput(messages=tuple(messages), params=gp)
-    return GenerateInput(prompt=text, params=gp)
+        if not isinstance(messages, list) or not messages:
+            raise Poison("invalid_messages: 'messages' must be a non-empty list of {role, content} objects")
+        return Envelope(str(msg_id), {"messages": messages}, body.get("parameters"))
+    return Envelope(str(msg_id), text, body.get("parameters"))
+
+
+def _unprefixed(message: str) -> str:
+    """A service message names the field as `inputs...`; a stream message has one input."""
+    return message.removeprefix("inputs.0.").removeprefix("inputs: ").removeprefix("inputs.")
 
 
 def _error_reply(message: Message, reason: str) -> Row:
     code, _, text = reason.partition(": ")
     return {"id": message.broker_id, "error": {"code": code, "message": text or reason}}
-
-
-def encode_output(task: str, value: Any) -> Row:
-    if task == "embed":
-        return {"embedding": value}
-    if task == "classify":
-        return {"label": value.label, "score": float(value.score), "scores": value.scores}
-    return {"text": value.text, "finish_reason": value.finish_reason, "prompt_tokens": value.prompt_tokens}
 
 
 class StreamWorker:
@@ -159,7 +141,7 @@ class StreamWorker:
         self,
         source: Broker,
         sink: Sink,
-        pool: ModelPool,
+        service: InferenceService,
         model: str,
         config: WorkerConfig,
         policy: Policy | None = None,
@@ -167,7 +149,8 @@ class StreamWorker:
     ) -> None:
         self.source = source
         self.sink = sink
-        self.pool = pool
+        self.service = service
+        self.pool = service.pool
         self.model = model
         self.config = config
         self.policy = policy
@@ -217,31 +200,18 @@ class StreamWorker:
                 self._dead(batch, m, reason + (f"; last error: {m.last_error}" if m.last_error else ""))
                 continue
             try:
-                msg_id, item = decode(m, sv.task, self.config)
-                item = self._allowed(item)
+                envelope = decode(m, sv.task, self.config)
+                call = self.service.prepare(sv.task, [envelope.input], envelope.parameters, policy=self.policy)
             except Poison as exc:
                 self._dead(batch, m, str(exc))
                 continue
-            except MoorageError as exc:  # refused by the policy: content_blocked, text_too_long, ...
-                self._dead(batch, m, f"{exc.code}: {exc.message}", exc.status)
+            except MoorageError as exc:  # invalid parameters, or refused by the policy: content_blocked, ...
+                self._dead(batch, m, f"{exc.code}: {_unprefixed(exc.message)}", exc.status)
                 continue
-            req = Request(m, msg_id, item, now)
+            req = Request(m, envelope.id, call.items[0], now)
             self._submit(sv, req)
             batch.requests.append(req)
         return batch
-
-    def _allowed(self, item: Any) -> Any:
-        """The input as the model may see it under its policy (size limits, content filter, masking)."""
-        policy = self.policy
-        if policy is None:
-            return item
-        if not isinstance(item, GenerateInput):
-            return policy.texts([item], "text")[0]
-        policy.max_tokens(item.params.max_new_tokens)
-        if item.messages is None:
-            return replace(item, prompt=policy.texts([item.prompt], "text")[0])
-        contents = policy.texts([m["content"] for m in item.messages], "messages")
-        return replace(item, messages=tuple({**m, "content": c} for m, c in zip(item.messages, contents)))
 
     def _dead(self, batch: InFlight, message: Message, reason: str, status: int = 422) -> None:
         batch.dead.append((message, reason))
@@ -268,10 +238,7 @@ class StreamWorker:
     def _submit(self, sv: ServedVersion, req: Request) -> None:
         req.tries += 1
         try:
-            if sv.task == "generate":
-                req.future = asyncio.ensure_future(sv.engine.complete(req.item, self.config.item_timeout_s))
-            else:
-                req.future = sv.engine.submit(req.item, self.config.item_timeout_s)
+            req.future = self.service.submit(sv, req.item, self.config.item_timeout_s, self.policy)
         except Exception as exc:  # e.g. the queue is full: answer through the future like a batch error
             req.future = asyncio.get_running_loop().create_future()
             req.future.set_exception(exc)
@@ -322,7 +289,7 @@ class StreamWorker:
             return
         await self._reply([(m, row) for m, row in zip(done, rows)])
         for m, row in zip(done, rows):
-            filtered = {"filtered": True} if row.get("finish_reason") == "content_filter" else {}
+            filtered = {"filtered": True} if row.get("filtered") else {}
             self._audited(batch, m, 200, row["latency_ms"], id=row["id"], **filtered)
         self._unacked.extend(done)
         if self.sink.pending == 0 or self.sink.flush_due():
@@ -358,23 +325,14 @@ class StreamWorker:
         return rows, done, failed
 
     def _row(self, sv: ServedVersion, req: Request) -> Row:
-        value = req.future.result()  # a Generation, or an Output(value, tokens) from the batcher
-        if sv.task == "generate":
-            out, tokens = encode_output("generate", value), value.completion_tokens
-            if self.policy is not None:
-                out["text"], withheld = self.policy.output(value.text)
-                if withheld:
-                    out["finish_reason"] = "content_filter"
-        else:
-            out, tokens = encode_output(sv.task, value.value), value.tokens
+        assert req.future is not None
         completed = time.time()
         return {
             "id": req.id,
             "model": sv.name,
             "version": sv.version,
-            "task": sv.task,
-            **out,
-            "tokens": tokens,
+            "task": str(sv.task),
+            **encode_result(sv.task, req.future.result()),
             "latency_ms": round((completed - req.received_at) * 1000, 3),
             "published_at": req.message.published_at,
             "received_at": req.received_at,

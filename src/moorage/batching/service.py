@@ -1,0 +1,263 @@
+"""`InferenceService`: the one thing every edge calls (HTTP predict, the OpenAI routes, jobs, streams).
+
+An edge parses its wire format into a model reference, inputs and parameters, and renders the
+`Result`s it gets back. Everything between lives here once: the task dispatch, validation of
+inputs and generation parameters (one model, one set of limits), the model's security policy on
+inputs and outputs, submission to the model's engine, and a wait bounded by the request's deadline
+plus a grace, so that no caller waits forever even if an engine hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DeadlineExceeded, Overloaded
+from ..runtime.base import GenerateInput
+from .contract import (
+    FinishReason,
+    GenerationParameters,
+    Result,
+    Task,
+    encode_result,
+    parse_inputs,
+    parse_parameters,
+)
+from .generation import GenerationEngine, TokenEvent
+from .pool import ModelPool, ServedVersion
+
+if TYPE_CHECKING:
+    from ..security.policy import Policy
+
+GRACE_S = 5.0  # how long past its deadline a caller waits for an engine that shows no progress
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The results of one call and the version that computed them."""
+
+    name: str
+    version: int
+    task: Task
+    results: list[Result]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(r.total_tokens for r in self.results)
+
+    def encode(self) -> dict[str, Any]:
+        """moorage's own response shape (HTTP predict, job results)."""
+        outputs = [encode_result(self.task, r) for r in self.results]
+        return {"model": self.name, "version": self.version, "task": str(self.task), "outputs": outputs}
+
+
+@dataclass(frozen=True)
+class Call:
+    """A validated call, ready for the engine: the task, its engine items, and the policy that applies
+    to its outputs."""
+
+    task: Task
+    items: list[Any]
+    policy: Policy | None = None
+
+
+class InferenceService:
+    def __init__(self, pool: ModelPool, default_max_tokens: int = 256, grace_s: float = GRACE_S) -> None:
+        self.pool = pool
+        self.default_max_tokens = default_max_tokens
+        self.grace_s = grace_s
+
+    # -- validation: the same rules for every edge ------------------------------------------------
+    def prepare(
+        self,
+        task: Task | str,
+        inputs: Sequence[Any],
+        parameters: dict | GenerationParameters | None = None,
+        *,
+        policy: Policy | None = None,
+        n: int = 1,
+        field: str = "inputs",
+    ) -> Call:
+        """Validate `inputs` and `parameters` for `task` and apply the input side of `policy`
+        (size limits, content filters, masking). `n` > 1: that many choices per input, choice j
+        sampling with seed + j. Raises a 4xx `MoorageError` naming what is wrong (`field`: what the
+        edge calls its inputs, e.g. OpenAI's ``input``)."""
+        task = Task(task)
+        params = parse_parameters(task, parameters)
+        if policy is not None and params is not None:
+            policy.max_tokens(params.max_new_tokens)
+        items = parse_inputs(task, list(inputs), params, self.default_max_tokens, field)
+        if policy is not None:
+            items = [_screen(policy, item, f"{field}.{i}" if len(items) > 1 else field) for i, item in enumerate(items)]
+        if n > 1 and params is not None:
+            items = [
+                replace(item, params=params.runtime(self.default_max_tokens, seed_offset=j))
+                for item in items
+                for j in range(n)
+            ]
+        return Call(task, items, policy)
+
+    # -- whole results --------------------------------------------------------------------------
+    async def infer(
+        self,
+        model: str,
+        inputs: Sequence[Any],
+        parameters: dict | GenerationParameters | None = None,
+        *,
+        policy: Policy | None = None,
+        task: Task | None = None,
+        timeout_s: float | None = None,
+        n: int = 1,
+    ) -> Outcome:
+        """Every input's result, or the first error (the other inputs are then cancelled)."""
+        async with self.pool.use(model, task) as sv:
+            call = self.prepare(sv.task, inputs, parameters, policy=policy, n=n)
+            results = await self.run(sv, call, timeout_s)
+        return self.outcome(sv, results)
+
+    async def run(self, sv: ServedVersion, call: Call, timeout_s: float | None = None) -> list[Result]:
+        """Run a prepared call on a held version: all or nothing, none computed after a cancel."""
+        if not sv.engine.has_room(len(call.items)):
+            raise Overloaded("the model's queue is full; retry shortly", retry_after=1)
+        futures = [self.submit(sv, item, timeout_s, call.policy) for item in call.items]
+        try:
+            await self._bounded(sv, futures, timeout_s)
+        finally:
+            for f in futures:  # an error or a cancel: the rest of this call stops costing compute
+                f.cancel()
+        return [f.result() for f in futures]
+
+    def submit(
+        self, sv: ServedVersion, item: Any, timeout_s: float | None = None, policy: Policy | None = None
+    ) -> asyncio.Future[Result]:
+        """One input on a held version: a future of its result with the output policy applied."""
+        inner = sv.engine.submit(item, timeout_s)
+        if policy is None or Task(sv.task) != Task.GENERATE:
+            return inner
+        outer: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+
+        def settle(f: asyncio.Future[Result]) -> None:
+            if outer.done():
+                return
+            if f.cancelled():
+                outer.cancel()
+            elif f.exception() is not None:
+                outer.set_exception(f.exception())  # type: ignore[arg-type]
+            else:
+                outer.set_result(_screen_output(policy, f.result()))
+
+        inner.add_done_callback(settle)
+        outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
+        return outer
+
+    async def _bounded(self, sv: ServedVersion, futures: list[asyncio.Future], timeout_s: float | None) -> None:
+        """Wait for `futures`; fail fast on the first error; give up once the engine has shown no
+        progress for the deadline plus a grace (a hung engine must not hang its callers)."""
+        bound = (timeout_s or sv.engine.config.timeout_s) + self.grace_s
+        started = time.perf_counter()
+        pending = set(futures)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=bound, return_when=asyncio.FIRST_EXCEPTION)
+            for f in done:
+                if not f.cancelled() and f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
+            if pending and not _progressing(sv.engine, started, bound):
+                raise DeadlineExceeded(
+                    f"the model did not answer within the deadline ({bound - self.grace_s:g}s) and a grace"
+                )
+
+    # -- streamed generation ------------------------------------------------------------------------
+    async def stream(
+        self, sv: ServedVersion, call: Call, timeout_s: float | None = None
+    ) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(choice index, event) of every item of a generation call, interleaved as tokens arrive.
+        Text passes the output policy's stream filter; a withheld choice ends with finish_reason
+        `content_filter`. The first error ends the stream (the caller renders it)."""
+        engine = sv.engine
+        if not isinstance(engine, GenerationEngine):
+            raise TypeError("stream() needs a generation model")  # the edges check the task first
+        queue: asyncio.Queue[tuple[int, TokenEvent | None, BaseException | None]] = asyncio.Queue()
+        filters = [call.policy.stream() if call.policy else None for _ in call.items]
+        bound = (timeout_s or engine.config.timeout_s) + self.grace_s
+
+        async def pump(index: int, item: GenerateInput) -> None:
+            try:
+                events = engine.stream(item, timeout_s)
+                try:
+                    async for event in events:
+                        queue.put_nowait((index, event, None))
+                finally:
+                    await events.aclose()
+            except Exception as exc:
+                queue.put_nowait((index, None, exc))
+
+        tasks = [asyncio.ensure_future(pump(i, item)) for i, item in enumerate(call.items)]
+        try:
+            remaining = len(call.items)
+            while remaining:
+                try:
+                    index, event, exc = await asyncio.wait_for(queue.get(), timeout=bound)
+                except TimeoutError:
+                    if _progressing(engine, time.perf_counter() - bound, bound):
+                        continue
+                    raise DeadlineExceeded("the model stopped producing tokens past the deadline and a grace") from None
+                if exc is not None:
+                    raise exc
+                assert event is not None
+                gate = filters[index]
+                if gate is not None and call.policy is not None:
+                    event = _filtered_event(call.policy, gate, event)
+                remaining -= event.result is not None
+                yield index, event
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    @staticmethod
+    def outcome(sv: ServedVersion, results: list[Result]) -> Outcome:
+        return Outcome(sv.name, sv.version, sv.task, results)
+
+    @asynccontextmanager
+    async def hold(self, model: str, task: Task | None = None):
+        """Hold the served version of `model` (a hot swap lets held calls finish on it)."""
+        async with self.pool.use(model, task) as sv:
+            yield sv
+
+
+def _progressing(engine: Any, started: float, bound: float) -> bool:
+    """Whether a generation engine completed a step recently (a long generation is not a hang)."""
+    last = getattr(engine, "last_step_at", None)
+    return last is not None and time.perf_counter() - max(last, started) < bound
+
+
+def _screen(policy: Policy, item: Any, where: str) -> Any:
+    """The input as the model may see it under `policy`."""
+    if not isinstance(item, GenerateInput):
+        return policy.texts([item], where)[0]
+    if item.messages is None:
+        return replace(item, prompt=policy.texts([item.prompt or ""], where)[0])
+    contents = policy.texts([m["content"] for m in item.messages], f"{where}.messages")
+    return replace(item, messages=tuple({**m, "content": c} for m, c in zip(item.messages, contents)))
+
+
+def _screen_output(policy: Policy, result: Result) -> Result:
+    text, withheld = policy.output(result.output)
+    if withheld:
+        return replace(result, output=text, finish_reason=FinishReason.CONTENT_FILTER.value, filtered=True)
+    return replace(result, output=text)
+
+
+def _filtered_event(policy: Policy, gate: Any, event: TokenEvent) -> TokenEvent:
+    text = gate.push(event.text) if event.text else ""
+    if event.result is None:
+        return TokenEvent(text)
+    text += gate.finish()
+    result = _screen_output(policy, event.result)
+    if gate.blocked and not result.filtered:
+        result = replace(result, output="", finish_reason=FinishReason.CONTENT_FILTER.value, filtered=True)
+    return TokenEvent(text, result)

@@ -5,6 +5,12 @@ sequences, let the `Scheduler` admit waiting ones (a limit on running sequences 
 tokens prefilled per step), prefill those or decode one token for every running sequence, then
 stream each sequence's new text to its caller and drop the finished rows from the KV cache.
 New sequences therefore join between decode steps instead of waiting for a whole batch to end.
+
+The engine thread owns every model call, prompt tokenisation included, so the event loop never
+waits on the model. `submit` answers a future of a `Result`; `stream` also yields the text as it
+is decoded. Every future is resolved: a result, a typed error, `DeadlineExceeded` when no row was
+free in time, or `EngineFailed` for every waiting and running sequence when the engine thread dies
+(an exception outside one step, the thread exiting, or steps failing again and again).
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BadRequest, DeadlineExceeded, NotReady, Overloaded
+from ..errors import BadRequest, DeadlineExceeded, EngineFailed, MoorageError, NotReady, Overloaded
 from ..observability import metrics
 from ..runtime.base import GenerateInput, Generation, NewSequence, StepGenerator, TextStream
+from .contract import Result
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,7 @@ class GenerationConfig:
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (one long prompt always fits)
     max_waiting: int = 256  # sequences queued before 429
     timeout_s: float = 60.0  # how long a sequence may wait for a slot before 504
+    max_failed_steps: int = 3  # consecutive failing steps after which the engine counts as dead
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_prefill_tokens, self.max_waiting) < 1 or self.timeout_s <= 0:
@@ -40,22 +48,28 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """New text of one sequence; `result` is set on its last event."""
+    """New text of one sequence; `result` is set on its last event, `error` on a failed one."""
 
     text: str
-    result: Generation | None = None
+    result: Result | None = None
     error: BaseException | None = None
+
+
+def as_result(g: Generation) -> Result:
+    return Result(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason)
 
 
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
-    prompt_ids: list[int]
-    stream: TextStream
+    item: GenerateInput
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
+    future: asyncio.Future
+    events: asyncio.Queue | None  # only for a streamed sequence
     arrival: float
     deadline: float
+    prompt_ids: list[int] = field(default_factory=list)
+    stream: TextStream | None = None
     cancelled: bool = False
     last_token_at: float | None = None
 
@@ -83,7 +97,14 @@ def _emit_all(pairs: list[tuple[Sequence, TokenEvent]]) -> None:
 
 def _deliver_events(items: list[tuple[Sequence, TokenEvent]]) -> None:
     for seq, event in items:
-        seq.events.put_nowait(event)
+        if seq.events is not None:
+            seq.events.put_nowait(event)
+        if seq.future.done():
+            continue
+        if event.error is not None:
+            seq.future.set_exception(event.error)
+        elif event.result is not None:
+            seq.future.set_result(event.result)
 
 
 class Scheduler:
@@ -144,71 +165,78 @@ class GenerationEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._stats = _Stats(labels)
+        self._labels = labels
+        self._failed_steps = 0
+        self.last_step_at: float | None = None  # when the engine thread last finished a step
+        self.failure: BaseException | None = None  # set when the engine thread died
+        self._on_failure: list[tuple[asyncio.AbstractEventLoop, Callable[[BaseException], None]]] = []
 
     # -- the edge side ----------------------------------------------------------------------
-    def submit(self, item: GenerateInput, timeout_s: float | None = None) -> Sequence:
+    def submit(self, item: GenerateInput, timeout_s: float | None = None) -> asyncio.Future[Result]:
+        """A future of the whole generation; cancelling it frees the sequence's row."""
+        return self._enqueue(item, timeout_s, streamed=False).future
+
+    async def stream(self, item: GenerateInput, timeout_s: float | None = None) -> AsyncIterator[TokenEvent]:
+        """Token events of one sequence; closing the iterator early cancels it and frees its row."""
+        seq = self._enqueue(item, timeout_s, streamed=True)
+        assert seq.events is not None
+        try:
+            while True:
+                event = await seq.events.get()
+                if event.error is not None:
+                    raise event.error
+                yield event
+                if event.result is not None:
+                    return
+        finally:
+            seq.future.cancel()  # a no-op once it is resolved
+
+    def _enqueue(self, item: GenerateInput, timeout_s: float | None, streamed: bool) -> Sequence:
+        if self.failure is not None:
+            raise EngineFailed("this model version's generation engine stopped after an internal error")
         if not self._accepting:
             raise NotReady("this model version is not accepting requests (starting or shutting down)")
         with self._cv:
             waiting = len(self._inbox) + len(self.scheduler.waiting)
         if waiting >= self.config.max_waiting:
             raise Overloaded(f"{waiting} sequences are waiting for a slot; retry shortly", retry_after=1)
-        prompt_ids = self.handler.encode_prompt(item)
-        budget = self.handler.max_context - len(prompt_ids)
-        if item.params.max_new_tokens > budget:
-            raise BadRequest(
-                f"the prompt has {len(prompt_ids)} tokens; with max_tokens={item.params.max_new_tokens} it exceeds"
-                f" the model's context of {self.handler.max_context} tokens",
-                code="context_length_exceeded",
-            )
+        loop = asyncio.get_running_loop()
         now = time.perf_counter()
         seq = Sequence(
             seq_id=next(self._ids),
-            prompt_ids=prompt_ids,
-            stream=TextStream(self.handler, item.params, len(prompt_ids)),
-            loop=asyncio.get_running_loop(),
-            events=asyncio.Queue(),
+            item=item,
+            loop=loop,
+            future=loop.create_future(),
+            events=asyncio.Queue() if streamed else None,
             arrival=now,
             deadline=now + (timeout_s if timeout_s is not None else self.config.timeout_s),
         )
+        seq.future.add_done_callback(lambda f: self.cancel(seq) if f.cancelled() else None)
         with self._cv:
             self._inbox.append(seq)
             self._cv.notify()
         return seq
-
-    async def generate(self, item: GenerateInput, timeout_s: float | None = None) -> AsyncIterator[TokenEvent]:
-        """Token events of one sequence; closing the iterator early cancels it and frees its row."""
-        seq = self.submit(item, timeout_s)
-        finished = False
-        try:
-            while True:
-                event = await seq.events.get()
-                if event.error is not None:
-                    finished = True
-                    raise event.error
-                finished = event.result is not None
-                yield event
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.cancel(seq)
-
-    async def complete(self, item: GenerateInput, timeout_s: float | None = None) -> Generation:
-        async for event in self.generate(item, timeout_s):
-            if event.result is not None:
-                return event.result
-        raise RuntimeError("generation ended without a result")  # pragma: no cover - engine bug
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
         with self._cv:
             self._cv.notify()
 
+    def add_failure_listener(self, callback: Callable[[BaseException], None]) -> None:
+        """`callback(exc)` runs on the caller's event loop if the engine thread dies."""
+        self._on_failure.append((asyncio.get_running_loop(), callback))
+
+    @property
+    def is_alive(self) -> bool:
+        return self.failure is None
+
+    def has_room(self, n: int) -> bool:
+        return self.queue_depth + n <= self.config.max_waiting
+
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._accepting = True
-        self._thread = threading.Thread(target=self._run, name="moorage-generate", daemon=True)
+        self._thread = threading.Thread(target=self._thread_main, name="moorage-generate", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
@@ -225,20 +253,62 @@ class GenerationEngine:
         return len(self._inbox) + len(self.scheduler.waiting)
 
     # -- the engine thread -------------------------------------------------------------------
+    def _thread_main(self) -> None:
+        """The thread's whole life: whatever ends it early, no caller is left waiting."""
+        error: BaseException | None = None
+        try:
+            self._run()
+            if not self._stopping:
+                error = RuntimeError("the engine thread returned while serving")
+        except BaseException as exc:  # SystemExit included: a thread that ends here serves nobody
+            error = exc
+        if error is not None:
+            self._died(error)
+
     def _run(self) -> None:
         while True:
             with self._cv:
                 while not self._inbox and self.scheduler.is_idle and not self._stopping:
                     self._cv.wait()
-                self.scheduler.waiting.extend(self._inbox)
-                self._inbox.clear()
-                if self._stopping and self.scheduler.is_idle:
+                arrived, self._inbox = self._inbox, []
+                if self._stopping and self.scheduler.is_idle and not arrived:
                     return
+            self.scheduler.waiting.extend(self._prepared(arrived))
             try:
                 self.step()
+                self._failed_steps = 0
+                self.last_step_at = time.perf_counter()
             except Exception as exc:  # a model failure fails the sequences it touched, not the engine
+                self._failed_steps += 1
+                if self._failed_steps >= self.config.max_failed_steps:
+                    raise
                 log.error("generation step failed", exc_info=exc)
-                self._fail_all(exc)
+                self._fail_running(exc)
+
+    def _prepared(self, arrived: list[Sequence]) -> list[Sequence]:
+        """Tokenise new prompts here, off the event loop; refuse those that cannot fit the context."""
+        ready = []
+        for seq in arrived:
+            if seq.cancelled:
+                continue
+            try:
+                seq.prompt_ids = self.handler.encode_prompt(seq.item)
+                budget = self.handler.max_context - len(seq.prompt_ids)
+                if seq.item.params.max_new_tokens > budget:
+                    raise BadRequest(
+                        f"the prompt has {len(seq.prompt_ids)} tokens; with max_tokens="
+                        f"{seq.item.params.max_new_tokens} it exceeds the model's context of"
+                        f" {self.handler.max_context} tokens",
+                        code="context_length_exceeded",
+                    )
+                seq.stream = TextStream(self.handler, seq.item.params, len(seq.prompt_ids))
+            except Exception as exc:
+                if not isinstance(exc, MoorageError):
+                    log.error("could not tokenise a prompt", exc_info=exc)
+                seq.emit(TokenEvent("", error=exc))
+                continue
+            ready.append(seq)
+        return ready
 
     def step(self) -> None:
         now = time.perf_counter()
@@ -250,7 +320,7 @@ class GenerationEngine:
             for seq in admitted:
                 self._stats.queue_wait.observe(now - seq.arrival)
                 self._stats.prompt.inc(seq.num_prompt_tokens)
-            tokens = self._batch.add([NewSequence(s.seq_id, s.prompt_ids, s.stream.params) for s in admitted])
+            tokens = self._batch.add([NewSequence(s.seq_id, s.prompt_ids, s.item.params) for s in admitted])
             stepped = admitted
         elif self.scheduler.running:
             by_id = {s.seq_id: s for s in self.scheduler.running}
@@ -274,11 +344,14 @@ class GenerationEngine:
                 self._stats.itl.observe(now - seq.last_token_at)
             seq.last_token_at = now
             self._stats.tokens.inc()
-            text = seq.stream.push(token)
-            if seq.stream.result is not None:
+            stream = seq.stream
+            assert stream is not None  # set when the sequence was admitted
+            text = stream.push(token)
+            if stream.result is not None:
                 finished.add(seq)
-            if text or seq.stream.result is not None:
-                events.append((seq, TokenEvent(text, seq.stream.result)))
+                events.append((seq, TokenEvent(text, as_result(stream.result))))
+            elif text and seq.events is not None:  # nobody reads the deltas of an unstreamed sequence
+                events.append((seq, TokenEvent(text)))
         _emit_all(events)
         self._remove(finished)
 
@@ -300,8 +373,25 @@ class GenerationEngine:
             keep.append(seq)
         self.scheduler.waiting = keep
 
-    def _fail_all(self, exc: Exception) -> None:
-        for seq in self.scheduler.running:
-            seq.emit(TokenEvent("", error=exc))
-        self.scheduler.running = []
+    def _fail_running(self, exc: Exception) -> None:
+        """A failed step: a fresh decode batch (if that fails too, the engine is dead), then the
+        sequences the step touched get its error."""
         self._batch = self.handler.new_batch()
+        running, self.scheduler.running = self.scheduler.running, []
+        _emit_all([(seq, TokenEvent("", error=exc)) for seq in running])
+
+    def _died(self, exc: BaseException) -> None:
+        log.critical("the generation engine of %s version %s died", *self._labels, exc_info=exc)
+        self.failure = exc
+        self._accepting = False
+        with self._cv:
+            seqs = self._inbox + list(self.scheduler.waiting) + self.scheduler.running
+            self._inbox, self.scheduler.running = [], []
+            self.scheduler.waiting.clear()
+        error = EngineFailed("this model version's generation engine stopped after an internal error")
+        _emit_all([(seq, TokenEvent("", error=error)) for seq in seqs])
+        for loop, callback in self._on_failure:
+            try:
+                loop.call_soon_threadsafe(callback, exc)
+            except RuntimeError:  # that loop is closed
+                pass

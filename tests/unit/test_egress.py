@@ -13,7 +13,7 @@ from moorage.security.egress import CallbackNotAllowed, check_callback_url
 REFUSED_LITERALS = {
     "loopback": ["127.0.0.1", "127.8.9.10", "[::1]", "[::ffff:127.0.0.1]"],
     "private": ["10.0.0.1", "172.16.0.1", "172.31.255.254", "192.168.1.1", "[fc00::1]", "[fd12:3456::1]"],
-    "link-local": ["169.254.1.1", "[fe80::1]"],
+    "link-local": ["169.254.1.1", "[fe80::1]", "[fe80::1%25eth0]"],
     "metadata": ["169.254.169.254", "[fd00:ec2::254]", "100.100.100.200"],
     "unspecified": ["0.0.0.0", "[::]"],
     "multicast": ["224.0.0.1", "239.255.255.250", "[ff02::1]"],

@@ -146,3 +146,17 @@ def test_the_message_says_why_and_how_to_allow_it(resolver):
         check_callback_url("http://intranet.example/x", [])
     assert "resolves to a private address" in resolved.value.message
     assert "192.168.7.7" not in resolved.value.message  # the internal address is not told to the caller
+
+
+def test_the_allow_setting_is_checked_when_settings_load(tmp_path):
+    from moorage.config import load_settings
+    from moorage.errors import ConfigError
+
+    def load(allow: str):
+        return load_settings(environ={"MOORAGE_HOME": str(tmp_path), "MOORAGE_JOBS__CALLBACK_ALLOW": allow})
+
+    jobs = load('["127.0.0.1", "Hooks.Internal.", "*.hooks.internal", "10.0.0.0/8", "::1"]').jobs
+    assert jobs.callback_allow == ["127.0.0.1", "hooks.internal", "*.hooks.internal", "10.0.0.0/8", "::1"]
+    assert (jobs.callback_retries, jobs.callback_timeout_s) == (3, 10.0)
+    with pytest.raises(ConfigError, match=r"jobs\.callback_allow.*'10\.0\.0\.0/33' is neither a hostname"):
+        load('["10.0.0.0/33"]')

@@ -82,3 +82,39 @@ def test_env_is_injected_not_read(tmp_path, monkeypatch):
     monkeypatch.setenv("MOORAGE_USER", "from-process-env")
     assert load_settings(environ={"MOORAGE_HOME": str(tmp_path)}).user != "from-process-env"
     assert load_settings(environ={"MOORAGE_HOME": str(Path(tmp_path)), "MOORAGE_USER": "u"}).user == "u"
+
+
+def test_only_load_settings_reads_the_environment(monkeypatch, tmp_path):
+    from moorage.config import Settings
+
+    monkeypatch.setenv("MOORAGE_HOME", str(tmp_path))
+    monkeypatch.setenv("MOORAGE_SERVE__PORT", "1234")
+    assert Settings().serve.port == 8000  # built directly: defaults and arguments only
+    assert load_settings().serve.port == 1234  # the one entry point that reads os.environ
+
+
+def test_engine_configs_take_the_settings_of_the_same_name(tmp_path):
+    from moorage.batching.settings import serving_pool_config, stream_pool_config
+    from moorage.streams.runner import worker_config
+
+    env = {
+        "MOORAGE_HOME": str(tmp_path),
+        "MOORAGE_SERVE__MAX_BATCH_SIZE": "7",
+        "MOORAGE_SERVE__MAX_WAITING_SEQS": "9",
+        "MOORAGE_SERVE__REQUEST_TIMEOUT_S": "3",
+        "MOORAGE_SERVE__POLL_INTERVAL_S": "0",
+        "MOORAGE_STREAM__BATCH_SIZE": "10",
+        "MOORAGE_STREAM__MAX_IN_FLIGHT": "1",
+        "MOORAGE_STREAM__MAX_WAIT_MS": "4",
+        "MOORAGE_STREAM__SINK_RETRIES": "2",
+        "MOORAGE_SECURITY__AUDIT_INPUTS": "true",
+    }
+    settings = load_settings(environ=env)
+    serving = serving_pool_config(settings)
+    assert (serving.batch.max_batch_size, serving.batch.timeout_s, serving.poll_interval_s) == (7, 3, 0)
+    assert (serving.generation.max_waiting, serving.generation.timeout_s) == (9, 3)
+    streams = stream_pool_config(settings)
+    assert (streams.batch.max_batch_size, streams.batch.max_wait_ms, streams.batch.max_queue) == (10, 4, 30)
+    assert streams.generation.max_waiting == 30 and streams.batch.timeout_s == settings.stream.item_timeout_s
+    worker = worker_config(settings)
+    assert (worker.batch_size, worker.sink_retries, worker.audit_inputs) == (10, 2, True)

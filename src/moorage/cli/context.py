@@ -12,6 +12,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -72,7 +73,7 @@ class RichProgress:
             console=err_console,
             transient=False,
         )
-        self._task = None
+        self._task: TaskID | None = None
         self._started = False
 
     def __enter__(self) -> RichProgress:

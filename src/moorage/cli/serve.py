@@ -7,7 +7,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -63,7 +63,7 @@ def serve(
                 highlight=False,
             )
     logging.getLogger("moorage").setLevel(settings.log_level)
-    options = {
+    options: dict[str, Any] = {
         "host": serve_settings.host,
         "port": serve_settings.port,
         "timeout_graceful_shutdown": int(serve_settings.graceful_timeout_s),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command 2: install the services the tests start (PostgreSQL, Redis and RabbitMQ from
-# Debian's packages; the Kafka-protocol broker comes with confluent-kafka) and every extra, then run
-# the whole test suite. Extra pytest arguments are passed through.
+# Debian's packages; the Kafka-protocol broker comes with confluent-kafka) and every extra, run the
+# checks (scripts/check.sh: ruff, mypy, import contracts), then run the whole test suite. Extra
+# pytest arguments are passed through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,5 +27,6 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 
 bash scripts/install.sh "all,test"
+bash scripts/check.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest "$@"

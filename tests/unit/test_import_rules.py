@@ -1,55 +1,79 @@
-"""The architecture's import rules, checked on the source (see shared/ARCHITECTURE.md)."""
+"""The architecture's import rules (shared/ARCHITECTURE.md) are import-linter contracts in
+pyproject.toml, which scripts/check.sh runs. These tests keep the contracts honest: they hold on the
+source, every top-level package is named in them, and each contract breaks when the import it
+forbids is planted in a copy of the source tree."""
 
-import ast
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[2] / "src" / "moorage"
-EDGES = {"server", "streams", "cli", "engines", "demo"}
-ALL = EDGES | {"config", "errors", "refs", "registry", "runtime", "batching", "security", "training", "observability"}
+ROOT = Path(__file__).resolve().parents[2]
+PKG = ROOT / "src" / "moorage"
+CONFIG = ROOT / "pyproject.toml"
+CONTRACTS = tomllib.loads(CONFIG.read_text())["tool"]["importlinter"]["contracts"]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="import-linter comes with the test extra")
 
 
-def _imports(path: Path) -> set[str]:
-    """Top-level moorage subpackages/modules a file imports (relative or absolute)."""
-    rel_parts = path.relative_to(PKG).parts
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = rel_parts[: len(rel_parts) - node.level]
-                target = list(base) + (node.module.split(".") if node.module else [])
-                if not target and node.module is None:
-                    target = [a.name for a in node.names]
-                if target:
-                    found.add(target[0])
-            elif node.module and node.module.startswith("moorage."):
-                found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("moorage.")}
-    return found
+def _lint_imports(src: Path, *contract_ids: str) -> subprocess.CompletedProcess[str]:
+    """Run the contracts on the `moorage` package found under `src`."""
+    selected = [arg for cid in contract_ids for arg in ("--contract", cid)]
+    env = {**os.environ, "PYTHONPATH": str(src), "COLUMNS": "200"}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--no-logo", *selected, str(CONFIG)],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-def _files(sub: str):
-    target = PKG / sub
-    return [target] if target.suffix == ".py" else sorted(target.rglob("*.py"))
+def test_the_contracts_hold():
+    result = _lint_imports(ROOT / "src")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_top_level_package_is_named_in_a_contract():
+    named = set()
+    for contract in CONTRACTS:
+        for key in ("source_modules", "forbidden_modules", "modules", "layers"):
+            for entry in contract.get(key, []):
+                named |= {m.strip() for m in entry.replace(":", "|").split("|")}
+    packages = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.stem for p in PKG.glob("*.py")} - {"__init__", "__main__"}
+    missing = sorted(f"moorage.{name}" for name in packages | modules if f"moorage.{name}" not in named)
+    assert not missing, f"add {missing} to the import contracts in pyproject.toml (an edge, or a layer below them)"
 
 
 @pytest.mark.parametrize(
-    ("layer", "forbidden"),
+    ("contract_id", "path", "planted"),
     [
-        ("runtime", EDGES),
-        ("batching", EDGES),
-        ("registry", {"server", "cli", "runtime", "streams", "engines", "demo"}),
-        # The leaves: errors.py imports nothing of ours; config.py and refs.py only errors.py.
-        ("errors.py", ALL - {"errors"}),
-        ("config.py", ALL - {"errors"}),
-        ("refs.py", ALL - {"errors"}),
+        ("acyclic", "streams/producer.py", "import moorage.server"),  # server imports streams
+        ("edges", "runtime/cache.py", "import moorage.cli.context"),
+        ("edges", "batching/__init__.py", "import moorage.server.errors"),
+        ("edges", "registry/store.py", "import moorage.demo.assets"),
+        ("engine-runtime-registry", "registry/store.py", "import moorage.runtime"),
+        ("engine-runtime-registry", "runtime/cache.py", "import moorage.batching"),
+        ("registry-security", "registry/manifest.py", "import moorage.security.policy"),
+        ("registry-security", "security/keys.py", "import moorage.registry.manifest"),
+        ("leaves", "config.py", "import moorage.observability.metrics"),
+        ("leaves", "refs.py", "import moorage.config"),
+        ("leaves", "db/base.py", "import moorage.registry.tables"),
+        ("errors", "errors.py", "import moorage.refs"),
     ],
 )
-def test_layers_do_not_import_upwards(layer, forbidden):
-    if not (PKG / layer).exists():
-        pytest.skip(f"{layer} does not exist yet")
-    for path in _files(layer):
-        bad = _imports(path) & forbidden
-        assert not bad, f"{path.relative_to(PKG)} imports {bad}"
+def test_a_planted_import_breaks_its_contract(tmp_path, contract_id, path, planted):
+    src = tmp_path / "src"
+    shutil.copytree(PKG, src / "moorage", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(src / "moorage" / path, "a") as f:
+        f.write(f"\n{planted}  # noqa\n")
+    result = _lint_imports(src, contract_id)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "BROKEN" in result.stdout and planted.split()[-1].removeprefix("moorage.") in result.stdout

@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from serving import sentences  # noqa: E402
-from tests.services.servers import kafka_mock, rabbitmq_server, redis_server  # noqa: E402
 
 from moorage.config import load_settings  # noqa: E402
 from moorage.demo import assets  # noqa: E402
@@ -40,6 +39,8 @@ from moorage.demo.run import DEMO_MODELS, ensure_registered  # noqa: E402
 from moorage.registry import Registry  # noqa: E402
 from moorage.runtime import Runtime  # noqa: E402
 from moorage.streams import open_broker  # noqa: E402
+
+from tests.services.servers import kafka_mock, rabbitmq_server, redis_server  # noqa: E402
 
 BATCH = 64
 

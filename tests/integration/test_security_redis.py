@@ -6,11 +6,12 @@ import logging
 import uuid
 
 import pytest
-from tests.services.servers import free_port
 
 from moorage.config import load_settings
 from moorage.registry import Registry
 from moorage.security.keys import KeyStore
+
+from tests.services.servers import free_port
 
 pytestmark = pytest.mark.anyio
 

@@ -88,6 +88,11 @@ class ServeSettings(BaseModel):
     max_inputs: int = Field(2048, ge=1, description="texts per request")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request names none")
     graceful_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for in-flight work")
+    exit_on_engine_failure: bool = Field(
+        True,
+        description="when a model's engine dies, stop the process so its supervisor restarts it "
+        "(false: stay up and answer 503 until restarted by hand)",
+    )
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM): serve HTTPS")
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM)")
     metrics_dir: Path | None = Field(

@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from tests.support import eventually
+
 from moorage.batching import BatchConfig, DynamicBatcher, GenerationConfig, GenerationEngine, next_batch
 from moorage.batching.dynamic import Pending
 from moorage.batching.generation import Scheduler
@@ -76,15 +78,6 @@ class CountingEmbedder(FakeEmbedder):
 
 def run(coro):
     return asyncio.run(coro)
-
-
-async def eventually(condition, timeout_s: float = 10.0) -> None:
-    """Wait (yielding to the loop) until `condition()` holds; fail after a generous deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 def test_concurrent_inputs_are_batched_and_match_unbatched_results(tmp_path):

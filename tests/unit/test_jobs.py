@@ -10,7 +10,23 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from moorage.config import load_settings
+from moorage.jobs import JobStore
+from moorage.registry import Registry
+from moorage.streams import open_broker
+
 pytestmark = pytest.mark.anyio
+
+
+def _settings(home, **env) -> object:
+    base = {"MOORAGE_HOME": str(home), "MOORAGE_USER": "tester", "MOORAGE_SECURITY__AUTH": "false"}
+    return load_settings(environ=base | {f"MOORAGE_{k.upper()}": v for k, v in env.items()})
+
+
+@pytest.fixture
+def settings(home):
+    """This module's callback receiver listens on 127.0.0.1, which the egress policy refuses unless allowed."""
+    return _settings(home, jobs__callback_allow='["127.0.0.1"]')
 
 
 @pytest.fixture
@@ -72,7 +88,8 @@ async def test_a_job_gives_the_same_outputs_as_predict_and_calls_back(settings, 
 
 
 async def test_job_errors_are_precise(settings, models, serving):
-    settings.security.limits.max_tokens = 10**7  # let a too-long generation reach the model
+    limits = settings.security.limits.model_copy(update={"max_tokens": 10**7})  # a too-long generation reaches the model
+    settings = settings.model_copy(update={"security": settings.security.model_copy(update={"limits": limits})})
     async with serving(settings, models, refs=("emb@production", "gen")) as (_, c):
         r = await c.post("/v1/jobs", json={"model": "nope", "inputs": ["a"]})
         assert (r.status_code, r.json()["error"]["code"]) == (404, "model_not_found")
@@ -91,16 +108,38 @@ async def test_job_errors_are_precise(settings, models, serving):
 
 
 async def test_a_job_left_in_the_queue_by_a_dead_server_runs_on_the_next(settings, models, serving):
-    """What a server that accepted a job and died before running it leaves behind: the job row and
-    its queue message. The next server runs it."""
-    from moorage.server.jobs import JobRequest, JobRunner
-    from moorage.streams import open_broker
-
-    runner = JobRunner(settings, pool=None)
-    runner.store.create("job-left-behind", JobRequest(model="emb", inputs=["kept"]))
-    async with open_broker(runner.queue_url) as queue:
-        await queue.publish([json.dumps({"id": "job-left-behind"}).encode()])
-    runner.store.close()
+    """What a server that accepted a job and died before running it leaves behind: the job row in the
+    catalog and its queue message. The next server runs it."""
+    job = JobStore(models.catalog.engine).create("emb", {"inputs": ["kept"]}, job_id="job-left-behind")
+    queue_url = f"sqlite:///{settings.home / 'jobs-queue.db'}?topic=jobs"
+    async with open_broker(queue_url) as queue:
+        await queue.publish([json.dumps({"id": job.id}).encode()])
     async with serving(settings, models, refs=("emb@production",)) as (_, c):
-        job = await wait_job(c, "job-left-behind")
-        assert job["status"] == "succeeded" and len(job["result"]["outputs"]) == 1
+        done = await wait_job(c, "job-left-behind")
+    assert done["status"] == "succeeded" and len(done["result"]["outputs"]) == 1
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "http://10.0.0.1/hook", "http://169.254.169.254/latest"])
+async def test_a_callback_to_an_internal_address_is_refused_by_default(url, home, models, serving):
+    settings = _settings(home)  # no jobs.callback_allow
+    async with serving(settings, models, refs=("emb@production",)) as (_, c):
+        r = await c.post("/v1/jobs", json={"model": "emb", "inputs": ["a"], "callback_url": url})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "callback_not_allowed")
+
+
+async def test_a_job_unknown_to_this_catalog_is_retried_then_dead_lettered_never_acked(tmp_path, fake_model, serving):
+    """Two replicas sharing one queue but not one catalog (a misconfiguration): the replica that
+    does not know a job gives its message back; it is never acknowledged as done."""
+    queue_url = f"sqlite:///{tmp_path / 'shared-queue.db'}?topic=jobs&max_deliveries=3&visibility_timeout=60"
+    settings = _settings(tmp_path / "b", stream__jobs_url=queue_url)
+    registry = Registry.from_settings(settings)
+    registry.register(fake_model("embed"), "emb", "embed")
+    async with open_broker(queue_url) as queue:
+        await queue.publish([json.dumps({"id": "job-from-another-catalog"}).encode()])
+        async with serving(settings, registry, refs=("emb",)):
+            deadline = time.monotonic() + 60
+            while not await queue.dead_letters() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        (dead,) = await queue.dead_letters()
+    registry.close()
+    assert dead.reason.startswith("max_deliveries") and "job_not_found" in dead.reason

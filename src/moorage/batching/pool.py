@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BadRequest, ModelNotFound, NotReady
+from ..errors import BadRequest, EngineFailed, ModelNotFound, NotReady
 from ..observability import metrics
 from ..refs import ModelRef, parse_ref
 from ..registry import Registry, VersionInfo
@@ -84,6 +84,7 @@ class ModelPool:
         self.load_error: str | None = None
         self.engine_failure: str | None = None  # set once any engine died: not ready until restarted
         self.failed = asyncio.Event()
+        self.ready = asyncio.Event()  # set once every model is loaded
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -91,6 +92,7 @@ class ModelPool:
             info = await asyncio.to_thread(self.registry.resolve, ref)
             self._served[key] = await self._start_version(info)
         self._loaded = True
+        self.ready.set()
         if self.config.poll_interval_s > 0:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="moorage-alias-watch")
 
@@ -117,6 +119,8 @@ class ModelPool:
     # -- lookups -----------------------------------------------------------------------------
     def lookup(self, model: str) -> ServedVersion:
         """A served version by the reference it is served as, or by its bare name when that is unique."""
+        if self.engine_failure is not None:
+            raise EngineFailed(f"not serving: an engine stopped ({self.engine_failure}); this process is restarting")
         if not self.is_ready:
             raise NotReady("models are still loading")
         served = self._served.get(model)

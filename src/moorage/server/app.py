@@ -64,7 +64,7 @@ def create_app(settings: Settings, models: list[str] | None = None, registry: Re
     app.state.settings = settings
     app.state.registry = registry
     app.state.guard = guard
-    app.state.jobs = jobs.JobRunner(settings, app.state.service, guard)
+    app.state.jobs = jobs.JobRunner(settings, app.state.service, registry.catalog, guard)
     install_error_handlers(app)
     app.add_middleware(SecurityMiddleware, guard=guard)  # inside the edge: bounded bodies, counted requests
     app.add_middleware(

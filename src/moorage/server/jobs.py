@@ -1,11 +1,21 @@
 """Async inference over HTTP: ``POST /v1/jobs`` enqueues a predict request, ``GET /v1/jobs/{id}``
 answers its status and result, an optional callback URL is called when it ends.
 
-A job is a row in a SQL table (status, request, result) and a message on a durable queue (the
-embedded SQLite queue by default, any broker URL via ``stream.jobs_url``). A runner inside the
-server takes jobs from the queue, runs them through the same engine as ``/v1/models/{m}/predict``,
-stores the result, then acknowledges the message: a server that dies mid-job runs it again after
-the queue's visibility timeout, and one that finds a finished job on redelivery only acknowledges.
+A job is a row in the catalog (``jobs`` table: every replica that shares the catalog shares the
+jobs) and a message on a durable queue (the embedded SQLite queue by default, any broker URL via
+``stream.jobs_url``). A runner inside each server takes job messages off the queue with the broker
+contract of the stream workers, runs each through the same `InferenceService` as
+``/v1/models/{m}/predict``, stores the result exactly once, then acknowledges the message:
+
+- a server that dies mid-job: its message comes back after the queue's visibility timeout and the
+  job runs again (at least once; only the first finish is stored, and only it calls back);
+- a message whose job is finished: acknowledged, nothing runs;
+- a message whose job id is not in this catalog (a replica on another catalog, a row not yet
+  visible): retried, and after ``max_deliveries`` dead-lettered with ``job_not_found``; never
+  acknowledged as done.
+
+Callbacks go through the egress policy (`security.egress`): loopback, private, link-local and
+metadata addresses are refused unless ``jobs.callback_allow`` names them.
 """
 
 from __future__ import annotations
@@ -13,29 +23,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-import urllib.request
-import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-import sqlalchemy as sa
+import orjson
 from fastapi import APIRouter, Request
 from pydantic import Field, field_validator
 from starlette.responses import Response
 
 from ..batching import InferenceService
 from ..config import Settings
+from ..db import Catalog
 from ..errors import MoorageError, NotFound
+from ..jobs import JobError, JobNotFound, JobStatus, JobStore, new_job_id
+from ..jobs.callbacks import deliver
 from ..refs import parse_ref
-from ..streams.brokers import Broker, open_broker
+from ..security.egress import check_callback_url
+from ..streams.brokers import Broker, Message, open_broker
 from .common import FastJSON, check_count, pool_of, service_of
 from .schemas import PredictRequest
 from .security import Guard, authorize_model, policy_for, principal
 
 log = logging.getLogger("moorage.jobs")
 router = APIRouter(tags=["jobs"])
-JOB_ID_PREFIX = "job-"
 
 
 class JobRequest(PredictRequest):
@@ -52,69 +62,6 @@ class JobRequest(PredictRequest):
         return value
 
 
-class JobStore:
-    """Jobs in a SQL table (SQLite file in the home folder by default)."""
-
-    def __init__(self, url: str) -> None:
-        self.engine = sa.create_engine(url, pool_pre_ping=True)
-        meta = sa.MetaData()
-        self.jobs = sa.Table(
-            "jobs",
-            meta,
-            sa.Column("id", sa.String(64), primary_key=True),
-            sa.Column("model", sa.String(200), nullable=False),
-            sa.Column("status", sa.String(16), nullable=False),  # queued, running, succeeded, failed
-            sa.Column("request", sa.JSON, nullable=False),
-            sa.Column("result", sa.JSON),
-            sa.Column("error", sa.JSON),
-            sa.Column("callback_url", sa.String(2000)),
-            sa.Column("callback_status", sa.String(200)),
-            sa.Column("attempts", sa.Integer, nullable=False, default=0),
-            sa.Column("created_at", sa.Float, nullable=False),
-            sa.Column("started_at", sa.Float),
-            sa.Column("finished_at", sa.Float),
-            sa.Column("owner", sa.String(64)),  # the API key id that created it: only it (or an admin) reads it
-        )
-        if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA journal_mode=WAL"))
-        meta.create_all(self.engine)
-        if "owner" not in {c["name"] for c in sa.inspect(self.engine).get_columns("jobs")}:  # a jobs.db from 0.3
-            with self.engine.begin() as conn:
-                conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN owner VARCHAR(64)"))
-
-    def create(self, job_id: str, body: JobRequest, owner: str | None = None) -> dict:
-        row = {
-            "id": job_id,
-            "model": body.model,
-            "status": "queued",
-            "request": body.model_dump(exclude={"model", "callback_url"}),
-            "callback_url": body.callback_url,
-            "attempts": 0,
-            "created_at": time.time(),
-            "owner": owner,
-        }
-        with self.engine.begin() as conn:
-            conn.execute(self.jobs.insert(), row)
-        return row
-
-    def get(self, job_id: str) -> dict | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(self.jobs).where(self.jobs.c.id == job_id)).mappings().first()
-        return dict(row) if row else None
-
-    def update(self, job_id: str, **values: Any) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(self.jobs.update().where(self.jobs.c.id == job_id).values(**values))
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-
-def public(job: dict) -> dict:
-    keys = ("id", "model", "status", "result", "error", "created_at", "started_at", "finished_at", "callback_status")
-    return {k: job.get(k) for k in keys}
-
-
 @router.post("/v1/jobs", status_code=202)
 async def create_job(body: JobRequest, request: Request) -> Response:
     """Enqueue a predict request; answers its id at once (202). Poll GET /v1/jobs/{id}."""
@@ -123,11 +70,19 @@ async def create_job(body: JobRequest, request: Request) -> Response:
     policy = authorize_model(request, body.model)
     sv = pool_of(request).lookup(body.model)  # 404/400 now, not later in the job
     service_of(request).prepare(sv.task, body.inputs, body.parameters, policy=policy)  # a refused input: 4xx now
+    if body.callback_url:  # a refused callback: 400 now, not a silent failure later
+        await asyncio.to_thread(check_callback_url, body.callback_url, settings.jobs.callback_allow)
     runner: JobRunner = request.app.state.jobs
-    job_id = JOB_ID_PREFIX + uuid.uuid4().hex
-    job = await asyncio.to_thread(runner.store.create, job_id, body, principal(request).key_id)
-    await runner.enqueue(job_id)
-    return FastJSON(public(job), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+    job = await asyncio.to_thread(
+        runner.store.create,
+        body.model,
+        body.model_dump(mode="json", exclude={"model", "callback_url"}),
+        callback_url=body.callback_url,
+        owner=principal(request).key_id,
+        job_id=new_job_id(),
+    )
+    await runner.enqueue(job.id)
+    return FastJSON(job.public(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 @router.get("/v1/jobs/{job_id}")
@@ -136,24 +91,33 @@ async def get_job(job_id: str, request: Request) -> Response:
     runner: JobRunner = request.app.state.jobs
     job = await asyncio.to_thread(runner.store.get, job_id) if len(job_id) <= 64 else None
     caller = principal(request)
-    if job is None or (job.get("owner") not in (None, caller.key_id) and caller.role != "admin"):
+    if job is None or (job.owner not in (None, caller.key_id) and caller.role != "admin"):
         raise NotFound(f"no job {job_id!r}", code="job_not_found")
-    return FastJSON(public(job))
+    return FastJSON(job.public())
+
+
+class _Transient(Exception):
+    """The job did not run now (the model is overloaded or not ready): retry its message."""
 
 
 class JobRunner:
-    """Takes jobs from the queue and runs them, `concurrency` at a time."""
+    """Takes job messages from the queue and runs them, `concurrency` at a time."""
 
     def __init__(
-        self, settings: Settings, service: InferenceService, guard: Guard | None = None, concurrency: int = 8
+        self,
+        settings: Settings,
+        service: InferenceService,
+        catalog: Catalog,
+        guard: Guard | None = None,
+        concurrency: int = 8,
     ) -> None:
-        home = settings.home
         self.settings = settings
         self.guard = guard
         self.service = service
-        self.pool = service.pool
-        self.store = JobStore(f"sqlite:///{home / 'jobs.db'}")
-        self.queue_url = settings.stream.jobs_url or f"sqlite:///{home / 'jobs.db'}?topic=jobs&visibility_timeout=900"
+        self.store = JobStore(catalog.engine)
+        self.queue_url = settings.stream.jobs_url or (
+            f"sqlite:///{settings.home / 'jobs-queue.db'}?topic=jobs&visibility_timeout=900"
+        )
         self.concurrency = concurrency
         self._broker: Broker | None = None
         self._task: asyncio.Task | None = None
@@ -161,8 +125,7 @@ class JobRunner:
         self._slots = asyncio.Semaphore(concurrency)
 
     async def start(self) -> None:
-        home = self.settings.home
-        home.mkdir(parents=True, exist_ok=True)
+        self.settings.home.mkdir(parents=True, exist_ok=True)
         self._broker = open_broker(self.queue_url)
         await self._broker.connect()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="moorage-jobs")
@@ -175,17 +138,22 @@ class JobRunner:
             await asyncio.gather(*self._running, return_exceptions=True)
         if self._broker is not None:
             await self._broker.close()
-        await asyncio.to_thread(self.store.close)
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            raise RuntimeError("the job runner is not started")
+        return self._broker
 
     async def enqueue(self, job_id: str) -> None:
-        await self._broker.publish([json.dumps({"id": job_id}).encode()])
+        await self.broker.publish([json.dumps({"id": job_id}).encode()])
 
     async def _loop(self) -> None:
         while True:
             try:
-                await self.pool_ready()
+                await self.service.pool.ready.wait()
                 await self._slots.acquire()
-                messages = await self._broker.receive(1, 1.0)
+                messages = await self.broker.receive(1, 1.0)
                 if not messages:
                     self._slots.release()
                     continue
@@ -195,65 +163,78 @@ class JobRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the queue is briefly unreachable: keep the server up
+                self._slots.release()
                 log.warning("job queue: %s", exc)
                 await asyncio.sleep(1.0)
 
-    async def pool_ready(self) -> None:
-        while not self.pool.is_ready:
-            await asyncio.sleep(0.2)
-
-    async def _run(self, message) -> None:
+    async def _run(self, message: Message) -> None:
         try:
-            job_id = json.loads(message.body)["id"]
-            job = await asyncio.to_thread(self.store.get, job_id)
-            if job is None or job["status"] in ("succeeded", "failed"):  # a replay of a finished job
-                await self._broker.ack([message])
-                return
-            await asyncio.to_thread(
-                self.store.update, job_id, status="running", started_at=time.time(), attempts=job["attempts"] + 1
-            )
-            update = await self._execute(job)
-            await asyncio.to_thread(self.store.update, job_id, finished_at=time.time(), **update)
-            await self._broker.ack([message])  # after the result is stored
-            if job["callback_url"]:
-                status = await asyncio.to_thread(self._callback, job["callback_url"], public(self.store.get(job_id)))
-                await asyncio.to_thread(self.store.update, job_id, callback_status=status)
-        except Exception:
+            await self._handle(message)
+        except Exception:  # the catalog or the queue failed: the message comes back and runs again
             log.exception("job message %s could not be handled; it will be delivered again", message.broker_id)
         finally:
             self._slots.release()
 
-    async def _execute(self, job: dict) -> dict:
+    async def _handle(self, message: Message) -> None:
+        broker = self.broker
         try:
-            body = PredictRequest(**job["request"])
-            policy = policy_for(self.guard, parse_ref(job["model"]).name) if self.guard else None
-            outcome = await self.service.infer(
-                job["model"], body.inputs, body.parameters, policy=policy, timeout_s=body.timeout_s
-            )
-            return {"status": "succeeded", "result": _jsonable(outcome.encode())}
+            job_id = str(orjson.loads(message.body)["id"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            await broker.dead_letter([(message, "invalid_message: a job message is {\"id\": JOB_ID}")])
+            return
+        if message.attempts > broker.max_deliveries:
+            await self._abandon(message, job_id)
+            return
+        try:
+            job = await asyncio.to_thread(self.store.start, job_id)
+        except JobNotFound:  # another catalog's job, or a row not visible yet: never acked as done
+            await broker.retry([message], f"job_not_found: no job {job_id!r} in this catalog")
+            return
+        if job is None:  # a replay of a finished job
+            await broker.ack([message])
+            return
+        try:
+            status, result, error = await self._execute(job.model, job.request)
+        except _Transient as exc:  # overloaded, or this process is not ready: another try will do
+            await broker.retry([message], str(exc))
+            return
+        finished = await asyncio.to_thread(self.store.finish, job_id, status, result, error)
+        await broker.ack([message])  # after the result is stored
+        if finished is not None and finished.callback_url:
+            await self._call_back(finished.id, finished.callback_url, finished.public())
+
+    async def _execute(self, model: str, request: dict[str, Any]) -> tuple[JobStatus, dict | None, JobError | None]:
+        try:
+            body = PredictRequest(**request)
+            policy = policy_for(self.guard, parse_ref(model).name) if self.guard else None
+            outcome = await self.service.infer(model, body.inputs, body.parameters, policy=policy, timeout_s=body.timeout_s)
+            result = orjson.loads(orjson.dumps(outcome.encode(), option=orjson.OPT_SERIALIZE_NUMPY))
+            return JobStatus.SUCCEEDED, result, None
         except MoorageError as exc:
-            return {"status": "failed", "error": {"code": exc.code, "message": exc.message}}
+            if exc.status in (429, 503):
+                raise _Transient(f"{exc.code}: {exc.message}") from None
+            return JobStatus.FAILED, None, JobError.from_exception(exc)
         except Exception as exc:
-            log.error("job %s failed", job["id"], exc_info=exc)
-            return {"status": "failed", "error": {"code": "internal_error", "message": "the job failed"}}
+            if not isinstance(exc, MoorageError):
+                log.error("a job on %s failed", model, exc_info=exc)
+            return JobStatus.FAILED, None, JobError.from_exception(exc)
 
-    @staticmethod
-    def _callback(url: str, job: dict, attempts: int = 3) -> str:
-        """POST the finished job as JSON to its callback URL (a few tries); returns what happened."""
-        data = json.dumps(job).encode()
-        last = ""
-        for attempt in range(attempts):
-            req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - http(s) checked at POST
-                    return f"delivered: HTTP {resp.status}"
-            except Exception as exc:
-                last = f"failed: {type(exc).__name__}: {exc}"[:200]
-                time.sleep(0.5 * 2**attempt)
-        return last
+    async def _abandon(self, message: Message, job_id: str) -> None:
+        """Delivered too often without an outcome: dead-letter it, and fail its job (if this catalog
+        knows it) so that it does not stay queued."""
+        reason = f"max_deliveries: delivered {message.attempts} times"
+        if message.last_error:
+            reason += f"; last error: {message.last_error}"
+        await self.broker.dead_letter([(message, reason)])
+        error = JobError("job_abandoned", "the job could not be run; it was delivered too many times")
+        try:
+            await asyncio.to_thread(self.store.finish, job_id, JobStatus.FAILED, None, error)
+        except JobNotFound:
+            pass
 
-
-def _jsonable(value: Any) -> Any:
-    import orjson
-
-    return orjson.loads(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY))
+    async def _call_back(self, job_id: str, url: str, payload: dict) -> None:
+        jobs = self.settings.jobs
+        status = await deliver(
+            url, payload, allow=jobs.callback_allow, retries=jobs.callback_retries, timeout_s=jobs.callback_timeout_s
+        )
+        await asyncio.to_thread(self.store.set_callback_status, job_id, status)

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
-
-from tests.support import eventually
 
 from moorage.batching import BatchConfig, DynamicBatcher, GenerationConfig, GenerationEngine, next_batch
 from moorage.batching.dynamic import Pending
@@ -16,6 +13,8 @@ from moorage.config import RuntimeSettings
 from moorage.errors import BadRequest, DeadlineExceeded, Overloaded
 from moorage.runtime import GenerateInput, GenerationParams, make_fake_model
 from moorage.runtime.fake import FakeEmbedder, FakeGenerator
+
+from tests.support import eventually
 
 
 def _pending(size: int, enqueued: float) -> Pending:

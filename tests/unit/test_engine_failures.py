@@ -22,7 +22,9 @@ def _completion(i: int) -> dict:
 
 
 @pytest.mark.parametrize("how", ["thread_exits", "step_and_recovery_raise"])
-async def test_a_dying_generation_engine_answers_every_waiting_request_503(how, settings, registry, fake_model, serving):
+async def test_a_dying_generation_engine_answers_every_waiting_request_503(
+    how, settings, registry, fake_model, serving
+):
     registry.register(fake_model("generate"), "gen", "generate")
     async with serving(settings, registry, refs=("gen",), max_num_seqs=4, exit_on_engine_failure=False) as (app, c):
         engine = app.state.pool.lookup("gen").engine

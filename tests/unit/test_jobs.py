@@ -88,7 +88,9 @@ async def test_a_job_gives_the_same_outputs_as_predict_and_calls_back(settings, 
 
 
 async def test_job_errors_are_precise(settings, models, serving):
-    limits = settings.security.limits.model_copy(update={"max_tokens": 10**7})  # a too-long generation reaches the model
+    limits = settings.security.limits.model_copy(
+        update={"max_tokens": 10**7}
+    )  # a too-long generation reaches the model
     settings = settings.model_copy(update={"security": settings.security.model_copy(update={"limits": limits})})
     async with serving(settings, models, refs=("emb@production", "gen")) as (_, c):
         r = await c.post("/v1/jobs", json={"model": "nope", "inputs": ["a"]})

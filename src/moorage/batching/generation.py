@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,7 +176,7 @@ class GenerationEngine:
         """A future of the whole generation; cancelling it frees the sequence's row."""
         return self._enqueue(item, timeout_s, streamed=False).future
 
-    async def stream(self, item: GenerateInput, timeout_s: float | None = None) -> AsyncIterator[TokenEvent]:
+    async def stream(self, item: GenerateInput, timeout_s: float | None = None) -> AsyncGenerator[TokenEvent, None]:
         """Token events of one sequence; closing the iterator early cancels it and frees its row."""
         seq = self._enqueue(item, timeout_s, streamed=True)
         assert seq.events is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -173,7 +173,7 @@ class InferenceService:
     # -- streamed generation ------------------------------------------------------------------------
     async def stream(
         self, sv: ServedVersion, call: Call, timeout_s: float | None = None
-    ) -> AsyncIterator[tuple[int, TokenEvent]]:
+    ) -> AsyncGenerator[tuple[int, TokenEvent], None]:
         """(choice index, event) of every item of a generation call, interleaved as tokens arrive.
         Text passes the output policy's stream filter; a withheld choice ends with finish_reason
         `content_filter`. The first error ends the stream (the caller renders it)."""

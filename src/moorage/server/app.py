@@ -77,7 +77,7 @@ def create_app(settings: Settings, models: list[str] | None = None, registry: Re
     app.include_router(openai.router)
     app.include_router(jobs.router)
     app.include_router(admin.router)
-    app.openapi = lambda: _openapi_with_auth(app, guard)
+    app.openapi = lambda: _openapi_with_auth(app, guard)  # type: ignore[method-assign]  # FastAPI's documented override
     return app
 
 

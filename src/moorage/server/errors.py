@@ -8,6 +8,7 @@ is logged with its traceback and answered with an opaque 500.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +38,7 @@ class ErrorBody(BaseModel):
 
 
 # Declared on every route so that the OpenAPI schema describes the errors the server really sends.
-ERROR_RESPONSES = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
         400: "bad request (stable code in error.code)",

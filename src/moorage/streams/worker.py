@@ -67,7 +67,7 @@ class Request:
     id: str
     item: Any  # a text, or a GenerateInput
     received_at: float
-    future: asyncio.Future | None = None
+    future: asyncio.Future | None = None  # set by StreamWorker._submit
     tries: int = 0
 
 
@@ -304,10 +304,10 @@ class StreamWorker:
         failed: list[tuple[Request, str]] = []
         pending = list(batch.requests)
         while pending:
-            await asyncio.wait([r.future for r in pending])
+            await asyncio.wait([r.future for r in pending if r.future is not None])
             again = []
             for req in pending:
-                exc = req.future.exception()
+                exc = req.future.exception() if req.future is not None else RuntimeError("never submitted")
                 if exc is None:
                     rows.append(self._row(batch.sv, req))
                     done.append(req.message)

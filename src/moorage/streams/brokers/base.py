@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -183,6 +183,23 @@ class BlockingCalls:
         fn()
 
 
+ReplyHandler = Callable[[str | None, bytes], None]
+"""Called with each reply's correlation id (None when it has none) and body."""
+
+
+class ReplyInbox(ABC):
+    """A caller's private destination for the replies to its own requests (request/reply).
+
+    `address` goes into each request's ``reply_to`` header; the broker calls the inbox's handler
+    for every reply that arrives. Close the inbox before its broker."""
+
+    address: str
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop receiving replies and remove the destination when the broker does not."""
+
+
 class Broker(ABC):
     """One connection to a broker, reading one topic as one consumer of one group."""
 
@@ -242,6 +259,12 @@ class Broker(ABC):
         """Answer a request message (RPC): publish to its reply_to with its correlation id."""
         if message.reply_to:
             await self.publish([body], topic=message.reply_to, headers={"correlation_id": message.correlation_id or ""})
+
+    async def open_replies(self, on_reply: ReplyHandler) -> ReplyInbox:
+        """Open a reply inbox (the caller's side of request/reply); the broker must be connected."""
+        raise BadRequest(
+            f"request/reply needs a redis:// or amqp:// broker, not {self.scheme}://", code="rpc_unsupported"
+        )
 
 
 def open_broker(url: str | BrokerURL) -> Broker:

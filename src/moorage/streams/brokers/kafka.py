@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Message as KafkaMessage
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from .base import BlockingCalls, Broker, BrokerUnavailable, BrokerURL, DeadLetter, Message
@@ -59,6 +60,12 @@ class KafkaBroker(Broker):
     async def close(self) -> None:
         await self._calls.close(self._close_clients)
 
+    @property
+    def producer(self) -> Producer:
+        if self._producer is None:
+            raise RuntimeError("broker is not connected: use `async with open_broker(url)`")
+        return self._producer
+
     def _close_clients(self) -> None:
         if self._producer is not None:
             self._producer.flush(10)
@@ -76,7 +83,7 @@ class KafkaBroker(Broker):
         except KafkaException as exc:
             raise BrokerUnavailable(f"cannot reach Kafka at {self.url}: {exc}") from None
         if topic not in metadata.topics and self.create == "auto":
-            self._producer.list_topics(topic, timeout=10)  # a metadata request for it creates it
+            self.producer.list_topics(topic, timeout=10)  # a metadata request for it creates it
         elif topic not in metadata.topics:
             future = admin.create_topics([NewTopic(topic, self.partitions, self.replication)])[topic]
             try:
@@ -121,16 +128,20 @@ class KafkaBroker(Broker):
             if err is not None:
                 failures.append(str(err))
 
+        producer = self.producer
         now = repr(time.time()).encode()
         for body, headers in items:
-            hdrs = [("published_at", now), *((k, str(v).encode()) for k, v in headers.items())]
+            hdrs: list[tuple[str, str | bytes | None]] = [
+                ("published_at", now),
+                *((k, str(v).encode()) for k, v in headers.items()),
+            ]
             while True:
                 try:
-                    self._producer.produce(topic, body, key=uuid.uuid4().bytes, headers=hdrs, on_delivery=report)
+                    producer.produce(topic, body, key=uuid.uuid4().bytes, headers=hdrs, on_delivery=report)
                     break
                 except BufferError:  # the local queue is full: let it drain
-                    self._producer.poll(0.1)
-        remaining = self._producer.flush(30)
+                    producer.poll(0.1)
+        remaining = producer.flush(30)
         if failures or remaining:
             raise BrokerUnavailable(f"Kafka did not confirm {len(failures) + remaining} messages: {failures[:1]}")
 
@@ -150,7 +161,7 @@ class KafkaBroker(Broker):
                 self._next[p] = max(self._next.get(p, 0), off + 1)
                 key = (p, off)
                 self._deliveries[key] = self._deliveries.get(key, 0) + 1
-                headers = {k: v.decode(errors="replace") for k, v in (m.headers() or [])}
+                headers = _headers(m)
                 published = headers.pop("published_at", None)
                 out.append(
                     Message(
@@ -181,11 +192,11 @@ class KafkaBroker(Broker):
                 pending = self._outstanding.get(p)
                 offsets.append(TopicPartition(self.topic, p, min(pending) if pending else self._next[p]))
         if offsets and self._consumer is not None:
-            await self._calls.run(self._commit, offsets)
+            await self._calls.run(self._commit, self._consumer, offsets)
 
-    def _commit(self, offsets: list[TopicPartition]) -> None:
+    def _commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> None:
         try:
-            self._consumer.commit(offsets=offsets, asynchronous=False)
+            consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:  # e.g. a rebalance took the partition: it will be redelivered
             if exc.args[0].code() not in (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
                                           KafkaError.UNKNOWN_MEMBER_ID, KafkaError._NO_OFFSET):  # fmt: skip
@@ -199,9 +210,12 @@ class KafkaBroker(Broker):
                 self._errors[m.handle] = reason
                 first[p] = min(first.get(p, off), off)  # stays outstanding: commits stop below it
         await asyncio.sleep(min(delay_s, 5.0))
+        consumer = self._consumer
+        if consumer is None:  # closed meanwhile: the group's next reader starts from the commit
+            return
         for p, off in first.items():  # read the partition again from the first failed message
             try:
-                await self._calls.run(self._consumer.seek, TopicPartition(self.topic, p, off))
+                await self._calls.run(consumer.seek, TopicPartition(self.topic, p, off))
             except KafkaException:  # not assigned any more: its new owner reads it from the commit
                 pass
 
@@ -252,7 +266,7 @@ class KafkaBroker(Broker):
             while len(out) < min(want, limit) and time.monotonic() < deadline:
                 for m in reader.consume(500, 0.5):
                     if m.error() is None:
-                        h = {k: v.decode(errors="replace") for k, v in (m.headers() or [])}
+                        h = _headers(m)
                         out.append(DeadLetter(h.get("id", ""), m.value() or b"", h.get("reason", "unknown"),
                                               int(h.get("attempts", 0)), h.get("topic", self.topic),
                                               float(h.get("at", 0))))  # fmt: skip
@@ -280,3 +294,10 @@ class KafkaBroker(Broker):
         with self._lock:
             total += sum(len(offsets) for offsets in self._outstanding.values())
         return total
+
+
+def _headers(m: KafkaMessage) -> dict[str, str]:
+    """A consumed message's headers as text (they arrive as a list of (name, bytes) pairs)."""
+    raw = m.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return {k: v.decode(errors="replace") if isinstance(v, bytes) else (v or "") for k, v in pairs}

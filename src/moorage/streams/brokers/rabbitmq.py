@@ -20,11 +20,12 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from decimal import Decimal
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, FieldValue
 
-from .base import Broker, BrokerUnavailable, BrokerURL, DeadLetter, Message
+from .base import Broker, BrokerUnavailable, BrokerURL, DeadLetter, Message, ReplyHandler, ReplyInbox
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,22 @@ class RabbitMQBroker(Broker):
             conn, self._conn = self._conn, None
             await conn.close()
 
+    @property
+    def channel(self) -> AbstractChannel:
+        if self._channel is None:
+            raise RuntimeError("broker is not connected: use `async with open_broker(url)`")
+        return self._channel
+
     async def _queue(self, topic: str) -> aio_pika.abc.AbstractQueue:
         queue = self._queues.get(topic)
         if queue is None:
-            ch = self._channel
-            if ch is None:
-                raise RuntimeError("broker is not connected: use `async with open_broker(url)`")
+            ch = self.channel
             if topic.endswith(".dlq") or topic.startswith("amq."):
                 queue = await ch.declare_queue(topic, durable=True, arguments={"x-queue-type": "quorum"})
             else:
                 dlq = f"{topic}.dlq"
                 await ch.declare_queue(dlq, durable=True, arguments={"x-queue-type": "quorum"})
-                args = {
+                args: dict[str, FieldValue] = {
                     "x-queue-type": "quorum",
                     "x-delivery-limit": self.max_deliveries,
                     "x-dead-letter-exchange": "",
@@ -86,7 +91,7 @@ class RabbitMQBroker(Broker):
         correlation_id = headers.pop("correlation_id", None) or None
         reply_to = headers.pop("reply_to", None) or None
         now = time.time()
-        exchange = self._channel.default_exchange
+        exchange = self.channel.default_exchange
         confirms = [
             exchange.publish(
                 aio_pika.Message(
@@ -119,7 +124,7 @@ class RabbitMQBroker(Broker):
 
     def _message(self, m: AbstractIncomingMessage) -> Message:
         headers = dict(m.headers or {})
-        previous = int(headers.get("x-delivery-count") or 0)
+        previous = _int(headers.get("x-delivery-count"))
         msg_id = m.message_id or _key(m)
         published = headers.get("x-published-at")
         extra = {"correlation_id": m.correlation_id or "", "reply_to": m.reply_to or ""}
@@ -150,7 +155,7 @@ class RabbitMQBroker(Broker):
         if not entries:
             return
         await self._queue(self.dlq)
-        exchange = self._channel.default_exchange
+        exchange = self.channel.default_exchange
         confirms = [
             exchange.publish(
                 aio_pika.Message(
@@ -187,12 +192,31 @@ class RabbitMQBroker(Broker):
                 await m.nack(requeue=True)
 
     async def lag(self) -> int | None:
-        declared = await self._channel.declare_queue(self.topic, passive=True)
+        declared = await self.channel.declare_queue(self.topic, passive=True)
         return declared.declaration_result.message_count
 
     async def reply(self, message: Message, body: bytes) -> None:
         if message.reply_to:  # the caller's own (exclusive) queue: publish to it, never declare it
             await self._send(message.reply_to, [body], {"correlation_id": message.correlation_id or ""})
+
+    async def open_replies(self, on_reply: ReplyHandler) -> ReplyInbox:
+        queue = await self.channel.declare_queue("", exclusive=True, auto_delete=True)
+
+        async def deliver(message: AbstractIncomingMessage) -> None:
+            on_reply(message.correlation_id, message.body)
+
+        await queue.consume(deliver, no_ack=True)
+        return _QueueReplies(queue)
+
+
+class _QueueReplies(ReplyInbox):
+    """Replies on an exclusive, auto-deleted queue: RabbitMQ removes it with the connection."""
+
+    def __init__(self, queue: AbstractQueue) -> None:
+        self.address = queue.name
+
+    async def close(self) -> None:
+        pass
 
 
 def _settle(m: AbstractIncomingMessage) -> bool:
@@ -213,15 +237,16 @@ def _dead_letter(m: AbstractIncomingMessage, topic: str) -> DeadLetter:
     h = dict(m.headers or {})
     reason = h.get("x-moorage-reason")
     if reason is None:  # dead-lettered by the queue itself (x-death): delivery limit, rejection, expiry
-        deaths = h.get("x-death") or [{}]
-        why = h.get("x-first-death-reason") or deaths[0].get("reason", "unknown")
+        deaths = h.get("x-death")
+        first_death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+        why = _text(h.get("x-first-death-reason") or first_death.get("reason") or "unknown")
         reason = f"{why}: dead-lettered by RabbitMQ" + (" after too many deliveries" if why == "delivery_limit" else "")
     at = h.get("x-moorage-at")
     return DeadLetter(
         message_id=str(h.get("x-moorage-id") or m.message_id or ""),
         body=m.body,
         reason=str(reason),
-        attempts=int(h.get("x-moorage-attempts") or 0),
+        attempts=_int(h.get("x-moorage-attempts")),
         topic=str(h.get("x-moorage-topic") or topic),
         at=_float(at) or time.time(),
     )
@@ -232,3 +257,12 @@ def _float(value) -> float | None:
         return float(value.decode() if isinstance(value, bytes) else value)
     except (TypeError, ValueError):
         return None
+
+
+def _int(value: FieldValue | None) -> int:
+    """A count from a message header; 0 when it is absent."""
+    return int(value) if isinstance(value, int | float | str | bytes | Decimal) and value else 0
+
+
+def _text(value: FieldValue) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -13,15 +13,26 @@ entries of the stream ``dlq`` (body, reason, id, attempts, topic, at).
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 from collections.abc import Sequence
+from typing import cast
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
-from .base import Broker, BrokerUnavailable, BrokerURL, DeadLetter, Message
+from .base import Broker, BrokerUnavailable, BrokerURL, DeadLetter, Message, ReplyHandler, ReplyInbox
+
+# redis-py types each reply for every protocol version and decoding mode at once. This broker speaks
+# RESP2 without decode_responses: a stream entry is (id, {field: value}) in bytes, and a read is a
+# list of (stream, entries). The helpers below state that once, where the replies come in.
+Fields = dict[bytes, bytes]
+Entry = tuple[bytes, Fields]
+ClaimedEntry = tuple[bytes, Fields | None]  # XAUTOCLAIM: no fields when the entry was deleted
 
 
 class RedisBroker(Broker):
@@ -65,19 +76,20 @@ class RedisBroker(Broker):
         self._group_ready = True
 
     async def publish(self, bodies: Sequence[bytes], topic: str | None = None, headers: dict | None = None) -> None:
-        fields_extra = {"headers": orjson.dumps(headers)} if headers else {}
+        fields_extra: dict[FieldT, EncodableT] = {"headers": orjson.dumps(headers)} if headers else {}
         now = repr(time.time())
         async with self.r.pipeline(transaction=False) as pipe:
             for body in bodies:
-                fields = {"body": bytes(body), "published_at": now, **fields_extra}
+                fields: dict[FieldT, EncodableT] = {"body": bytes(body), "published_at": now, **fields_extra}
                 pipe.xadd(topic or self.topic, fields, maxlen=self.maxlen, approximate=True)
             await pipe.execute()
 
     async def receive(self, max_messages: int, timeout_s: float) -> list[Message]:
         await self._ensure_group()
-        cursor, claimed, _deleted = await self.r.xautoclaim(
+        cursor, claimed_reply, _deleted = await self.r.xautoclaim(
             self.topic, self.group, self.consumer, self.claim_idle_ms, start_id=self._claim_from, count=max_messages
         )
+        claimed = cast(list[ClaimedEntry], claimed_reply)
         self._claim_from = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         counts = await self._delivery_counts(claimed)
         errors = await self.r.hmget(self.errors_key, [eid for eid, _ in claimed]) if claimed else []
@@ -88,20 +100,20 @@ class RedisBroker(Broker):
         if room > 0:
             block = None if messages else max(1, int(timeout_s * 1000))
             got = await self.r.xreadgroup(self.group, self.consumer, {self.topic: ">"}, count=room, block=block)
-            for _stream, entries in got or []:
+            for _stream, entries in _streams(got):
                 messages.extend(self._message(eid, fields, 1, None) for eid, fields in entries)
         return messages
 
-    async def _delivery_counts(self, claimed) -> dict[bytes, int]:
+    async def _delivery_counts(self, claimed: list[ClaimedEntry]) -> dict[bytes, int]:
         if not claimed:
             return {}
         ids = [eid for eid, _ in claimed]
         pending = await self.r.xpending_range(
             self.topic, self.group, min=ids[0], max=ids[-1], count=len(ids) * 4, consumername=self.consumer
         )
-        return {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        return {cast(bytes, p["message_id"]): int(p["times_delivered"]) for p in pending}
 
-    def _message(self, eid: bytes, fields: dict, attempts: int, last_error: bytes | None) -> Message:
+    def _message(self, eid: bytes, fields: Fields, attempts: int, last_error: bytes | str | None) -> Message:
         headers = orjson.loads(fields[b"headers"]) if b"headers" in fields else {}
         published = fields.get(b"published_at")
         return Message(
@@ -110,7 +122,7 @@ class RedisBroker(Broker):
             attempts=attempts,
             published_at=float(published) if published else None,
             headers=headers,
-            last_error=last_error.decode() if last_error else None,
+            last_error=(last_error.decode() if isinstance(last_error, bytes) else last_error) or None,
             handle=eid,
         )
 
@@ -134,7 +146,7 @@ class RedisBroker(Broker):
         now = repr(time.time())
         async with self.r.pipeline(transaction=True) as pipe:  # both or neither
             for m, reason in entries:
-                fields = {
+                fields: dict[FieldT, EncodableT] = {
                     "body": m.body,
                     "reason": reason,
                     "id": m.broker_id,
@@ -148,7 +160,7 @@ class RedisBroker(Broker):
             await pipe.execute()
 
     async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
-        entries = await self.r.xrange(self.dlq, count=limit)
+        entries = cast(list[Entry], await self.r.xrange(self.dlq, count=limit) or [])
         return [
             DeadLetter(
                 message_id=f[b"id"].decode(),
@@ -167,3 +179,37 @@ class RedisBroker(Broker):
             if g["name"] in (self.group, self.group.encode()):
                 return int(g.get("lag") or 0) + int(g.get("pending") or 0)
         return None
+
+    async def open_replies(self, on_reply: ReplyHandler) -> ReplyInbox:
+        return _StreamReplies(self.r, f"{self.topic}.reply.{uuid.uuid4().hex}", on_reply)
+
+
+class _StreamReplies(ReplyInbox):
+    """Replies on a private stream ``TOPIC.reply.<uuid>``, read by one task; deleted on close."""
+
+    def __init__(self, r: aioredis.Redis, address: str, on_reply: ReplyHandler) -> None:
+        self.address = address
+        self._r = r
+        self._on_reply = on_reply
+        self._closing = False
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        last: bytes | str = "0-0"
+        while not self._closing:
+            got = await self._r.xread({self.address: last}, block=200, count=100)
+            for _stream, entries in _streams(got):
+                for eid, fields in entries:
+                    last = eid
+                    headers = orjson.loads(fields.get(b"headers", b"{}"))
+                    self._on_reply(headers.get("correlation_id"), fields[b"body"])
+
+    async def close(self) -> None:
+        self._closing = True  # the reader ends after its current read (cancelling a blocked
+        await asyncio.gather(self._reader, return_exceptions=True)  # XREAD can hang redis-py)
+        await self._r.delete(self.address)
+
+
+def _streams(reply: object) -> list[tuple[bytes, list[Entry]]]:
+    """An XREAD / XREADGROUP reply: (stream, entries) per stream read; None when nothing came."""
+    return cast(list[tuple[bytes, list[Entry]]], reply or [])

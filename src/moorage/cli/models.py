@@ -275,7 +275,7 @@ def rekey(
         console.print(f"  skipped {line}")
 
 
-def _size(num: int) -> str:
+def _size(num: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if num < 1024 or unit == "GB":
             return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"

@@ -171,11 +171,11 @@ class Registry:
             self._abandon(name, version)
             raise
         with self.catalog.session() as s:
-            row = s.get(ModelVersion, (name, version))
+            row = s.get_one(ModelVersion, (name, version))
             row.status, row.manifest = "ready", manifest.model_dump(mode="json")
             row.manifest_sha256, row.size_bytes = sha256_bytes(data), manifest.size_bytes
             row.tags = dict(tags or {})
-            if master:
+            if master is not None and data_key is not None:
                 wrapped = crypto.wrap_key(master, data_key, f"{name}:{version}")
                 s.add(ArtifactKey(model_name=name, version=version, master_key_id=master.id, wrapped_key=wrapped))
             if alias:
@@ -416,7 +416,7 @@ class Registry:
         target = self.resolve(parsed) if (parsed.version or parsed.alias) else None
         with self.catalog.session() as s:
             row = (
-                s.get(ModelVersion, (target.name, target.version))
+                s.get_one(ModelVersion, (target.name, target.version))
                 if target
                 else self._model_or_404(s, parsed.name, lock=True)
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import fsspec
@@ -186,7 +187,7 @@ def _import_one(registry: Registry, fs, folder: str, progress: Progress) -> str:
         raise
     with registry.catalog.session() as s:
         for v, manifest in zip(doc["versions"], manifests):
-            row = s.get(ModelVersion, (name, v["version"]))
+            row = s.get_one(ModelVersion, (name, v["version"]))
             row.status, row.size_bytes = "ready", manifest.size_bytes
             if "data_key" in v:
                 key = v["data_key"]
@@ -230,7 +231,7 @@ def _copy_version(
 ) -> None:
     src = f"{folder}/{manifest.version}"
     entries = registry.store.write_version(
-        ((e.path, (lambda e=e: fs.open(f"{src}/{e.path}", "rb")), e.size) for e in manifest.files),
+        ((e.path, partial(fs.open, f"{src}/{e.path}", "rb"), e.size) for e in manifest.files),
         manifest.name,
         manifest.version,
         progress,

@@ -67,7 +67,7 @@ class AuditLog:
         if not entries:
             return
         with self.catalog.session() as s:
-            head = s.scalar(select(AuditHead).where(AuditHead.id == 1).with_for_update())
+            head = s.scalars(select(AuditHead).where(AuditHead.id == 1).with_for_update()).one()
             seq, prev = head.seq, head.hash
             for e in entries:
                 seq += 1
@@ -129,7 +129,7 @@ class AuditLog:
                 problems.append(f"row {row.seq} was edited: its content does not match its hash")
             expected_seq, prev_hash = row.seq + 1, row.hash
         with self.catalog.session() as s:
-            head = s.get(AuditHead, 1)
+            head = s.get_one(AuditHead, 1)
         if head.seq != expected_seq - 1:
             if head.seq > expected_seq - 1:
                 problems.append(f"rows {expected_seq}-{head.seq} deleted (the log should end at row {head.seq})")

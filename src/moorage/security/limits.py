@@ -135,7 +135,7 @@ class RedisRateLimiter:
         result = await self._run(key_id, tokens_per_minute or 0, requests_per_minute or 0, 0)
         if result and int(result[0]):
             kind, per_minute = (
-                ("tokens", tokens_per_minute) if int(result[0]) == 1 else ("requests", requests_per_minute)
+                ("tokens", tokens_per_minute or 0) if int(result[0]) == 1 else ("requests", requests_per_minute or 0)
             )
             raise _limited(key_id, kind, per_minute, float(result[1]))
 

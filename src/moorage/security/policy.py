@@ -20,7 +20,8 @@ class Policy:
 
     def texts(self, texts: list[str], what: str = "input") -> list[str]:
         """Each text checked against the limits and the input filter; returns what the model sees."""
-        out = []
+        out: list[str] = []
+        cfilter = self.cfilter
         for i, text in enumerate(texts):
             where = f"{what}.{i}" if len(texts) > 1 else what
             if len(text) > self.limits.max_text_chars:
@@ -28,10 +29,13 @@ class Policy:
                     f"{where} has {len(text)} characters; the limit is {self.limits.max_text_chars}",
                     code="text_too_long",
                 )
+            if cfilter is None:
+                out.append(text)
+                continue
             try:
-                out.append(self.cfilter.check_input(text, where) if self.cfilter else text)
+                out.append(cfilter.check_input(text, where))
             except ContentBlocked:
-                metrics.CONTENT_FILTERED.labels(self.cfilter.name, "input").inc()
+                metrics.CONTENT_FILTERED.labels(cfilter.name, "input").inc()
                 raise
         return out
 

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import time
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from ..errors import BadRequest, MoorageError, PayloadTooLarge
 from ..observability import metrics
 from .errors import error_response
 
 
 class EdgeMiddleware:
-    def __init__(self, app, max_body_bytes: int, upload_bytes: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, upload_bytes: int | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.upload_bytes = upload_bytes or max_body_bytes
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -60,8 +62,9 @@ def is_upload(path: str) -> bool:
     return path.startswith("/v1/registry/models/") and path.endswith("/versions")
 
 
-async def _read_bounded(receive, limit: int) -> bytes | None:
-    chunks, size = [], 0
+async def _read_bounded(receive: Receive, limit: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
@@ -74,10 +77,10 @@ async def _read_bounded(receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-def _replay(body: bytes, receive):
+def _replay(body: bytes, receive: Receive) -> Receive:
     sent = False
 
-    async def replay():
+    async def replay() -> Message:
         nonlocal sent
         if not sent:
             sent = True
@@ -87,16 +90,16 @@ def _replay(body: bytes, receive):
     return replay
 
 
-async def reject(scope, receive, send, exc: MoorageError) -> None:
+async def reject(scope: Scope, receive: Receive, send: Send, exc: MoorageError) -> None:
     """Answer `exc` from a pure-ASGI middleware, exactly as a route's error would be answered."""
     await error_response(exc)(scope, receive, send)
 
 
-def track_status(send):
+def track_status(send: Send) -> tuple[Send, list[int]]:
     """(a `send` that records the response status, the one-item list it records it in; 500 until sent)."""
     status = [500]
 
-    async def tracked(message) -> None:
+    async def tracked(message: Message) -> None:
         if message["type"] == "http.response.start":
             status[0] = message["status"]
         await send(message)

@@ -56,7 +56,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict:
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "code": code, "param": param}}
 
 
@@ -102,8 +102,10 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(MoorageError, _moorage_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(ClientGone, _client_gone)
-    app.add_exception_handler(Exception, _unexpected)
+    # FastAPI's decorator form: Starlette types add_exception_handler for handlers of any Exception,
+    # so a handler of one exception class (as these are) only fits the decorator's signature.
+    app.exception_handler(MoorageError)(_moorage_error)
+    app.exception_handler(RequestValidationError)(_validation_error)
+    app.exception_handler(HTTPException)(_http_error)
+    app.exception_handler(ClientGone)(_client_gone)
+    app.exception_handler(Exception)(_unexpected)

@@ -153,7 +153,7 @@ class SecurityMiddleware:
             action=action,
             status=status,
             model=str(model)[:128],
-            version=int(version) if str(version or "").isdigit() else None,
+            version=int(str(version)) if str(version or "").isdigit() else None,
             latency_ms=(time.perf_counter() - started) * 1000,
             input_sha256=input_sha,
             input_text=text,

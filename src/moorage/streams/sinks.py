@@ -223,22 +223,18 @@ class SQLSink(Sink):
             await asyncio.to_thread(self._upsert, [_sql_row(r) for r in rows])
 
     def _upsert(self, rows: list[Row]) -> None:
+        from sqlalchemy.dialects import postgresql, sqlite
+
         dialect = self.engine.dialect.name
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        elif dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
-        else:  # pragma: no cover - other databases: delete then insert, in one transaction
-            insert = None
         # the same id twice in one batch (a producer sent it twice): keep the last, like a replay would
         rows = list({r["id"]: r for r in rows}.values())
         with self.engine.begin() as conn:
-            if insert is None:
+            if dialect not in ("postgresql", "sqlite"):  # pragma: no cover - delete then insert, one transaction
                 conn.execute(self.table.delete().where(self.table.c.id.in_([r["id"] for r in rows])))
                 conn.execute(self.table.insert(), rows)
                 return
-            stmt = insert(self.table)
-            update = {c: stmt.excluded[c] for c in rows[0] if c != "id"}
+            stmt = postgresql.insert(self.table) if dialect == "postgresql" else sqlite.insert(self.table)
+            update: dict[str, Any] = {c: stmt.excluded[c] for c in rows[0] if c != "id"}
             update["writes"] = self.table.c.writes + 1
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=update), rows)
 

@@ -153,7 +153,12 @@ def encode_result(task: Task | str, result: Result) -> dict[str, Any]:
         return {"embedding": result.output, "tokens": result.prompt_tokens}
     if task == Task.CLASSIFY:
         value: Classification = result.output
-        return {"label": value.label, "score": float(value.score), "scores": value.scores, "tokens": result.prompt_tokens}
+        return {
+            "label": value.label,
+            "score": float(value.score),
+            "scores": value.scores,
+            "tokens": result.prompt_tokens,
+        }
     out = {
         "text": result.output,
         "finish_reason": result.finish_reason,

@@ -149,8 +149,12 @@ class DynamicBatcher:
             return
         else:
             exc = RuntimeError("the batching loop returned while serving")
-        log.error("the batcher of %s version %s died; failing %d waiting inputs", *self._labels, len(self._queue),
-                  exc_info=exc)
+        log.error(
+            "the batcher of %s version %s died; failing %d waiting inputs",
+            *self._labels,
+            len(self._queue),
+            exc_info=exc,
+        )
         self.failure = exc
         error = EngineFailed("this model version's batcher stopped after an internal error")
         for p in self._queue:

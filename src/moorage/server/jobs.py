@@ -180,7 +180,7 @@ class JobRunner:
         try:
             job_id = str(orjson.loads(message.body)["id"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            await broker.dead_letter([(message, "invalid_message: a job message is {\"id\": JOB_ID}")])
+            await broker.dead_letter([(message, 'invalid_message: a job message is {"id": JOB_ID}')])
             return
         if message.attempts > broker.max_deliveries:
             await self._abandon(message, job_id)
@@ -207,7 +207,9 @@ class JobRunner:
         try:
             body = PredictRequest(**request)
             policy = policy_for(self.guard, parse_ref(model).name) if self.guard else None
-            outcome = await self.service.infer(model, body.inputs, body.parameters, policy=policy, timeout_s=body.timeout_s)
+            outcome = await self.service.infer(
+                model, body.inputs, body.parameters, policy=policy, timeout_s=body.timeout_s
+            )
             result = orjson.loads(orjson.dumps(outcome.encode(), option=orjson.OPT_SERIALIZE_NUMPY))
             return JobStatus.SUCCEEDED, result, None
         except MoorageError as exc:

@@ -7,9 +7,8 @@ import logging
 import signal
 from dataclasses import dataclass
 
-from ..batching import ModelPool
+from ..batching import InferenceService, ModelPool
 from ..batching.settings import from_settings, stream_pool_config
-from ..batching import InferenceService
 from ..config import Settings
 from ..refs import parse_ref
 from ..registry import Registry

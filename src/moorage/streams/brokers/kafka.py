@@ -26,6 +26,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka import Message as KafkaMessage
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from ...config import redact_url
 from .base import BlockingCalls, Broker, BrokerUnavailable, BrokerURL, DeadLetter, Message
 
 
@@ -81,7 +82,9 @@ class KafkaBroker(Broker):
         try:
             metadata = admin.list_topics(timeout=10)
         except KafkaException as exc:
-            raise BrokerUnavailable(f"cannot reach Kafka at {self.url}: {exc}") from None
+            raise BrokerUnavailable(
+                f"cannot reach Kafka at {redact_url(str(self.url))}: {redact_url(str(exc))}"
+            ) from None
         if topic not in metadata.topics and self.create == "auto":
             self.producer.list_topics(topic, timeout=10)  # a metadata request for it creates it
         elif topic not in metadata.topics:

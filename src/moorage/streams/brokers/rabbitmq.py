@@ -25,6 +25,7 @@ from decimal import Decimal
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, FieldValue
 
+from ...config import redact_url
 from .base import Broker, BrokerUnavailable, BrokerURL, DeadLetter, Message, ReplyHandler, ReplyInbox
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ class RabbitMQBroker(Broker):
         try:
             self._conn = await aio_pika.connect_robust(self.url.server, timeout=10)
         except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
-            raise BrokerUnavailable(f"cannot reach RabbitMQ at {self.url}: {exc}") from None
+            raise BrokerUnavailable(
+                f"cannot reach RabbitMQ at {redact_url(str(self.url))}: {redact_url(str(exc))}"
+            ) from None
         self._channel = await self._conn.channel(publisher_confirms=True)
         await self._channel.set_qos(prefetch_count=self.prefetch)
 

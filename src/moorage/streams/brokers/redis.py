@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
+from ...config import redact_url
 from .base import Broker, BrokerUnavailable, BrokerURL, DeadLetter, Message, ReplyHandler, ReplyInbox
 
 # redis-py types each reply for every protocol version and decoding mode at once. This broker speaks
@@ -52,7 +53,9 @@ class RedisBroker(Broker):
         try:
             await self._redis.ping()
         except (RedisConnectionError, OSError) as exc:
-            raise BrokerUnavailable(f"cannot reach Redis at {self.url}: {exc}") from None
+            raise BrokerUnavailable(
+                f"cannot reach Redis at {redact_url(str(self.url))}: {redact_url(str(exc))}"
+            ) from None
 
     async def close(self) -> None:
         if self._redis is not None:

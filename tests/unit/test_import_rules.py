@@ -61,6 +61,7 @@ def test_every_top_level_package_is_named_in_a_contract():
         ("edges", "registry/store.py", "import moorage.demo.assets"),
         ("engine-runtime-registry", "registry/store.py", "import moorage.runtime"),
         ("engine-runtime-registry", "runtime/cache.py", "import moorage.batching"),
+        ("runtime-security", "runtime/loader.py", "import moorage.security.keys"),
         ("registry-security", "registry/manifest.py", "import moorage.security.policy"),
         ("registry-security", "security/keys.py", "import moorage.registry.manifest"),
         ("leaves", "config.py", "import moorage.observability.metrics"),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from asyncio import run
 
 from moorage.runtime import make_fake_model
+from tests.support import eventually
+
+SEEN_AFTER_SWAP = 3  # each client stops once it has been answered by the new version this often
+MAX_REQUESTS = 5000  # per client: a bound, so that a swap that never happens fails instead of hanging
 
 
 def test_alias_moved_under_steady_load_fails_nothing_and_switches_versions(settings, registry, tmp_path, serving):
@@ -20,21 +23,25 @@ def test_alias_moved_under_steady_load_fails_nothing_and_switches_versions(setti
     async def main():
         async with serving(settings, registry, ["emb@production", "gen@production"], poll_interval_s=0.1) as (app, c):
             seen: list[list[tuple[int, int]]] = [[] for _ in range(8)]
-            stop_at = time.perf_counter() + 2.0
+            streaming = asyncio.Event()
 
             async def client(i: int) -> None:
-                while time.perf_counter() < stop_at:
+                while sum(v == 2 for _, v in seen[i]) < SEEN_AFTER_SWAP and len(seen[i]) < MAX_REQUESTS:
                     r = await c.post("/v1/models/emb@production/predict", json={"inputs": [f"text {i}"]})
                     seen[i].append((r.status_code, r.json().get("version")))
 
             async def long_stream():  # a generation in flight across the swap
                 body = {"model": "gen@production", "prompt": "go", "max_tokens": 60, "stream": True}
+                lines = []
                 async with c.stream("POST", "/v1/completions", json=body) as r:
-                    lines = [line async for line in r.aiter_lines() if line.startswith("data: {")]
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            lines.append(line)
+                            streaming.set()
                 return r.status_code, lines
 
-            async def move():
-                await asyncio.sleep(0.6)
+            async def move():  # once every client was answered by version 1 and the stream has begun
+                await eventually(lambda: streaming.is_set() and all(len(client) >= 3 for client in seen))
                 await asyncio.to_thread(registry.set_alias, "emb", "production", 2, "rollout")
                 await asyncio.to_thread(registry.set_alias, "gen", "production", 2, "rollout")
                 reload = await c.post("/admin/reload")  # the watcher may have been first; both are fine

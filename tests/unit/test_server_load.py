@@ -6,6 +6,7 @@ import asyncio
 from asyncio import run
 
 from moorage.runtime import make_fake_model
+
 from tests.support import eventually
 
 SEEN_AFTER_SWAP = 3  # each client stops once it has been answered by the new version this often

@@ -10,6 +10,13 @@ import httpx
 from openai import OpenAI
 
 from moorage.runtime import make_fake_model
+from tests.support import wait_until
+
+
+def _gauge(url: str, name: str) -> float:
+    """The sum of a metric's samples on the server's /metrics."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def _register(cli, tmp_path, name: str, task: str, **kwargs) -> None:
@@ -41,7 +48,7 @@ def test_sigterm_finishes_in_flight_work_then_exits(cli, server, tmp_path):
 
     worker = threading.Thread(target=slow_request)
     worker.start()
-    time.sleep(0.5)  # the request is being generated
+    wait_until(lambda: _gauge(url, "moorage_generated_tokens_total") > 0, what="the request is being generated")
     proc.send_signal(signal.SIGTERM)
     worker.join(timeout=60)
     # uvicorn shuts down gracefully, then re-raises SIGTERM so that supervisors see why it ended
@@ -73,3 +80,18 @@ def test_metrics_add_up_over_worker_processes(cli, server, tmp_path):
         line.split('pid="')[1].split('"')[0] for line in text.splitlines() if "moorage_process_cpu_seconds{" in line
     }
     assert len(pids) == 2  # process metrics of each worker
+
+
+def test_a_dead_engine_answers_503_and_the_process_exits_for_its_supervisor(cli, server, tmp_path):
+    """The fake model ends its engine thread at its fourth decode step: every waiting request gets 503
+    engine_failed, /readyz turns 503, and the server stops by itself (a supervisor starts a new one)."""
+    _register(cli, tmp_path, "gen", "generate", crash_after_steps=3)
+    proc, url = server("-m", "gen")
+    body = {"model": "gen", "prompt": "go", "max_tokens": 50}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        response = http.post("/v1/completions", json=body)
+    assert (response.status_code, response.json()["error"]["code"]) == (503, "engine_failed")
+    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    log = (tmp_path / f"serve-{url.rsplit(':', 1)[1]}.log").read_text()
+    assert "stopping this server process so that its supervisor restarts it" in log
+    assert "every accepted request was answered" in log

@@ -29,14 +29,25 @@ def make_fake_model(
     labels: tuple[str, ...] = ("negative", "positive"),
     seed: int = 0,
     delay_ms: float = 0.0,
+    crash_after_steps: int | None = None,
 ) -> Path:
-    """Write a fake model folder for `task` ('embed', 'classify' or 'generate')."""
+    """Write a fake model folder for `task` ('embed', 'classify' or 'generate').
+
+    `crash_after_steps` (generate): the decode step after that many ends the engine thread, as a
+    broken device or a native crash would; for testing that nothing waits forever on a dead engine."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    config = {"task": task, "dim": dim, "vocab_size": 1024, "labels": list(labels), "delay_ms": delay_ms}
+    config = {
+        "task": task,
+        "dim": dim,
+        "vocab_size": 1024,
+        "labels": list(labels),
+        "delay_ms": delay_ms,
+        "crash_after_steps": crash_after_steps,
+    }
     (folder / "fake.json").write_text(json.dumps(config, indent=2))
     save_file(
         {
@@ -99,6 +110,8 @@ class FakeClassifier(_FakeBase):
 class FakeGenerator(_FakeBase, StepGenerator):
     """Words from a ten-word vocabulary, chosen from the prompt's embedding; no end-of-sequence token."""
 
+    num_steps = 0  # decode steps taken, over every batch
+
     def encode_prompt(self, item: GenerateInput) -> list[int]:
         text = item.prompt if item.prompt is not None else " ".join(m["content"] for m in item.messages or ())
         return [_token_id(t, self.embedding.shape[0]) for t in text.lower().split()] or [0]
@@ -129,6 +142,10 @@ class _FakeDecodeBatch:
 
     def step(self) -> list[int]:
         self.model._work(len(self.seq_ids))
+        self.model.num_steps += 1
+        crash_after = self.model.config.get("crash_after_steps")
+        if crash_after is not None and self.model.num_steps > crash_after:
+            raise SystemExit("the fake model ends its engine thread")
         return [self._next(seq_id) for seq_id in self.seq_ids]
 
     def remove(self, seq_ids: set[int]) -> None:

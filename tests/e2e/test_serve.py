@@ -10,6 +10,7 @@ import httpx
 from openai import OpenAI
 
 from moorage.runtime import make_fake_model
+
 from tests.support import wait_until
 
 

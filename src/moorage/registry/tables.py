@@ -8,9 +8,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, ForeignKeyConstraint, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from ..db.base import Base, as_utc, utcnow
-
-__all__ = ["Alias", "AliasEvent", "ArtifactKey", "Base", "Model", "ModelVersion", "as_utc", "utcnow"]
+from ..db import Base, utcnow
 
 
 class Model(Base):

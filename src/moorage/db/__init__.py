@@ -1,5 +1,6 @@
 """The catalog database that the registry, security and jobs share: engine set-up, schema
-migrations and write serialisation (`catalog`), and the declarative base of every table (`base`).
+migrations (`migrations/`, Alembic) and write serialisation (`catalog`), and the declarative base of
+every table (`base`).
 
 It imports nothing of moorage but `errors`, so the packages that keep tables here stay independent
 of each other.

@@ -4,8 +4,8 @@ SQLite (the embedded default) takes its write lock at ``BEGIN IMMEDIATE``, so tw
 move the same alias queue behind each other instead of failing on a stale read. On PostgreSQL a
 writer locks the rows it reads (``SELECT ... FOR UPDATE``), as the registry does with a model's row.
 
-The Alembic history covers every table of the catalog (registry, security, jobs); its scripts ship
-as package data under ``moorage/registry/migrations``.
+The Alembic history (``migrations/``, package data) covers every table of the catalog: registry,
+security, jobs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from ..errors import ConfigError, MissingDependency, MoorageError
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "registry" / "migrations"
+MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 0x6D6F6F72  # 'moor'
 
 

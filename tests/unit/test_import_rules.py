@@ -35,6 +35,13 @@ def _lint_imports(src: Path, *contract_ids: str) -> subprocess.CompletedProcess[
     )
 
 
+def _top_level() -> set[str]:
+    """moorage's top-level packages and modules, by their dotted names."""
+    packages = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.stem for p in PKG.glob("*.py")} - {"__init__", "__main__"}
+    return {f"moorage.{name}" for name in packages | modules}
+
+
 def test_the_contracts_hold():
     result = _lint_imports(ROOT / "src")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -46,10 +53,15 @@ def test_every_top_level_package_is_named_in_a_contract():
         for key in ("source_modules", "forbidden_modules", "modules", "layers"):
             for entry in contract.get(key, []):
                 named |= {m.strip() for m in entry.replace(":", "|").split("|")}
-    packages = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
-    modules = {p.stem for p in PKG.glob("*.py")} - {"__init__", "__main__"}
-    missing = sorted(f"moorage.{name}" for name in packages | modules if f"moorage.{name}" not in named)
+    missing = sorted(_top_level() - named)
     assert not missing, f"add {missing} to the import contracts in pyproject.toml (an edge, or a layer below them)"
+
+
+@pytest.mark.parametrize("contract_id", ["leaves", "errors"])
+def test_the_leaves_may_import_no_other_package(contract_id):
+    (contract,) = [c for c in CONTRACTS if c["id"] == contract_id]
+    missing = sorted(_top_level() - {"moorage.errors"} - set(contract["forbidden_modules"]))
+    assert not missing, f"add {missing} to the forbidden_modules of contract {contract_id!r} in pyproject.toml"
 
 
 @pytest.mark.parametrize(

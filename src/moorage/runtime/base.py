@@ -138,7 +138,7 @@ class StepGenerator(TaskHandler):
                     finished.add(seq_id)
             decode.remove(finished)
             if not decode.seq_ids:
-                return [streams[i].result for i in range(len(items))]
+                return [g for g in (streams[i].result for i in range(len(items))) if g is not None]
             step_tokens = decode.step()
 
 

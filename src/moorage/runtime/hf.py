@@ -6,6 +6,7 @@ pickle files at registration and the loader refuses them again before this modul
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,8 @@ class CausalGenerator(StepGenerator):
     def load(self, folder: Path, manifest: Manifest, settings: RuntimeSettings) -> None:
         self.torch = _torch(settings)
         tf = require("transformers", "ml")
+        from . import decoding  # needs transformers
+
         self.tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -142,6 +145,7 @@ class CausalGenerator(StepGenerator):
             .eval()
         )
         self.memory_bytes = _param_bytes(self.model)
+        decoding.use_decode_attention(self.model)
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
@@ -180,7 +184,7 @@ class CausalGenerator(StepGenerator):
         enc = {k: enc[k].to(self.model.device) for k in ("input_ids", "attention_mask")}
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        kwargs = {"do_sample": params.temperature > 0}
+        kwargs: dict[str, Any] = {"do_sample": params.temperature > 0}
         if params.temperature > 0:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         with torch.inference_mode():
@@ -195,27 +199,46 @@ class CausalGenerator(StepGenerator):
                 stream.push(token)
                 if stream.result is not None:
                     break
+            if stream.result is None:  # every row stopped early and this one was padded: its end
+                stream.finish("stop")
             results.append(stream.result)
-        return results
+        return [r for r in results if r is not None]
 
 
 class _DecodeBatch:
-    """Rows of running sequences, left-padded, with one DynamicCache for all of them.
+    """Rows of running sequences, left-padded, over one KV cache of `GrowingLayer`s.
 
     New sequences are prefilled together (left padding, explicit position ids) and their cache is
-    concatenated to the running one after padding both to the same length on the left; finished
-    rows are dropped with `index_select`, then columns that are padding in every row are trimmed.
+    joined to the running one after padding both to the same length on the left; finished rows are
+    dropped, then columns that are padding in every row are trimmed. A decode step writes one
+    column of the cache in place and runs the one-token attention of `decoding()` under `attend`,
+    the mask of real tokens over the whole buffers (padding and free columns left out).
     """
 
     def __init__(self, model, torch, pad_id: int) -> None:
+        from transformers.cache_utils import Cache
+
+        from . import decoding
+
         self.model, self.torch, self.pad_id = model, torch, pad_id
+        self.new_cache, self.kv = Cache, decoding
         self.seq_ids: list[int] = []
         self.params: list[GenerationParams] = []
         self.generators: list[Any] = []
-        self.cache = None
-        self.mask = None  # (rows, cached length): 1 where a row has a real token
-        self.positions = None  # (rows,): position id of each row's next token
-        self.last = None  # (rows,): the token each row feeds to the next step
+        self.ends: list[int] = []  # per row: the step at which its max_new_tokens run out
+        self.num_steps = 0
+        self.cache: Any = None
+        self.attend: Any = None  # (rows, cache capacity), bool: where each row has a real token
+        self.length = 0  # cache columns in use
+        self.positions: Any = None  # (rows,): position id of each row's next token
+        self.last: Any = None  # (rows,): the token each row feeds to the next step
+        self.forward_seconds = 0.0  # time inside the model's forward (the rest of a step is overhead)
+        self.num_forwards = 0
+
+    @property
+    def mask(self):
+        """(rows, cached length): 1 where a row has a real token."""
+        return self.attend[:, : self.length]
 
     def add(self, seqs: list[NewSequence]) -> list[int]:
         torch = self.torch
@@ -231,7 +254,7 @@ class _DecodeBatch:
         cache = DynamicCache()
         device = self.model.device
         with torch.inference_mode():
-            out = self.model(
+            out = self._forward(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 position_ids=positions.to(device),
@@ -242,24 +265,29 @@ class _DecodeBatch:
         new_params = [s.params for s in seqs]
         new_gens = [self._generator(p) for p in new_params]
         tokens = self._sample(out.logits[:, -1], new_params, new_gens)
-        self._merge(cache, mask, mask.sum(-1), tokens)
         self.seq_ids += [s.seq_id for s in seqs]
         self.params += new_params
         self.generators += new_gens
+        self.ends += [self.num_steps + p.max_new_tokens for p in new_params]
+        self._merge(cache, mask.bool(), mask.sum(-1), tokens)
         return tokens.tolist()
 
     def step(self) -> list[int]:
         torch = self.torch
+        if self.length == self.attend.shape[1]:  # no free column left: make room for more
+            self._hold(self.torch.arange(len(self.seq_ids)), 0)
+        self.attend[:, self.length] = True
         device = self.model.device
-        self.mask = torch.cat([self.mask, torch.ones((len(self.seq_ids), 1), dtype=torch.long)], dim=1)
-        with torch.inference_mode():
-            out = self.model(
+        with torch.inference_mode(), self.kv.decoding():
+            out = self._forward(
                 input_ids=self.last[:, None].to(device),
-                attention_mask=self.mask.to(device),
+                attention_mask=self.attend[:, None, None, :].to(device),
                 position_ids=self.positions[:, None].to(device),
                 past_key_values=self.cache,
                 use_cache=True,
             )
+        self.length += 1
+        self.num_steps += 1
         self.positions = self.positions + 1
         self.last = self._sample(out.logits[:, -1], self.params, self.generators)
         return self.last.tolist()
@@ -271,26 +299,41 @@ class _DecodeBatch:
         self.seq_ids = [self.seq_ids[r] for r in keep]
         self.params = [self.params[r] for r in keep]
         self.generators = [self.generators[r] for r in keep]
+        self.ends = [self.ends[r] for r in keep]
         if not keep:
-            self.cache = self.mask = self.positions = self.last = None
+            self.cache = self.attend = self.positions = self.last = None
+            self.length = 0
             return
         index = self.torch.tensor(keep, dtype=self.torch.long)
-        self.mask, self.positions, self.last = self.mask[index], self.positions[index], self.last[index]
-        self.cache.batch_select_indices(index.to(self.model.device))
+        self.positions, self.last = self.positions[index], self.last[index]
         # columns that are padding in every remaining row cost attention time for nothing
-        used = self.mask.sum(0).nonzero()
-        first = int(used[0]) if len(used) else 0
-        if first:
-            self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+        used = self.mask[index].sum(0).nonzero()
+        self._hold(index, int(used[0]) if len(used) else 0)
+
+    def _hold(self, rows, first: int) -> None:
+        """Keep these rows of the cache and mask, from column `first` on, with fresh free columns."""
+        mask = self.mask[rows, first:]
+        self.length = mask.shape[1]
+        room = self._room()
+        self.attend = self.torch.cat([mask, mask.new_zeros((len(mask), room))], dim=1)
+        device_rows = rows.to(self.model.device)
+        for layer in self.cache.layers:
+            layer.hold(layer.keys[device_rows, :, first:], layer.values[device_rows, :, first:], room)
+
+    def _room(self) -> int:
+        """Free columns to add: half the cache again (at least a few), no more than any row can use."""
+        wanted = max(self.kv.MIN_ROOM, self.length // 2)
+        return max(1, min(wanted, max(self.ends) - self.num_steps + 1))
 
     def _merge(self, cache, mask, positions, tokens) -> None:
         torch = self.torch
         if self.cache is None:
-            self.cache, self.mask, self.positions, self.last = cache, mask, positions, tokens
+            self.positions, self.last, self.length = positions, tokens, mask.shape[1]
+            room = self._room()
+            self.attend = torch.cat([mask, mask.new_zeros((len(mask), room))], dim=1)
+            self.cache = self.new_cache(layers=[self.kv.GrowingLayer(k.keys, k.values, room) for k in cache.layers])
             return
-        old_len, new_len = self.mask.shape[1], mask.shape[1]
+        old_len, new_len = self.length, mask.shape[1]
         width = max(old_len, new_len)
 
         def pad(t, length):  # left-pad dimension -2 (cache) or -1 (mask) with zeros
@@ -301,12 +344,23 @@ class _DecodeBatch:
             shape[dim] = width - length
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-        for old_layer, new_layer in zip(self.cache.layers, cache.layers):
-            old_layer.keys = torch.cat([pad(old_layer.keys, old_len), pad(new_layer.keys, new_len)], dim=0)
-            old_layer.values = torch.cat([pad(old_layer.values, old_len), pad(new_layer.values, new_len)], dim=0)
-        self.mask = torch.cat([pad(self.mask, old_len), pad(mask, new_len)], dim=0)
+        joined = torch.cat([pad(self.mask, old_len), pad(mask, new_len)], dim=0)
         self.positions = torch.cat([self.positions, positions])
         self.last = torch.cat([self.last, tokens])
+        self.length = width
+        room = self._room()
+        self.attend = torch.cat([joined, joined.new_zeros((len(joined), room))], dim=1)
+        for old_layer, new_layer in zip(self.cache.layers, cache.layers):
+            keys = torch.cat([pad(old_layer.keys, old_len), pad(new_layer.keys, new_len)], dim=0)
+            values = torch.cat([pad(old_layer.values, old_len), pad(new_layer.values, new_len)], dim=0)
+            old_layer.hold(keys, values, room)
+
+    def _forward(self, **inputs):
+        started = time.perf_counter()
+        out = self.model(**inputs)
+        self.forward_seconds += time.perf_counter() - started
+        self.num_forwards += 1
+        return out
 
     def _generator(self, params: GenerationParams):
         if params.temperature <= 0 or params.seed is None:
@@ -316,7 +370,7 @@ class _DecodeBatch:
     def _sample(self, logits, params: list[GenerationParams], generators: list[Any]):
         """Greedy rows take the argmax; sampling rows apply temperature and nucleus (top-p) filtering."""
         torch = self.torch
-        tokens = logits.argmax(dim=-1).cpu()
+        tokens = logits.max(dim=-1).indices.cpu()  # argmax's first maximum, a few times faster on CPUs
         for row, (p, gen) in enumerate(zip(params, generators)):
             if p.temperature <= 0:
                 continue

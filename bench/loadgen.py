@@ -103,3 +103,51 @@ async def run_load(
     await asyncio.gather(*(client(i) for i in range(concurrency)))
     result.seconds = time.perf_counter() - started
     return result
+
+
+@dataclass
+class StreamResult:
+    """One server-sent-events response: its status, when the first content arrived, the usage."""
+
+    status: int
+    ttft: float | None = None
+    usage: dict | None = None
+    events: int = 0
+
+
+async def stream_sse(host: str, port: int, request: bytes) -> StreamResult:
+    """Send one streaming request and read its events as they arrive (chunked transfer encoding).
+
+    The first event whose delta carries text gives the time to first token; the last usage chunk
+    gives the token counts.
+    """
+    import orjson
+
+    reader, writer = await asyncio.open_connection(host, port)
+    started = time.perf_counter()
+    try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        result = StreamResult(int(head.split(None, 2)[1]))
+        if result.status != 200 or b"chunked" not in head.lower():
+            return result
+        pending = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                return result
+            pending += data[:-2]
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                if not event.startswith(b"data: {"):
+                    continue
+                result.events += 1
+                chunk = orjson.loads(event[6:])
+                choices = chunk.get("choices") or ()
+                if result.ttft is None and choices and (choices[0].get("delta") or {}).get("content"):
+                    result.ttft = time.perf_counter() - started
+                if chunk.get("usage"):
+                    result.usage = chunk["usage"]
+    finally:
+        writer.close()

@@ -129,3 +129,41 @@ def test_sequences_joining_a_running_batch_decode_as_if_alone(registry, settings
 def settings(settings):
     """float32 here: these tests compare token-exact outputs across batch shapes."""
     return settings.model_copy(update={"runtime": settings.runtime.model_copy(update={"dtype": "float32"})})
+
+
+def test_long_outputs_match_generate_as_the_cache_grows_and_rows_leave(registry, settings, tiny_lm):
+    """Past the cache's free columns the decode batch makes room again; rows that leave early (a
+    short max_tokens) shrink it; greedy texts stay those of transformers' `generate`."""
+    registry.register(tiny_lm, "lm", "generate")
+    handler = Runtime(registry, settings.runtime).get("lm").handler
+    long_, short = GenerationParams(max_new_tokens=150), GenerationParams(max_new_tokens=5)
+    prompts = ("hello there", "a much longer prompt with more words", "x")
+    expected = [handler.generate_static([GenerateInput(prompt=p, params=long_)])[0] for p in prompts]
+    mixed = [GenerateInput(prompt=p, params=long_) for p in prompts] + [GenerateInput(prompt="y z", params=short)]
+    got = handler.predict(mixed)
+    assert [g.text for g in got[:3]] == [e.text for e in expected]
+    assert [g.completion_tokens for g in got[:3]] == [e.completion_tokens for e in expected]
+    assert got[3].completion_tokens <= 5
+    assert max(e.completion_tokens for e in expected) > 100  # past the first free columns
+
+
+def test_one_token_attention_matches_sdpa():
+    from moorage.runtime.decoding import decode_attention
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, length, dim = 4, 6, 2, 37, 16
+    query = torch.randn(rows, heads, 1, dim)
+    key, value = torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
+    mask = torch.ones(rows, 1, 1, length, dtype=torch.bool)
+    mask[1, ..., :5] = False  # left padding
+    mask[2, ..., 30:] = False  # free columns
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(3, dim=1), value.repeat_interleave(3, dim=1), attn_mask=mask
+    ).transpose(1, 2)
+    out, _ = decode_attention(query, key, value, mask, None)
+    assert torch.allclose(out, expected, atol=1e-5)
+    out, _ = decode_attention(query, key, value, None, 0.5)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(3, dim=1), value.repeat_interleave(3, dim=1), scale=0.5
+    ).transpose(1, 2)
+    assert torch.allclose(out, expected, atol=1e-5)

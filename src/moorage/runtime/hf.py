@@ -6,6 +6,7 @@ pickle files at registration and the loader refuses them again before this modul
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,8 @@ class _DecodeBatch:
 
         self.model, self.torch, self.pad_id = model, torch, pad_id
         self.new_cache, self.kv = Cache, decoding
+        # transformers 5 renames `past_key_values` to `cache` (the old name warns, then goes away)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.seq_ids: list[int] = []
         self.params: list[GenerationParams] = []
         self.generators: list[Any] = []
@@ -258,7 +261,7 @@ class _DecodeBatch:
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 position_ids=positions.to(device),
-                past_key_values=cache,
+                **{self.cache_arg: cache},
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -283,7 +286,7 @@ class _DecodeBatch:
                 input_ids=self.last[:, None].to(device),
                 attention_mask=self.attend[:, None, None, :].to(device),
                 position_ids=self.positions[:, None].to(device),
-                past_key_values=self.cache,
+                **{self.cache_arg: self.cache},
                 use_cache=True,
             )
         self.length += 1

@@ -388,10 +388,10 @@ class GenerationEngine:
             seqs = self._inbox + list(self.scheduler.waiting) + self.scheduler.running
             self._inbox, self.scheduler.running = [], []
             self.scheduler.waiting.clear()
-        error = EngineFailed("this model version's generation engine stopped after an internal error")
-        _emit_all([(seq, TokenEvent("", error=error)) for seq in seqs])
-        for loop, callback in self._on_failure:
+        for loop, callback in self._on_failure:  # first: nobody is told "failed" while the pool looks ready
             try:
                 loop.call_soon_threadsafe(callback, exc)
             except RuntimeError:  # that loop is closed
                 pass
+        error = EngineFailed("this model version's generation engine stopped after an internal error")
+        _emit_all([(seq, TokenEvent("", error=error)) for seq in seqs])

@@ -110,7 +110,17 @@ class ModelPool:
 
     @property
     def is_ready(self) -> bool:
-        return self._loaded and self.engine_failure is None
+        return self._loaded and self.dead_engine() is None
+
+    def dead_engine(self) -> str | None:
+        """Why the pool is not serving: an engine that died (read from the engines themselves, so that
+        it holds from the moment an engine thread fails, before the event loop hears of it)."""
+        if self.engine_failure is not None:
+            return self.engine_failure
+        for sv in self._served.values():
+            if not sv.engine.is_alive:
+                return f"{sv.info.ref}: {type(sv.engine.failure).__name__}"
+        return None
 
     def _engine_failed(self, sv: ServedVersion, exc: BaseException) -> None:
         self.engine_failure = f"{sv.info.ref}: {type(exc).__name__}"
@@ -119,8 +129,9 @@ class ModelPool:
     # -- lookups -----------------------------------------------------------------------------
     def lookup(self, model: str) -> ServedVersion:
         """A served version by the reference it is served as, or by its bare name when that is unique."""
-        if self.engine_failure is not None:
-            raise EngineFailed(f"not serving: an engine stopped ({self.engine_failure}); this process is restarting")
+        dead = self.dead_engine()
+        if dead is not None:
+            raise EngineFailed(f"not serving: an engine stopped ({dead}); this process is restarting")
         if not self.is_ready:
             raise NotReady("models are still loading")
         served = self._served.get(model)

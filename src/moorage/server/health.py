@@ -30,8 +30,9 @@ async def readyz(request: Request) -> Response:
     if pool.is_ready:
         models = {k: sv.version for k, sv in pool.served().items()}
         return FastJSON({"status": "ready", "models": models})
-    if pool.engine_failure:
-        message, code = f"not ready: an engine stopped ({pool.engine_failure})", "engine_failed"
+    dead = pool.dead_engine()
+    if dead:
+        message, code = f"not ready: an engine stopped ({dead})", "engine_failed"
     elif pool.load_error:
         message, code = f"not ready: {pool.load_error}", "not_ready"
     else:

@@ -3,16 +3,12 @@ answers its status and result, an optional callback URL is called when it ends.
 
 A job is a row in the catalog (``jobs`` table: every replica that shares the catalog shares the
 jobs) and a message on a durable queue (the embedded SQLite queue by default, any broker URL via
-``stream.jobs_url``). A runner inside each server takes job messages off the queue with the broker
-contract of the stream workers, runs each through the same `InferenceService` as
-``/v1/models/{m}/predict``, stores the result exactly once, then acknowledges the message:
-
-- a server that dies mid-job: its message comes back after the queue's visibility timeout and the
-  job runs again (at least once; only the first finish is stored, and only it calls back);
-- a message whose job is finished: acknowledged, nothing runs;
-- a message whose job id is not in this catalog (a replica on another catalog, a row not yet
-  visible): retried, and after ``max_deliveries`` dead-lettered with ``job_not_found``; never
-  acknowledged as done.
+``stream.jobs_url``). The runner inside each server is a stream worker over that queue with a jobs
+codec and sink (`moorage.streams.jobs`): it runs each job through the same `InferenceService` as
+``/v1/models/{m}/predict``, stores the result once, then acknowledges the message. A server that
+dies mid-job leaves its message to come back after the queue's visibility timeout (the job runs
+again; only the first finish is stored and calls back); a message whose job this catalog does not
+know is handed back and finally dead-lettered with ``job_not_found``, never acknowledged as done.
 
 Callbacks go through the egress policy (`security.egress`): loopback, private, link-local and
 metadata addresses are refused unless ``jobs.callback_allow`` names them.
@@ -23,10 +19,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from dataclasses import replace
 from urllib.parse import urlsplit
 
-import orjson
 from fastapi import APIRouter, Request
 from pydantic import Field, field_validator
 from starlette.responses import Response
@@ -34,12 +29,14 @@ from starlette.responses import Response
 from ..batching import InferenceService
 from ..config import Settings
 from ..db import Catalog
-from ..errors import MoorageError, NotFound
-from ..jobs import JobError, JobNotFound, JobStatus, JobStore, new_job_id
-from ..jobs.callbacks import deliver
+from ..errors import NotFound
+from ..jobs import JobStore, new_job_id
 from ..refs import parse_ref
 from ..security.egress import check_callback_url
-from ..streams.brokers import Broker, Message, open_broker
+from ..streams.brokers import Broker, open_broker
+from ..streams.jobs import JobCodec, JobSink
+from ..streams.runner import worker_config
+from ..streams.worker import StreamWorker
 from .common import FastJSON, check_count, pool_of, service_of
 from .schemas import PredictRequest
 from .security import Guard, authorize_model, policy_for, principal
@@ -96,12 +93,9 @@ async def get_job(job_id: str, request: Request) -> Response:
     return FastJSON(job.public())
 
 
-class _Transient(Exception):
-    """The job did not run now (the model is overloaded or not ready): retry its message."""
-
-
 class JobRunner:
-    """Takes job messages from the queue and runs them, `concurrency` at a time."""
+    """A stream worker over the jobs queue: `JobCodec` reads each job's row, the inference service
+    runs it, `JobSink` stores the outcome and calls back. `concurrency` jobs per received batch."""
 
     def __init__(
         self,
@@ -112,30 +106,37 @@ class JobRunner:
         concurrency: int = 8,
     ) -> None:
         self.settings = settings
-        self.guard = guard
         self.service = service
         self.store = JobStore(catalog.engine)
         self.queue_url = settings.stream.jobs_url or (
             f"sqlite:///{settings.home / 'jobs-queue.db'}?topic=jobs&visibility_timeout=900"
         )
-        self.concurrency = concurrency
+        self.config = replace(worker_config(settings), batch_size=concurrency, receive_timeout_s=1.0)
+        self.codec = JobCodec(self.store, lambda model: policy_for(guard, parse_ref(model).name) if guard else None)
         self._broker: Broker | None = None
+        self._sink = JobSink(self.store, settings.jobs)
+        self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
-        self._slots = asyncio.Semaphore(concurrency)
 
     async def start(self) -> None:
         self.settings.home.mkdir(parents=True, exist_ok=True)
         self._broker = open_broker(self.queue_url)
         await self._broker.connect()
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="moorage-jobs")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="moorage-jobs")
+
+    async def _run(self) -> None:
+        await self.service.pool.ready.wait()  # jobs wait for the models, they do not fail for them
+        worker = StreamWorker(self.broker, self._sink, self.service, "", self.config, codec=self.codec)
+        await worker.run(self._stop)
 
     async def stop(self) -> None:
+        """Jobs already received finish and are stored; the queue keeps the rest for the next server."""
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
+            if not self.service.pool.ready.is_set():
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._running:  # jobs already started finish; the queue still holds the rest
-            await asyncio.gather(*self._running, return_exceptions=True)
+        await self._sink.close()
         if self._broker is not None:
             await self._broker.close()
 
@@ -147,96 +148,3 @@ class JobRunner:
 
     async def enqueue(self, job_id: str) -> None:
         await self.broker.publish([json.dumps({"id": job_id}).encode()])
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.service.pool.ready.wait()
-                await self._slots.acquire()
-                messages = await self.broker.receive(1, 1.0)
-                if not messages:
-                    self._slots.release()
-                    continue
-                task = asyncio.get_running_loop().create_task(self._run(messages[0]))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the queue is briefly unreachable: keep the server up
-                self._slots.release()
-                log.warning("job queue: %s", exc)
-                await asyncio.sleep(1.0)
-
-    async def _run(self, message: Message) -> None:
-        try:
-            await self._handle(message)
-        except Exception:  # the catalog or the queue failed: the message comes back and runs again
-            log.exception("job message %s could not be handled; it will be delivered again", message.broker_id)
-        finally:
-            self._slots.release()
-
-    async def _handle(self, message: Message) -> None:
-        broker = self.broker
-        try:
-            job_id = str(orjson.loads(message.body)["id"])
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            await broker.dead_letter([(message, 'invalid_message: a job message is {"id": JOB_ID}')])
-            return
-        if message.attempts > broker.max_deliveries:
-            await self._abandon(message, job_id)
-            return
-        try:
-            job = await asyncio.to_thread(self.store.start, job_id)
-        except JobNotFound:  # another catalog's job, or a row not visible yet: never acked as done
-            await broker.retry([message], f"job_not_found: no job {job_id!r} in this catalog")
-            return
-        if job is None:  # a replay of a finished job
-            await broker.ack([message])
-            return
-        try:
-            status, result, error = await self._execute(job.model, job.request)
-        except _Transient as exc:  # overloaded, or this process is not ready: another try will do
-            await broker.retry([message], str(exc))
-            return
-        finished = await asyncio.to_thread(self.store.finish, job_id, status, result, error)
-        await broker.ack([message])  # after the result is stored
-        if finished is not None and finished.callback_url:
-            await self._call_back(finished.id, finished.callback_url, finished.public())
-
-    async def _execute(self, model: str, request: dict[str, Any]) -> tuple[JobStatus, dict | None, JobError | None]:
-        try:
-            body = PredictRequest(**request)
-            policy = policy_for(self.guard, parse_ref(model).name) if self.guard else None
-            outcome = await self.service.infer(
-                model, body.inputs, body.parameters, policy=policy, timeout_s=body.timeout_s
-            )
-            result = orjson.loads(orjson.dumps(outcome.encode(), option=orjson.OPT_SERIALIZE_NUMPY))
-            return JobStatus.SUCCEEDED, result, None
-        except MoorageError as exc:
-            if exc.status in (429, 503):
-                raise _Transient(f"{exc.code}: {exc.message}") from None
-            return JobStatus.FAILED, None, JobError.from_exception(exc)
-        except Exception as exc:
-            if not isinstance(exc, MoorageError):
-                log.error("a job on %s failed", model, exc_info=exc)
-            return JobStatus.FAILED, None, JobError.from_exception(exc)
-
-    async def _abandon(self, message: Message, job_id: str) -> None:
-        """Delivered too often without an outcome: dead-letter it, and fail its job (if this catalog
-        knows it) so that it does not stay queued."""
-        reason = f"max_deliveries: delivered {message.attempts} times"
-        if message.last_error:
-            reason += f"; last error: {message.last_error}"
-        await self.broker.dead_letter([(message, reason)])
-        error = JobError("job_abandoned", "the job could not be run; it was delivered too many times")
-        try:
-            await asyncio.to_thread(self.store.finish, job_id, JobStatus.FAILED, None, error)
-        except JobNotFound:
-            pass
-
-    async def _call_back(self, job_id: str, url: str, payload: dict) -> None:
-        jobs = self.settings.jobs
-        status = await deliver(
-            url, payload, allow=jobs.callback_allow, retries=jobs.callback_retries, timeout_s=jobs.callback_timeout_s
-        )
-        await asyncio.to_thread(self.store.set_callback_status, job_id, status)

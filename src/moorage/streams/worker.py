@@ -3,8 +3,12 @@
 Two tasks share one bounded queue of in-flight batches, so the broker is read while the model
 computes the previous batch and the sink writes the one before:
 
-    receiver: broker.receive -> decode/validate -> submit to the model's batcher -> queue
-    writer:   queue (in order) -> await results -> sink.write -> ack (after the sink is durable)
+    receiver: broker.receive -> codec.decode -> InferenceService.prepare/submit -> queue
+    writer:   queue (in order) -> await results -> codec.row -> sink.write -> ack (once durable)
+
+A `Codec` says what a source's messages ask for and what their rows look like: `MessageCodec` for
+stream messages (one input each, against the worker's model), `streams.jobs.JobCodec` for jobs (a
+job row in the catalog, any served model, several inputs). Everything else is shared.
 
 A message whose body is bad (not JSON, no text, too long), that the model's security policy refuses
 (content filter, size limits: the same `Policy` as over HTTP) or that the model rejects (a 4xx error
@@ -25,11 +29,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
-from ..batching import InferenceService, ServedVersion, Task, encode_result
+from ..batching import InferenceService, Result, ServedVersion, Task, encode_result
 from ..errors import MoorageError
 from ..observability import metrics
 from ..security.audit import MAX_AUDIT_TEXT, AuditEntry, AuditWriter, sha256_text
@@ -61,22 +65,51 @@ class Poison(Exception):
     """This message can never succeed as it is: dead-letter it with this reason."""
 
 
+class GiveBack(Exception):
+    """This message cannot be handled now (its job is not visible yet, the model is not ready):
+    hand it back to the broker with this reason; past ``max_deliveries`` it is dead-lettered."""
+
+
+class Skip(Exception):
+    """There is nothing left to do for this message (e.g. its job already finished): acknowledge it."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one message asks for, as the inference service takes it."""
+
+    id: str
+    model: str
+    inputs: list[Any]
+    parameters: Any = None
+    policy: Policy | None = None
+    timeout_s: float | None = None
+    context: Any = None  # the codec's own (e.g. the job row)
+
+
 @dataclass
 class Request:
     message: Message
-    id: str
-    item: Any  # a text, or a GenerateInput
+    work: Work
     received_at: float
-    future: asyncio.Future | None = None  # set by StreamWorker._submit
+    sv: ServedVersion | None = None
+    items: list[Any] = field(default_factory=list)
+    futures: list[asyncio.Future] = field(default_factory=list)
     tries: int = 0
 
 
 @dataclass
 class InFlight:
-    sv: ServedVersion
-    requests: list[Request]
+    requests: list[Request] = field(default_factory=list)
+    rows: list[tuple[Request, Row, int]] = field(default_factory=list)  # rows decided before the model (rejections)
     dead: list[tuple[Message, str]] = field(default_factory=list)
+    dead_svs: list[ServedVersion | None] = field(default_factory=list)
+    given_back: list[tuple[Message, str]] = field(default_factory=list)
+    skipped: list[Message] = field(default_factory=list)
     audit: list[AuditEntry] = field(default_factory=list)
+
+    def held(self) -> list[ServedVersion]:
+        return [r.sv for r in self.requests + [r for r, _, _ in self.rows] if r.sv is not None]
 
 
 @dataclass
@@ -87,6 +120,24 @@ class Counts:
 
     def __str__(self) -> str:
         return f"processed {self.processed}, dead-lettered {self.dead_lettered}, retried {self.retried}"
+
+
+class Codec(Protocol):
+    """How a source's messages become work, and results become sink rows."""
+
+    async def decode(self, message: Message) -> Work:
+        """The work a message asks for; raises `Poison`, `GiveBack` or `Skip`."""
+        ...
+
+    def row(self, req: Request, results: list[Result]) -> Row: ...
+
+    def rejected(self, req: Request, exc: MoorageError) -> Row | None:
+        """A row recording that the model or the policy refused this work, or None to dead-letter it."""
+        ...
+
+    async def abandon(self, message: Message, reason: str) -> None:
+        """The message is dead-lettered after too many deliveries; settle what it stood for."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -124,6 +175,48 @@ def decode(message: Message, task: str, config: WorkerConfig) -> Envelope:
     return Envelope(str(msg_id), text, body.get("parameters"))
 
 
+class MessageCodec:
+    """Stream messages ``{"id", "text" | "messages", "parameters"}`` for one model: one input each, a
+    flat row per message; whatever the model or the policy refuses is dead-lettered."""
+
+    def __init__(self, service: InferenceService, model: str, config: WorkerConfig, policy: Policy | None) -> None:
+        self.service, self.model, self.config, self.policy = service, model, config, policy
+
+    async def decode(self, message: Message) -> Work:
+        task = self.service.pool.lookup(self.model).task
+        envelope = decode(message, task, self.config)
+        return Work(envelope.id, self.model, [envelope.input], envelope.parameters, self.policy)
+
+    def row(self, req: Request, results: list[Result]) -> Row:
+        sv = req.sv
+        assert sv is not None
+        return {
+            "id": req.work.id,
+            "model": sv.name,
+            "version": sv.version,
+            "task": str(sv.task),
+            **encode_result(sv.task, results[0]),
+            **timings(req),
+        }
+
+    def rejected(self, req: Request, exc: MoorageError) -> Row | None:
+        return None
+
+    async def abandon(self, message: Message, reason: str) -> None:
+        return None
+
+
+def timings(req: Request) -> Row:
+    completed = time.time()
+    return {
+        "latency_ms": round((completed - req.received_at) * 1000, 3),
+        "published_at": req.message.published_at,
+        "received_at": req.received_at,
+        "completed_at": completed,
+        "attempts": req.message.attempts,
+    }
+
+
 def _unprefixed(message: str) -> str:
     """A service message names the field as `inputs...`; a stream message has one input."""
     return message.removeprefix("inputs.0.").removeprefix("inputs: ").removeprefix("inputs.")
@@ -134,8 +227,15 @@ def _error_reply(message: Message, reason: str) -> Row:
     return {"id": message.broker_id, "error": {"code": code, "message": text or reason}}
 
 
+def _is_refusal(exc: BaseException) -> bool:
+    """A 4xx that no retry changes (429 means: later)."""
+    return isinstance(exc, MoorageError) and 400 <= exc.status < 500 and exc.status != 429
+
+
 class StreamWorker:
-    """Consume `source`, run `model` (a reference served by `pool`), write to `sink`."""
+    """Consume `source`, run each message through the inference service, write to `sink`.
+
+    Without a `codec`, messages are stream messages for `model` (`MessageCodec`)."""
 
     def __init__(
         self,
@@ -146,6 +246,7 @@ class StreamWorker:
         config: WorkerConfig,
         policy: Policy | None = None,
         audit: AuditWriter | None = None,
+        codec: Codec | None = None,
     ) -> None:
         self.source = source
         self.sink = sink
@@ -153,7 +254,7 @@ class StreamWorker:
         self.pool = service.pool
         self.model = model
         self.config = config
-        self.policy = policy
+        self.codec: Codec = codec or MessageCodec(service, model, config, policy)
         self.audit = audit
         self.counts = Counts()
         self._queue: asyncio.Queue[InFlight | None] = asyncio.Queue(maxsize=max(1, config.max_in_flight))
@@ -186,48 +287,90 @@ class StreamWorker:
                 if not messages:
                     continue
                 metrics.STREAM_BATCH_SIZE.labels(self._source_label).observe(len(messages))
-                await self._queue.put(self._start(messages))
+                await self._queue.put(await self._start(messages))
         finally:
             await self._queue.put(None)
 
-    def _start(self, messages: list[Message]) -> InFlight:
-        sv = self.pool.acquire(self.model)
-        batch = InFlight(sv, [])
+    async def _start(self, messages: list[Message]) -> InFlight:
+        batch = InFlight()
         now = time.time()
         for m in messages:
             if m.attempts > self.source.max_deliveries:
                 reason = f"max_deliveries: delivered {m.attempts} times (max_deliveries={self.source.max_deliveries})"
-                self._dead(batch, m, reason + (f"; last error: {m.last_error}" if m.last_error else ""))
+                reason += f"; last error: {m.last_error}" if m.last_error else ""
+                await self.codec.abandon(m, reason)
+                self._dead(batch, m, reason)
                 continue
             try:
-                envelope = decode(m, sv.task, self.config)
-                call = self.service.prepare(sv.task, [envelope.input], envelope.parameters, policy=self.policy)
+                work = await self.codec.decode(m)
             except Poison as exc:
                 self._dead(batch, m, str(exc))
                 continue
-            except MoorageError as exc:  # invalid parameters, or refused by the policy: content_blocked, ...
-                self._dead(batch, m, f"{exc.code}: {_unprefixed(exc.message)}", exc.status)
+            except Skip:
+                batch.skipped.append(m)
                 continue
-            req = Request(m, envelope.id, call.items[0], now)
-            self._submit(sv, req)
+            except GiveBack as exc:
+                batch.given_back.append((m, str(exc)))
+                continue
+            except MoorageError as exc:  # the model is not served here or not ready: later, or elsewhere
+                batch.given_back.append((m, f"{exc.code}: {exc.message}"))
+                continue
+            req = Request(m, work, now)
+            try:
+                req.sv = self.pool.acquire(work.model)
+                call = self.service.prepare(req.sv.task, work.inputs, work.parameters, policy=work.policy)
+            except MoorageError as exc:  # invalid parameters, refused by the policy, an unknown model...
+                if _is_refusal(exc):
+                    self._refused(batch, req, exc)
+                else:
+                    batch.given_back.append((m, f"{exc.code}: {exc.message}"))
+                    if req.sv is not None:
+                        self.pool.release(req.sv)
+                continue
+            req.items = call.items
+            self._submit(req)
             batch.requests.append(req)
         return batch
 
-    def _dead(self, batch: InFlight, message: Message, reason: str, status: int = 422) -> None:
-        batch.dead.append((message, reason))
-        self._audited(batch, message, status, error=reason.partition(":")[0])
+    def _refused(self, batch: InFlight, req: Request, exc: MoorageError) -> None:
+        """The codec records the refusal as a row, or it is dead-lettered with its code."""
+        row = self.codec.rejected(req, exc)
+        if row is not None:
+            batch.rows.append((req, row, exc.status))
+            return
+        self._dead(batch, req.message, f"{exc.code}: {_unprefixed(exc.message)}", exc.status, req.sv)
+        if req.sv is not None:
+            self.pool.release(req.sv)
+            req.sv = None
 
-    def _audited(self, batch: InFlight, message: Message, status: int, latency_ms: float = 0.0, **detail) -> None:
+    def _dead(
+        self, batch: InFlight, message: Message, reason: str, status: int = 422, sv: ServedVersion | None = None
+    ) -> None:
+        batch.dead.append((message, reason))
+        batch.dead_svs.append(sv)
+        self._audited(batch, message, status, sv, error=reason.partition(":")[0])
+
+    def _audited(
+        self,
+        batch: InFlight,
+        message: Message,
+        status: int,
+        sv: ServedVersion | None,
+        latency_ms: float = 0.0,
+        **detail,
+    ) -> None:
         if self.audit is None:
             return
         body = bytes(message.body)
+        sv = sv or self._default_version()
+        task = sv.task if sv is not None else "unknown"
         batch.audit.append(
             AuditEntry(
                 key_id=f"stream:{self.source.consumer}",
-                action=f"stream.{batch.sv.task}",
+                action=f"stream.{task}",
                 status=status,
-                model=batch.sv.name,
-                version=batch.sv.version,
+                model=sv.name if sv is not None else self.model,
+                version=sv.version if sv is not None else None,
                 latency_ms=latency_ms,
                 input_sha256=sha256_text(body),
                 input_text=body[:MAX_AUDIT_TEXT].decode("utf-8", "replace") if self.config.audit_inputs else None,
@@ -235,13 +378,27 @@ class StreamWorker:
             )
         )
 
-    def _submit(self, sv: ServedVersion, req: Request) -> None:
-        req.tries += 1
+    def _default_version(self) -> ServedVersion | None:
+        """The version the worker's model is served as (for a message refused before the model)."""
         try:
-            req.future = self.service.submit(sv, req.item, self.config.item_timeout_s, self.policy)
-        except Exception as exc:  # e.g. the queue is full: answer through the future like a batch error
-            req.future = asyncio.get_running_loop().create_future()
-            req.future.set_exception(exc)
+            return self.pool.lookup(self.model) if self.model else None
+        except MoorageError:
+            return None
+
+    def _submit(self, req: Request) -> None:
+        req.tries += 1
+        assert req.sv is not None
+        loop = asyncio.get_running_loop()
+        futures = []
+        for item in req.items:
+            try:
+                futures.append(self.service.submit(req.sv, item, req.work.timeout_s or self.config.item_timeout_s,
+                                                   req.work.policy))  # fmt: skip
+            except Exception as exc:  # e.g. the queue is full: answer through the future like a batch error
+                failed = loop.create_future()
+                failed.set_exception(exc)
+                futures.append(failed)
+        req.futures = futures
 
     # -- write side -----------------------------------------------------------------------------
     async def _write_loop(self) -> None:
@@ -258,7 +415,8 @@ class StreamWorker:
             try:
                 await self._finish(batch)
             finally:
-                self.pool.release(batch.sv)
+                for sv in batch.held():
+                    self.pool.release(sv)
             self._maybe_log()
 
     async def _finish(self, batch: InFlight) -> None:
@@ -267,52 +425,65 @@ class StreamWorker:
             await self.audit.record(*batch.audit)
 
     async def _settle(self, batch: InFlight) -> None:
-        rows, done, failed = await self._results(batch)
+        done, failed = await self._results(batch)
         if batch.dead:
             await self._retrying("dead-letter", lambda: self.source.dead_letter(batch.dead))
-            self._count("dead_lettered", batch.sv, len(batch.dead))
+            self._count("dead_lettered", batch.dead_svs)
             await self._reply([(m, _error_reply(m, reason)) for m, reason in batch.dead])
-        if failed:
-            reason = failed[0][1]
-            await self._retrying("retry", lambda: self.source.retry([r.message for r, _ in failed], reason))
-            self._count("retried", batch.sv, len(failed))
-        if not rows:
+        give_back: list[tuple[Message, str, ServedVersion | None]] = [(m, why, None) for m, why in batch.given_back]
+        give_back += [(r.message, why, r.sv) for r, why in failed]
+        for reason in dict.fromkeys(why for _, why, _ in give_back):  # one call per reason
+            again = [(m, sv) for m, why, sv in give_back if why == reason]
+            await self._give_back([m for m, _ in again], reason)
+            self._count("retried", [sv for _, sv in again])
+        self._unacked.extend(batch.skipped)
+        if not done:
+            if batch.skipped:
+                await self._flush()
             return
+        rows = [row for _, row, _ in done]
         started = time.perf_counter()
         try:
             await self._retrying("sink write", lambda: self.sink.write(rows), attempts=self.config.sink_retries)
         except Exception as exc:  # the sink is down: the broker keeps these messages for later
             reason = f"sink_error: {type(exc).__name__}: {exc}"
             log.error("%s: sink write failed, %d messages go back to the broker: %s", self._sink_label, len(done), exc)
-            await self._retrying("retry", lambda: self.source.retry(done, reason))
-            self._count("retried", batch.sv, len(done))
+            await self._retrying("retry", lambda: self.source.retry([r.message for r, _, _ in done], reason))
+            self._count("retried", [r.sv for r, _, _ in done])
             return
-        await self._reply([(m, row) for m, row in zip(done, rows)])
-        for m, row in zip(done, rows):
+        await self._reply([(r.message, row) for r, row, _ in done])
+        for r, row, status in done:
             filtered = {"filtered": True} if row.get("filtered") else {}
-            self._audited(batch, m, 200, row["latency_ms"], id=row["id"], **filtered)
-        self._unacked.extend(done)
+            self._audited(batch, r.message, status, r.sv, row.get("latency_ms", 0.0), id=row["id"], **filtered)
+        self._unacked.extend(r.message for r, _, _ in done)
         if self.sink.pending == 0 or self.sink.flush_due():
             await self._flush()
         metrics.STREAM_WRITE_SECONDS.labels(self._sink_label).observe(time.perf_counter() - started)
-        self._count("processed", batch.sv, len(done))
+        self._count("processed", [r.sv for r, _, _ in done])
 
-    async def _results(self, batch: InFlight) -> tuple[list[Row], list[Message], list[tuple[Request, str]]]:
-        """Rows of what succeeded; 4xx errors join the dead letters; other errors are retried here."""
-        rows: list[Row] = []
-        done: list[Message] = []
+    async def _give_back(self, messages: list[Message], reason: str) -> None:
+        await self._retrying("retry", lambda: self.source.retry(messages, reason))
+
+    async def _results(self, batch: InFlight) -> tuple[list[tuple[Request, Row, int]], list[tuple[Request, str]]]:
+        """Rows of what succeeded (and of refusals a codec records); other refusals join the dead
+        letters; other errors are retried here, then handed back to the broker."""
+        done = list(batch.rows)
         failed: list[tuple[Request, str]] = []
         pending = list(batch.requests)
         while pending:
-            await asyncio.wait([r.future for r in pending if r.future is not None])
+            await asyncio.wait([f for r in pending for f in r.futures])
             again = []
             for req in pending:
-                exc = req.future.exception() if req.future is not None else RuntimeError("never submitted")
+                exc = next((f.exception() for f in req.futures if f.exception() is not None), None)
                 if exc is None:
-                    rows.append(self._row(batch.sv, req))
-                    done.append(req.message)
-                elif isinstance(exc, MoorageError) and 400 <= exc.status < 500 and exc.status != 429:
-                    self._dead(batch, req.message, f"{exc.code}: {exc.message}", exc.status)
+                    done.append((req, self.codec.row(req, [f.result() for f in req.futures]), 200))
+                elif _is_refusal(exc):
+                    assert isinstance(exc, MoorageError)
+                    row = self.codec.rejected(req, exc)
+                    if row is None:
+                        self._dead(batch, req.message, f"{exc.code}: {exc.message}", exc.status, req.sv)
+                    else:
+                        done.append((req, row, exc.status))
                 elif req.tries <= self.config.model_retries:
                     again.append(req)
                 else:
@@ -320,25 +491,9 @@ class StreamWorker:
             if again:
                 await asyncio.sleep(self._backoff(again[0].tries))
                 for req in again:
-                    self._submit(batch.sv, req)
+                    self._submit(req)
             pending = again
-        return rows, done, failed
-
-    def _row(self, sv: ServedVersion, req: Request) -> Row:
-        assert req.future is not None
-        completed = time.time()
-        return {
-            "id": req.id,
-            "model": sv.name,
-            "version": sv.version,
-            "task": str(sv.task),
-            **encode_result(sv.task, req.future.result()),
-            "latency_ms": round((completed - req.received_at) * 1000, 3),
-            "published_at": req.message.published_at,
-            "received_at": req.received_at,
-            "completed_at": completed,
-            "attempts": req.message.attempts,
-        }
+        return done, failed
 
     async def _flush(self) -> None:
         """Make the sink durable, then acknowledge every message written so far."""
@@ -382,9 +537,16 @@ class StreamWorker:
     def _backoff(self, attempt: int) -> float:
         return min(self.config.max_backoff_s, self.config.backoff_s * 2 ** (attempt - 1))
 
-    def _count(self, outcome: str, sv: ServedVersion, n: int) -> None:
-        setattr(self.counts, outcome, getattr(self.counts, outcome) + n)
-        metrics.STREAM_MESSAGES.labels(self._source_label, *sv.labels, outcome).inc(n)
+    def _count(self, outcome: str, svs: list[ServedVersion | None]) -> None:
+        """Count messages by outcome, labelled with the model version each went to (if any)."""
+        setattr(self.counts, outcome, getattr(self.counts, outcome) + len(svs))
+        by_labels: dict[tuple[str, str], int] = {}
+        for sv in svs:
+            sv = sv or self._default_version()
+            labels = sv.labels if sv is not None else (self.model, "")
+            by_labels[labels] = by_labels.get(labels, 0) + 1
+        for labels, n in by_labels.items():
+            metrics.STREAM_MESSAGES.labels(self._source_label, *labels, outcome).inc(n)
 
     def _maybe_log(self) -> None:
         now = time.monotonic()

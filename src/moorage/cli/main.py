@@ -15,7 +15,7 @@ import typer
 from .. import __version__
 from ..errors import MoorageError
 from . import audit, keys, models, serve, stream
-from .context import AppState, console, err_console, state
+from .context import AppState, RichProgress, console, err_console, state
 
 try:  # typer >= 0.22 carries its own copy of click, whose errors are TyperExceptions
     from typer import TyperException as CommandLineError
@@ -93,7 +93,7 @@ def demo(ctx: typer.Context) -> None:
     """Register the demo models (MiniLM embeddings, SmolLM2 chat) and the BBC News dataset."""
     from ..demo.run import run_demo
 
-    run_demo(state(ctx))
+    run_demo(state(ctx), RichProgress, console)
 
 
 def _render(out) -> str:

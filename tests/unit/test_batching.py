@@ -244,3 +244,22 @@ def test_every_waiting_sequence_is_answered_when_the_model_fails(generator):
 
     results = run(main())
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_wait_all_gives_up_on_an_engine_that_shows_no_progress():
+    """A hung engine (futures that never resolve, no step finished) must not hang a stream worker:
+    past the deadline plus the grace its futures are cancelled; a progressing engine is waited for."""
+    from types import SimpleNamespace
+
+    from moorage.batching import InferenceService
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        hung = SimpleNamespace(engine=SimpleNamespace(config=SimpleNamespace(timeout_s=0.01), last_step_at=None))
+        futures = [loop.create_future() for _ in range(3)]
+        service = InferenceService(pool=None, grace_s=0.01)  # type: ignore[arg-type]
+        await service.wait_all([(hung, futures, None)])  # type: ignore[list-item]
+        return futures
+
+    futures = run(main())
+    assert all(f.cancelled() for f in futures)

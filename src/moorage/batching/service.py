@@ -218,6 +218,23 @@ class InferenceService:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def wait_all(self, calls: list[tuple[ServedVersion, list[asyncio.Future], float | None]]) -> None:
+        """Wait until every future of every (version, futures, timeout_s) call is resolved. The futures
+        of a call whose engine shows no progress past its deadline plus the grace are cancelled (their
+        callers count that as a deadline): a hung engine never hangs a stream worker."""
+        started = time.perf_counter()
+        while True:
+            waiting = [(sv, fs, t) for sv, fs, t in calls if not all(f.done() for f in fs)]
+            if not waiting:
+                return
+            bound = min((t or sv.engine.config.timeout_s) for sv, _, t in waiting) + self.grace_s
+            await asyncio.wait([f for _, fs, _ in waiting for f in fs if not f.done()], timeout=bound)
+            for sv, fs, t in waiting:
+                if not _progressing(sv.engine, started, (t or sv.engine.config.timeout_s) + self.grace_s):
+                    if time.perf_counter() - started >= (t or sv.engine.config.timeout_s) + self.grace_s:
+                        for f in fs:
+                            f.cancel()
+
     @staticmethod
     def outcome(sv: ServedVersion, results: list[Result]) -> Outcome:
         return Outcome(sv.name, sv.version, sv.task, results)

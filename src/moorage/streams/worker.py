@@ -34,7 +34,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from ..batching import InferenceService, Result, ServedVersion, Task, encode_result
-from ..errors import MoorageError
+from ..errors import DeadlineExceeded, MoorageError
 from ..observability import metrics
 from ..security.audit import MAX_AUDIT_TEXT, AuditEntry, AuditWriter, sha256_text
 from ..security.policy import Policy
@@ -225,6 +225,16 @@ def _unprefixed(message: str) -> str:
 def _error_reply(message: Message, reason: str) -> Row:
     code, _, text = reason.partition(": ")
     return {"id": message.broker_id, "error": {"code": code, "message": text or reason}}
+
+
+def _first_error(futures: list[asyncio.Future]) -> BaseException | None:
+    """The first error among resolved futures; a cancelled one means its engine stopped answering."""
+    for f in futures:
+        if f.cancelled():
+            return DeadlineExceeded("the model did not answer within the deadline and a grace")
+        if f.exception() is not None:
+            return f.exception()
+    return None
 
 
 def _is_refusal(exc: BaseException) -> bool:
@@ -471,10 +481,10 @@ class StreamWorker:
         failed: list[tuple[Request, str]] = []
         pending = list(batch.requests)
         while pending:
-            await asyncio.wait([f for r in pending for f in r.futures])
+            await self.service.wait_all([(r.sv, r.futures, r.work.timeout_s) for r in pending if r.sv is not None])
             again = []
             for req in pending:
-                exc = next((f.exception() for f in req.futures if f.exception() is not None), None)
+                exc = _first_error(req.futures)
                 if exc is None:
                     done.append((req, self.codec.row(req, [f.result() for f in req.futures]), 200))
                 elif _is_refusal(exc):

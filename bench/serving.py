@@ -34,6 +34,7 @@ import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpuload import OtherLoad  # noqa: E402
 from engine_probe import detokenize_cost, engine_overhead  # noqa: E402
 from loadgen import encode_post, percentile, run_load, stream_sse  # noqa: E402
 
@@ -233,55 +234,84 @@ TARGETS = {
 AT_MOST = {"engine_overhead_share", "detok_4096_over_256"}
 
 
+SERVER_PIDS: list[int] = []  # the servers this run started: their CPU time is ours, not a neighbour's
+
+
+def measured(fn, *args):
+    """`fn(*args)`'s result with the share of the machine's CPU that other processes took meanwhile."""
+    with OtherLoad(SERVER_PIDS) as load:
+        result = fn(*args)
+    return {**result, "other_cpu_share": load.share}
+
+
+def _other(r: dict) -> str:
+    share = r.get("other_cpu_share")
+    return "" if share is None else f"  [other load {100 * share:.0f} %]"
+
+
 def run_embed(port: int, naive_port: int, runtime, key: str, seconds: float, results: dict) -> None:
     texts = sentences()
     print("embeddings (MiniLM, one sentence per request)", flush=True)
-    raw = bench_raw_embed(runtime.get("minilm"), texts, seconds)
-    results["a_raw_in_process"] = raw
-    print(f"  (a) raw in-process       {raw['throughput']:8.1f} sentences/s (batch {raw['best_batch_size']})")
+    raw = results["a_raw_in_process"] = measured(bench_raw_embed, runtime.get("minilm"), texts, seconds)
+    print(
+        f"  (a) raw in-process       {raw['throughput']:8.1f} sentences/s (batch {raw['best_batch_size']}){_other(raw)}"
+    )
     for c in (1, 16, 64):
-        r = http_embed(port, "minilm", texts, c, seconds, key)
-        results[f"b_moorage_http_c{c}"] = r
+        r = results[f"b_moorage_http_c{c}"] = measured(http_embed, port, "minilm", texts, c, seconds, key)
         latency = f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms"
-        print(f"  (b) moorage, {c:2d} clients  {r['throughput_rps']:8.1f} req/s  {latency}")
-    r = http_embed(naive_port, "minilm", texts, 64, seconds)
-    results["c_naive_http_c64"] = r
-    print(f"  (c) naive FastAPI, 64     {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms")
+        print(f"  (b) moorage, {c:2d} clients  {r['throughput_rps']:8.1f} req/s  {latency}{_other(r)}")
+    r = results["c_naive_http_c64"] = measured(http_embed, naive_port, "minilm", texts, 64, seconds)
+    latency = f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms"
+    print(f"  (c) naive FastAPI, 64     {r['throughput_rps']:8.1f} req/s  {latency}{_other(r)}")
 
 
-def run_generate(port: int, handler, key: str, tokens: int, results: dict, sequential: int = 0) -> None:
+def run_generate(port: int, handler, key: str, tokens: int, results: dict, sequential: int = 0, rounds: int = 1):
+    """(e) then (f), back to back, `rounds` times; the best round of each counts (a neighbour's burst
+    of work slows one round, not the machine)."""
     print(f"generation (SmolLM2, {tokens} new tokens, greedy, {GEN_CLIENTS} prompts)", flush=True)
     items = prompts(tokens)
     suffix = "" if tokens == GEN_TOKENS else str(tokens)
     if sequential:
-        d = results["d_sequential_generate"] = bench_sequential(handler, items[:sequential])
-        print(f"  (d) sequential generate  {d['tokens_per_s']:8.1f} tokens/s")
-    e = results[f"e{suffix}_static_batched_generate"] = bench_static(handler, items)
-    print(f"  (e) static batch of {len(items)}   {e['tokens_per_s']:8.1f} tokens/s  ({e['tokens']} tokens)")
-    f = results[f"f{suffix}_moorage_stream_c{len(items)}"] = asyncio.run(http_generate(port, "smollm2", items, key))
-    ttft = f"TTFT p50 {f['ttft_p50_ms']} ms  p99 {f['ttft_p99_ms']} ms"
-    print(f"  (f) moorage, {len(items)} streams {f['tokens_per_s']:8.1f} tokens/s  ({f['tokens']} tokens)  {ttft}")
-    if f["errors"]:
-        print(f"      errors: {f['errors']}")
-    print(f"      f/e = {f['tokens_per_s'] / e['tokens_per_s']:.3f}", flush=True)
+        d = results["d_sequential_generate"] = measured(bench_sequential, handler, items[:sequential])
+        print(f"  (d) sequential generate  {d['tokens_per_s']:8.1f} tokens/s{_other(d)}")
+    best_e: dict | None = None
+    best_f: dict | None = None
+    for _ in range(rounds):
+        e = measured(bench_static, handler, items)
+        print(
+            f"  (e) static batch of {len(items)}   {e['tokens_per_s']:8.1f} tokens/s  ({e['tokens']} tokens){_other(e)}"
+        )
+        f = measured(lambda: asyncio.run(http_generate(port, "smollm2", items, key)))
+        ttft = f"TTFT p50 {f['ttft_p50_ms']} ms  p99 {f['ttft_p99_ms']} ms"
+        line = f"{f['tokens_per_s']:8.1f} tokens/s  ({f['tokens']} tokens)  {ttft}{_other(f)}"
+        print(f"  (f) moorage, {len(items)} streams {line}")
+        if f["errors"]:
+            print(f"      errors: {f['errors']}")
+        best_e = e if best_e is None or e["tokens_per_s"] > best_e["tokens_per_s"] else best_e
+        best_f = f if best_f is None or f["tokens_per_s"] > best_f["tokens_per_s"] else best_f
+    assert best_e is not None and best_f is not None
+    results[f"e{suffix}_static_batched_generate"] = best_e
+    results[f"f{suffix}_moorage_stream_c{len(items)}"] = best_f
+    ratio = best_f["tokens_per_s"] / best_e["tokens_per_s"]
+    print(f"      f/e = {ratio:.3f}" + (f" (best of {rounds} rounds each)" if rounds > 1 else ""), flush=True)
 
 
 def run_overhead(handler, results: dict) -> None:
     print(f"engine step, in-process ({GEN_CLIENTS} streams, {GEN_TOKENS * 2} new tokens)", flush=True)
-    r = results["engine_overhead"] = engine_overhead(handler, prompts(GEN_TOKENS * 2))
+    r = results["engine_overhead"] = measured(engine_overhead, handler, prompts(GEN_TOKENS * 2))
     print(
         f"  step {r['step_ms_mean']} ms, forward {r['forward_ms_mean']} ms, outside the forward"
         f" {r['outside_forward_ms_mean']} ms: {100 * r['overhead_share']:.1f} % of the step"
-        f"  ({r['tokens_per_s']} tokens/s)"
+        f"  ({r['tokens_per_s']} tokens/s){_other(r)}"
     )
 
 
 def run_detok(handler, results: dict) -> None:
     print("detokenisation (SmolLM2 tokenizer, synthetic tokens, one stop string)", flush=True)
-    r = results["detokenize"] = detokenize_cost(handler)
+    r = results["detokenize"] = measured(detokenize_cost, handler)
     print(
         f"  {r['us_per_token_256']} us/token at 256 tokens, {r['us_per_token_4096']} us/token at 4096:"
-        f" ratio {r['ratio_long_over_short']}"
+        f" ratio {r['ratio_long_over_short']}{_other(r)}"
     )
 
 
@@ -346,11 +376,13 @@ def main() -> None:
         if served:
             models = [arg for name in served for arg in ("-m", name)]
             procs.append(start([sys.executable, "-m", "moorage", "serve", *models, "--port", str(port)], env))
+            SERVER_PIDS.append(procs[-1].pid)
             wait_ready(port, "/readyz", procs[-1])
         runtime = Runtime(registry, settings.runtime)
         if "embed" in phases:
             naive_cmd = [sys.executable, str(Path(__file__).parent / "naive_server.py")]
             procs.append(start([*naive_cmd, str(assets.minilm_folder()), str(naive_port)], env))
+            SERVER_PIDS.append(procs[-1].pid)
             wait_ready(naive_port, "/healthz", procs[-1])
             run_embed(port, naive_port, runtime, key, args.seconds, results)
             procs.pop().terminate()
@@ -358,7 +390,7 @@ def main() -> None:
         if handler is not None:
             handler.generate_static(prompts(4)[:2])  # warm-up
         if "generate" in phases:
-            run_generate(port, handler, key, GEN_TOKENS, results, sequential=6)
+            run_generate(port, handler, key, GEN_TOKENS, results, sequential=6, rounds=2)
         if "long" in phases:
             run_generate(port, handler, key, GEN_TOKENS * 8, results)
         if "overhead" in phases:

@@ -167,3 +167,17 @@ def test_one_token_attention_matches_sdpa():
         query, key.repeat_interleave(3, dim=1), value.repeat_interleave(3, dim=1), scale=0.5
     ).transpose(1, 2)
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_models_on_another_attention_function_decode_the_same(registry, settings, tiny_lm):
+    """Eager attention builds its own masks: the decode batch hands it the used cache columns only."""
+    registry.register(tiny_lm, "lm", "generate")
+    handler = Runtime(registry, settings.runtime).get("lm").handler
+    items = [GenerateInput(prompt=p, params=GenerationParams(max_new_tokens=80)) for p in ("hello there", "x y")]
+    handler.model.config._attn_implementation = "eager"
+    try:
+        expected = [g.text for g in handler.generate_static(items)]
+        assert not handler.new_batch().whole
+        assert [g.text for g in handler.predict(items)] == expected
+    finally:
+        handler.model.config._attn_implementation = "moorage_decode"

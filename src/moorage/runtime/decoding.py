@@ -87,14 +87,17 @@ def decode_attention(query, key, value, attention_mask, scaling: float | None):
 class GrowingLayer(DynamicLayer):
     """A cache layer over zeroed buffers with free columns at the end.
 
-    `update` writes the new columns in place and answers the whole buffers, free columns included:
-    matrix products over a contiguous buffer are much faster than over a slice of it (bf16 kernels
-    copy a slice first), and the decode batch's mask leaves the free columns out (they hold zeros,
-    so nothing undefined can leak into the attention). `keys` and `values` are the used part.
+    `update` writes the new columns in place. With `whole=True` it answers the whole buffers, free
+    columns included: matrix products over a contiguous buffer are much faster than over a slice of
+    it (bf16 kernels copy a slice first), and the decode batch's mask leaves the free columns out
+    (they hold zeros, so nothing undefined can leak into the attention). Attention functions that
+    build their own masks from the cache length get the used part only (`whole=False`).
+    `keys` and `values` are always the used part.
     """
 
-    def __init__(self, keys, values, room: int) -> None:
+    def __init__(self, keys, values, room: int, whole: bool = True) -> None:
         super().__init__()
+        self.whole = whole
         self.hold(keys, values, room)
 
     def hold(self, keys, values, room: int) -> None:
@@ -120,4 +123,4 @@ class GrowingLayer(DynamicLayer):
         self._values[:, :, self.length : end] = value_states
         self.length = end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
-        return self._keys, self._values
+        return (self._keys, self._values) if self.whole else (self.keys, self.values)

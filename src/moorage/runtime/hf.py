@@ -225,6 +225,9 @@ class _DecodeBatch:
         self.new_cache, self.kv = Cache, decoding
         # transformers 5 renames `past_key_values` to `cache` (the old name warns, then goes away)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # the one-token attention takes a mask over the whole cache buffers; other attention
+        # functions get the used columns and build their masks from the real-token mask
+        self.whole = getattr(model.config, "_attn_implementation", None) == decoding.ATTENTION
         self.seq_ids: list[int] = []
         self.params: list[GenerationParams] = []
         self.generators: list[Any] = []
@@ -280,11 +283,13 @@ class _DecodeBatch:
         if self.length == self.attend.shape[1]:  # no free column left: make room for more
             self._hold(self.torch.arange(len(self.seq_ids)), 0)
         self.attend[:, self.length] = True
+        # the whole buffers for the one-token attention, else the used columns and this step's
+        mask = self.attend[:, None, None, :] if self.whole else self.attend[:, : self.length + 1]
         device = self.model.device
         with torch.inference_mode(), self.kv.decoding():
             out = self._forward(
                 input_ids=self.last[:, None].to(device),
-                attention_mask=self.attend[:, None, None, :].to(device),
+                attention_mask=mask.to(device),
                 position_ids=self.positions[:, None].to(device),
                 **{self.cache_arg: self.cache},
                 use_cache=True,
@@ -334,7 +339,9 @@ class _DecodeBatch:
             self.positions, self.last, self.length = positions, tokens, mask.shape[1]
             room = self._room()
             self.attend = torch.cat([mask, mask.new_zeros((len(mask), room))], dim=1)
-            self.cache = self.new_cache(layers=[self.kv.GrowingLayer(k.keys, k.values, room) for k in cache.layers])
+            self.cache = self.new_cache(
+                layers=[self.kv.GrowingLayer(k.keys, k.values, room, self.whole) for k in cache.layers]
+            )
             return
         old_len, new_len = self.length, mask.shape[1]
         width = max(old_len, new_len)

@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-from ..batching import GenerationParameters, Result, Task, TokenEvent
+from ..batching import Result, Task, TokenEvent
 from ..errors import BadRequest, MoorageError
 from ..security.policy import Policy
 from .common import FastJSON, check_count, mark, service_of, unless_disconnected
@@ -83,11 +83,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     )
 
 
-def _parameters(body: _Sampling, max_tokens: int | None) -> GenerationParameters:
-    """OpenAI's sampling fields as the one parameter model (its limits apply here too)."""
-    return GenerationParameters(
-        max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed
-    )
+def _parameters(body: _Sampling, max_tokens: int | None) -> dict[str, Any]:
+    """OpenAI's sampling fields under the one parameter model's names (validated with its limits)."""
+    return {
+        "max_new_tokens": max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "stop": body.stop,
+        "seed": body.seed,
+    }
 
 
 async def _generate(

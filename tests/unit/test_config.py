@@ -118,3 +118,17 @@ def test_engine_configs_take_the_settings_of_the_same_name(tmp_path):
     assert streams.generation.max_waiting == 30 and streams.batch.timeout_s == settings.stream.item_timeout_s
     worker = worker_config(settings)
     assert (worker.batch_size, worker.sink_retries, worker.audit_inputs) == (10, 2, True)
+
+
+def test_the_readme_configuration_example_is_valid(tmp_path):
+    """The YAML example in the README's Configuration section loads as it is (the docs stay true)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    (example,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    path = tmp_path / "config.yaml"
+    path.write_text(example)
+    settings = load_settings(path, environ={})
+    assert settings.jobs.callback_allow and settings.stream.jobs_url and settings.serve.models

@@ -68,7 +68,12 @@ def decode_attention(query, key, value, attention_mask, scaling: float | None):
     additive one, or None. Answers (rows, 1, heads, dim), as transformers' attention functions do.
 
     Query heads that share a key/value head (grouped-query attention) are one matrix product with
-    it, so no key or value is repeated or copied; the softmax runs in float32."""
+    it, so no key or value is repeated or copied. The scores come out of that product in the
+    model's dtype, as in transformers' eager attention, and the softmax runs in float32. In float32
+    the outputs are sdpa's up to rounding; in bf16 they differ from sdpa's in the last bits, as
+    sdpa's own do between two batch shapes (greedy bf16 outputs already depend on what else is in
+    the batch).
+    """
     rows, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(rows, kv_heads, (heads // kv_heads) * q_len, dim)

@@ -46,9 +46,9 @@ def decoding() -> Iterator[None]:
 def use_decode_attention(model: Any) -> bool:
     """Route `model`'s attention through `attention` (scaled-dot-product outside `decoding()`).
 
-    Only models that use transformers' scaled-dot-product attention are changed; others (eager,
-    flash kernels on GPUs) keep theirs. Says whether the model was changed."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    Only models on a CPU that use transformers' scaled-dot-product attention are changed (the slow
+    single-query kernel is the CPU's); others keep theirs. Says whether the model was changed."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or model.device.type != "cpu":
         return False
     AttentionInterface.register(ATTENTION, attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the same masks as sdpa

@@ -181,3 +181,34 @@ def test_models_on_another_attention_function_decode_the_same(registry, settings
         assert [g.text for g in handler.predict(items)] == expected
     finally:
         handler.model.config._attn_implementation = "moorage_decode"
+
+
+def test_whole_cache_buffers_with_free_columns_decode_the_same(registry, settings, tiny_lm):
+    """bf16/fp16 models attend over the whole cache buffers, free columns masked: in float32 that
+    path gives the tokens of the used-columns path, across joins, leaves and growth."""
+    from moorage.runtime.base import NewSequence
+
+    registry.register(tiny_lm, "lm", "generate")
+    handler = Runtime(registry, settings.runtime).get("lm").handler
+    params = GenerationParams(max_new_tokens=90)
+    prompts = [handler.encode_prompt(GenerateInput(prompt=p)) for p in ("hello there", "a longer prompt here", "x")]
+
+    def run(whole: bool) -> dict[int, list[int]]:
+        batch = handler.new_batch()
+        batch.whole = whole
+        got = {0: batch.add([NewSequence(0, prompts[0], params)])}
+        for step in range(89):
+            if step == 3:
+                got[1] = batch.add([NewSequence(1, prompts[1], params)])
+            elif step == 5:
+                got[2] = batch.add([NewSequence(2, prompts[2], GenerationParams(max_new_tokens=10))])
+            else:
+                finished = {s for s in batch.seq_ids if len(got[s]) >= (10 if s == 2 else 90)}
+                batch.remove(finished)
+                if not batch.seq_ids:
+                    break
+                for seq_id, tok in zip(batch.seq_ids, batch.step()):
+                    got[seq_id].append(tok)
+        return got
+
+    assert run(whole=True) == run(whole=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RuntimeSettings
-from ..errors import require
+from ..errors import BadRequest, require
 from ..registry.manifest import Manifest
 from .base import (
     Classification,
@@ -157,9 +157,15 @@ class CausalGenerator(StepGenerator):
         if item.messages is None:
             return item.prompt or ""
         if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(
-                [dict(m) for m in item.messages], add_generation_prompt=True, tokenize=False
-            )
+            try:
+                return self.tokenizer.apply_chat_template(
+                    [dict(m) for m in item.messages], add_generation_prompt=True, tokenize=False
+                )
+            except Exception as exc:  # the template refuses these messages (e.g. roles out of order)
+                raise BadRequest(
+                    f"messages: the model's chat template refused them ({type(exc).__name__}: {str(exc)[:200]})",
+                    code="invalid_messages",
+                ) from None
         return "\n".join(f"{m['role']}: {m['content']}" for m in item.messages) + "\nassistant:"
 
     def encode_prompt(self, item: GenerateInput) -> list[int]:
@@ -225,9 +231,11 @@ class _DecodeBatch:
         self.new_cache, self.kv = Cache, decoding
         # transformers 5 renames `past_key_values` to `cache` (the old name warns, then goes away)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        # the one-token attention takes a mask over the whole cache buffers; other attention
-        # functions get the used columns and build their masks from the real-token mask
-        self.whole = getattr(model.config, "_attn_implementation", None) == decoding.ATTENTION
+        # The one-token attention takes the whole cache buffers in bf16/fp16 (their kernels copy a
+        # slice of a buffer first) and the used columns in float32 (no work on free columns); other
+        # attention functions get the used columns and build their masks from the real tokens'.
+        self.own_attention = getattr(model.config, "_attn_implementation", None) == decoding.ATTENTION
+        self.whole = self.own_attention and model.dtype in (torch.bfloat16, torch.float16)
         self.seq_ids: list[int] = []
         self.params: list[GenerationParams] = []
         self.generators: list[Any] = []
@@ -283,8 +291,8 @@ class _DecodeBatch:
         if self.length == self.attend.shape[1]:  # no free column left: make room for more
             self._hold(self.torch.arange(len(self.seq_ids)), 0)
         self.attend[:, self.length] = True
-        # the whole buffers for the one-token attention, else the used columns and this step's
-        mask = self.attend[:, None, None, :] if self.whole else self.attend[:, : self.length + 1]
+        used = self.attend[:, : self.length + 1]  # this step's column included
+        mask = self.attend[:, None, None, :] if self.whole else used[:, None, None, :] if self.own_attention else used
         device = self.model.device
         with torch.inference_mode(), self.kv.decoding():
             out = self._forward(

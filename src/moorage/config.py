@@ -373,7 +373,7 @@ SHOWN_STORAGE_OPTIONS = frozenset(
 _CREDENTIAL_NAME = re.compile(r"pass(word|wd)?|pwd|secret|token|credential|session|signature|auth|(^|_)key($|_)", re.I)
 # scheme://user:password@host: the password runs to the last "@" before the query, so that an
 # unescaped "@" or "/" inside it is masked too
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/?#@:]*:)[^\s?#]*@")
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/?#@:]*:)[^\s]*@")
 _QUERY_CREDENTIAL = re.compile(
     r"(?P<head>[?&;][^=&#\s]*(pass|pwd|secret|token|key|credential|session|signature|auth)[^=&#\s]*=)[^&#\s]*", re.I
 )

@@ -109,3 +109,41 @@ async def test_a_model_failure_mid_stream_ends_with_an_error_event_and_done(sett
     assert any(e.get("choices") and e["choices"][0]["delta"].get("content") for e in events)  # tokens came first
     assert events[-1]["error"]["code"] == "internal_error" and "kernel" not in lines[-2]
     assert ready.status_code == 200  # one failed step fails its sequences, not the engine
+
+
+async def test_a_stream_worker_whose_engine_dies_stops_and_hands_its_messages_back(settings, registry, tmp_path):
+    """A dead engine must not turn the whole topic into dead letters: the worker stops receiving, hands
+    back what it holds, and ends with engine_failed so that its supervisor restarts it."""
+    from moorage.errors import EngineFailed
+    from moorage.runtime import make_fake_model
+    from moorage.streams import open_broker
+    from moorage.streams.runner import StreamJob, run_stream
+
+    registry.register(make_fake_model(tmp_path / "g", "generate", crash_after_steps=2), "gen", "generate")
+    url = f"sqlite:///{tmp_path}/q.db?topic=in&visibility_timeout=60"
+    async with open_broker(url) as queue:
+        await queue.publish([orjson.dumps({"id": f"m{i}", "text": "go on"}) for i in range(5)])
+        job = StreamJob(url, f"jsonl://{tmp_path}/out", "gen")
+        with pytest.raises(EngineFailed):
+            await asyncio.wait_for(run_stream(settings, job, asyncio.Event(), registry=registry), 60)
+        assert await queue.dead_letters() == []
+    assert not list((tmp_path / "out").glob("*.jsonl"))  # nothing half-written
+
+
+async def test_generation_parameters_that_would_break_a_decode_step_are_refused_or_made_safe(
+    settings, registry, fake_model, serving
+):
+    registry.register(fake_model("generate"), "gen", "generate")
+    async with serving(settings, registry, refs=("gen",), exit_on_engine_failure=False) as (_, c):
+        huge_seed = {"model": "gen", "prompt": "x", "max_tokens": 3, "temperature": 1, "seed": 2**64}
+        r = await c.post("/v1/completions", json=huge_seed)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_parameters")
+        tiny = {"model": "gen", "prompt": "x", "max_tokens": 3, "temperature": 1e-45}  # sampled as greedy
+        greedy = {"model": "gen", "prompt": "x", "max_tokens": 3, "temperature": 0}
+        assert (await c.post("/v1/completions", json=tiny)).json()["choices"] == (
+            await c.post("/v1/completions", json=greedy)
+        ).json()["choices"]
+        too_many = {"inputs": ["x"] * 300, "parameters": {"max_new_tokens": 2}}  # over max_waiting_seqs (256)
+        r = await c.post("/v1/models/gen/predict", json=too_many)
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "too_many_inputs")
+        assert (await c.get("/readyz")).status_code == 200

@@ -18,6 +18,8 @@ from ..errors import Unprocessable
 from ..runtime.base import Classification, GenerateInput, GenerationParams
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MIN_SAMPLING_TEMPERATURE = 1e-3  # below this, sampling is greedy (dividing logits by ~0 overflows)
+MAX_SEED = 2**63 - 1  # what a torch generator takes
 
 
 class Task(StrEnum):
@@ -61,7 +63,7 @@ class GenerationParameters(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     stop: list[str] = Field(default_factory=list, description=f"at most {MAX_STOP} non-empty stop strings")
-    seed: int | None = Field(None, description="makes sampling repeatable")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED - 64, description="makes sampling repeatable")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -75,7 +77,7 @@ class GenerationParameters(BaseModel):
         """The engine's parameters; with a seed, choice `seed_offset` samples with seed + offset."""
         return GenerationParams(
             max_new_tokens=self.max_new_tokens or default_max_tokens,
-            temperature=self.temperature,
+            temperature=self.temperature if self.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0,
             top_p=self.top_p,
             stop=tuple(self.stop),
             seed=None if self.seed is None else self.seed + seed_offset,

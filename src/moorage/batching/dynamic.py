@@ -119,6 +119,11 @@ class DynamicBatcher:
         return len(self._queue) + n <= self.config.max_queue
 
     @property
+    def capacity(self) -> int:
+        """The most inputs one call can ever have queued at once."""
+        return self.config.max_queue
+
+    @property
     def queue_depth(self) -> int:
         return len(self._queue)
 

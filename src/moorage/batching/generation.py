@@ -213,6 +213,8 @@ class GenerationEngine:
         )
         seq.future.add_done_callback(lambda f: self.cancel(seq) if f.cancelled() else None)
         with self._cv:
+            if self.failure is not None:  # it died since the check above: nobody would answer this one
+                raise EngineFailed("this model version's generation engine stopped after an internal error")
             self._inbox.append(seq)
             self._cv.notify()
         return seq
@@ -232,6 +234,11 @@ class GenerationEngine:
 
     def has_room(self, n: int) -> bool:
         return self.queue_depth + n <= self.config.max_waiting
+
+    @property
+    def capacity(self) -> int:
+        """The most inputs one call can ever have queued at once."""
+        return self.config.max_waiting
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -382,9 +389,9 @@ class GenerationEngine:
 
     def _died(self, exc: BaseException) -> None:
         log.critical("the generation engine of %s version %s died", *self._labels, exc_info=exc)
-        self.failure = exc
-        self._accepting = False
         with self._cv:
+            self.failure = exc
+            self._accepting = False
             seqs = self._inbox + list(self.scheduler.waiting) + self.scheduler.running
             self._inbox, self.scheduler.running = [], []
             self.scheduler.waiting.clear()

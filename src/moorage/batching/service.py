@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DeadlineExceeded, Overloaded
+from ..errors import DeadlineExceeded, Overloaded, PayloadTooLarge
 from ..runtime.base import GenerateInput
 from .contract import (
     FinishReason,
@@ -121,10 +121,17 @@ class InferenceService:
 
     async def run(self, sv: ServedVersion, call: Call, timeout_s: float | None = None) -> list[Result]:
         """Run a prepared call on a held version: all or nothing, none computed after a cancel."""
+        if len(call.items) > sv.engine.capacity:
+            raise PayloadTooLarge(
+                f"this call holds {len(call.items)} inputs; the model takes at most {sv.engine.capacity} at once",
+                code="too_many_inputs",
+            )
         if not sv.engine.has_room(len(call.items)):
             raise Overloaded("the model's queue is full; retry shortly", retry_after=1)
-        futures = [self.submit(sv, item, timeout_s, call.policy) for item in call.items]
+        futures: list[asyncio.Future[Result]] = []
         try:
+            for item in call.items:
+                futures.append(self.submit(sv, item, timeout_s, call.policy))
             await self._bounded(sv, futures, timeout_s)
         finally:
             for f in futures:  # an error or a cancel: the rest of this call stops costing compute

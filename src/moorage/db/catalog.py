@@ -10,6 +10,7 @@ security, jobs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from ..errors import ConfigError, MissingDependency, MoorageError
+
+log = logging.getLogger("moorage.catalog")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 0x6D6F6F72  # 'moor'
@@ -45,7 +48,8 @@ class Catalog:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
                 yield session
         except OperationalError as exc:
-            raise CatalogUnavailable(f"catalog {self.safe_url} failed: {exc.orig}") from None
+            log.warning("catalog %s failed: %s", self.safe_url, exc.orig)
+            raise CatalogUnavailable("the catalog database cannot be reached; retry shortly") from None
 
     @property
     def safe_url(self) -> str:

@@ -19,6 +19,7 @@ the text of an internal exception.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ from sqlalchemy.exc import OperationalError
 
 from ..db import Base, CatalogUnavailable, as_utc, utcnow
 from ..errors import MoorageError, NotFound
+
+log = logging.getLogger("moorage.catalog")
 
 JOB_ID_PREFIX = "job-"
 MAX_CALLBACK_STATUS = 200
@@ -279,4 +282,5 @@ class JobStore:
                 yield conn
         except OperationalError as exc:
             safe = self.engine.url.render_as_string(hide_password=True)
-            raise CatalogUnavailable(f"catalog {safe} failed: {exc.orig}") from None
+            log.warning("catalog %s failed: %s", safe, exc.orig)
+            raise CatalogUnavailable("the catalog database cannot be reached; retry shortly") from None

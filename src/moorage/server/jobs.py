@@ -30,7 +30,7 @@ from ..batching import InferenceService
 from ..config import Settings
 from ..db import Catalog
 from ..errors import NotFound
-from ..jobs import JobStore, new_job_id
+from ..jobs import JobError, JobStatus, JobStore, new_job_id
 from ..refs import parse_ref
 from ..security.egress import check_callback_url
 from ..streams.brokers import Broker, open_broker
@@ -78,7 +78,17 @@ async def create_job(body: JobRequest, request: Request) -> Response:
         owner=principal(request).key_id,
         job_id=new_job_id(),
     )
-    await runner.enqueue(job.id)
+    try:
+        await runner.enqueue(job.id)
+    except Exception:  # the queue is down: the row must not wait for a message that was never sent
+        await asyncio.to_thread(
+            runner.store.finish,
+            job.id,
+            JobStatus.FAILED,
+            None,
+            JobError("enqueue_failed", "the job could not be queued; submit it again"),
+        )
+        raise
     return FastJSON(job.public(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -112,9 +122,11 @@ class JobRunner:
             f"sqlite:///{settings.home / 'jobs-queue.db'}?topic=jobs&visibility_timeout=900"
         )
         self.config = replace(worker_config(settings), batch_size=concurrency, receive_timeout_s=1.0)
-        self.codec = JobCodec(self.store, lambda model: policy_for(guard, parse_ref(model).name) if guard else None)
         self._broker: Broker | None = None
         self._sink = JobSink(self.store, settings.jobs)
+        self.codec = JobCodec(
+            self.store, lambda model: policy_for(guard, parse_ref(model).name) if guard else None, self._sink
+        )
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -125,9 +137,20 @@ class JobRunner:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="moorage-jobs")
 
     async def _run(self) -> None:
+        """The worker, restarted (with a pause) if it ever fails: jobs must not silently stop running."""
         await self.service.pool.ready.wait()  # jobs wait for the models, they do not fail for them
-        worker = StreamWorker(self.broker, self._sink, self.service, "", self.config, codec=self.codec)
-        await worker.run(self._stop)
+        while not self._stop.is_set():
+            worker = StreamWorker(self.broker, self._sink, self.service, "", self.config, codec=self.codec)
+            try:
+                await worker.run(self._stop)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the job runner failed; restarting it")
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
 
     async def stop(self) -> None:
         """Jobs already received finish and are stored; the queue keeps the rest for the next server."""
@@ -135,7 +158,11 @@ class JobRunner:
         if self._task is not None:
             if not self.service.pool.ready.is_set():
                 self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            done, _ = await asyncio.wait({self._task}, timeout=self.settings.serve.graceful_timeout_s)
+            if not done:  # e.g. the queue is unreachable and the worker keeps retrying it
+                log.warning("the job runner did not stop in time; its unacknowledged jobs will be delivered again")
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
         await self._sink.close()
         if self._broker is not None:
             await self._broker.close()

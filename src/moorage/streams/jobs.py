@@ -44,9 +44,12 @@ def job_id_of(message: Message) -> str:
 class JobCodec:
     """Job messages: the work is in the job's catalog row; the row written is the job's outcome."""
 
-    def __init__(self, store: JobStore, policy_for: Callable[[str], Policy | None]) -> None:
+    def __init__(
+        self, store: JobStore, policy_for: Callable[[str], Policy | None], sink: JobSink | None = None
+    ) -> None:
         self.store = store
         self.policy_for = policy_for
+        self.sink = sink  # calls back the jobs this codec fails itself (abandoned ones)
 
     async def decode(self, message: Message) -> Work:
         job_id = job_id_of(message)
@@ -84,9 +87,11 @@ class JobCodec:
             return
         error = JobError("job_abandoned", "the job could not be run; it was delivered too many times")
         try:
-            await asyncio.to_thread(self.store.finish, job_id, JobStatus.FAILED, None, error)
+            job = await asyncio.to_thread(self.store.finish, job_id, JobStatus.FAILED, None, error)
         except JobNotFound:
-            pass
+            return
+        if job is not None and self.sink is not None:
+            self.sink.call_back(job)
 
 
 class JobSink(Sink):
@@ -99,25 +104,24 @@ class JobSink(Sink):
         self._callbacks: set[asyncio.Task] = set()
 
     async def write(self, rows: Sequence[Row]) -> None:
-        finished = await asyncio.to_thread(self._finish_all, list(rows))
-        for job in finished:
-            if job.callback_url:
-                task = asyncio.ensure_future(self._call_back(job))
-                self._callbacks.add(task)
-                task.add_done_callback(self._callbacks.discard)
-
-    def _finish_all(self, rows: list[Row]) -> list[Job]:
-        finished = []
+        """Finish each row's job; a job this write finished is called back at once, so a later row
+        that fails (the write is then retried) cannot cost it its callback."""
         for row in rows:
             status = JobStatus(row["status"])
             error = JobError(**row["error"]) if row.get("error") else None
             try:
-                job = self.store.finish(row["id"], status, row.get("result"), error)
+                job = await asyncio.to_thread(self.store.finish, row["id"], status, row.get("result"), error)
             except JobNotFound:  # removed meanwhile: nothing to record
                 continue
             if job is not None:
-                finished.append(job)
-        return finished
+                self.call_back(job)
+
+    def call_back(self, job: Job) -> None:
+        """Deliver a finished job to its callback URL, if it has one, in the background."""
+        if job.callback_url:
+            task = asyncio.ensure_future(self._call_back(job))
+            self._callbacks.add(task)
+            task.add_done_callback(self._callbacks.discard)
 
     async def _call_back(self, job: Job) -> None:
         from ..jobs.callbacks import deliver  # the serve extra (httpx, tenacity)

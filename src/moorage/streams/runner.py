@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..batching import InferenceService, ModelPool
 from ..batching.settings import from_settings, stream_pool_config
 from ..config import Settings
+from ..errors import EngineFailed
 from ..refs import parse_ref
 from ..registry import Registry
 from ..runtime import Runtime
@@ -52,13 +53,26 @@ async def run_stream(
             worker = StreamWorker(source, sink, service, job.model, worker_config(settings), policy, audit)
             if audit is not None:
                 await audit.start()
+            watchdog = asyncio.ensure_future(_stop_when_failed(pool, stop))
             try:
-                return await worker.run(stop)
+                counts = await worker.run(stop)
             finally:
+                watchdog.cancel()
                 if audit is not None:
                     await audit.stop()
     finally:
         await pool.stop()
+    if pool.failed.is_set():  # what was received went back to the broker; a new process takes over
+        raise EngineFailed(f"the model's engine stopped ({pool.engine_failure}); restart this worker")
+    return counts
+
+
+async def _stop_when_failed(pool: ModelPool, stop: asyncio.Event) -> None:
+    """A dead engine would hand every message back until it is dead-lettered: stop receiving instead,
+    and let the process end so that its supervisor starts a fresh one."""
+    await pool.failed.wait()
+    log.critical("%s: stopping the stream worker so that it is restarted", pool.engine_failure)
+    stop.set()
 
 
 def run_forever(settings: Settings, job: StreamJob, name: str = "part") -> Counts:

@@ -34,7 +34,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from ..batching import InferenceService, Result, ServedVersion, Task, encode_result
-from ..errors import DeadlineExceeded, MoorageError
+from ..errors import DeadlineExceeded, ModelNotFound, MoorageError
 from ..observability import metrics
 from ..security.audit import MAX_AUDIT_TEXT, AuditEntry, AuditWriter, sha256_text
 from ..security.policy import Policy
@@ -222,8 +222,14 @@ def _unprefixed(message: str) -> str:
     return message.removeprefix("inputs.0.").removeprefix("inputs: ").removeprefix("inputs.")
 
 
+_OPERATOR_ONLY = {"model_error", "sink_error", "max_deliveries", "internal_error"}  # their text is for logs
+
+
 def _error_reply(message: Message, reason: str) -> Row:
+    """What a request/reply caller reads: the code, and the message only when it was written for them."""
     code, _, text = reason.partition(": ")
+    if code in _OPERATOR_ONLY:
+        text = "the message could not be processed; it is in the dead-letter destination"
     return {"id": message.broker_id, "error": {"code": code, "message": text or reason}}
 
 
@@ -305,42 +311,53 @@ class StreamWorker:
         batch = InFlight()
         now = time.time()
         for m in messages:
-            if m.attempts > self.source.max_deliveries:
-                reason = f"max_deliveries: delivered {m.attempts} times (max_deliveries={self.source.max_deliveries})"
-                reason += f"; last error: {m.last_error}" if m.last_error else ""
-                await self.codec.abandon(m, reason)
-                self._dead(batch, m, reason)
-                continue
             try:
-                work = await self.codec.decode(m)
-            except Poison as exc:
-                self._dead(batch, m, str(exc))
-                continue
-            except Skip:
-                batch.skipped.append(m)
-                continue
-            except GiveBack as exc:
-                batch.given_back.append((m, str(exc)))
-                continue
-            except MoorageError as exc:  # the model is not served here or not ready: later, or elsewhere
-                batch.given_back.append((m, f"{exc.code}: {exc.message}"))
-                continue
-            req = Request(m, work, now)
-            try:
-                req.sv = self.pool.acquire(work.model)
-                call = self.service.prepare(req.sv.task, work.inputs, work.parameters, policy=work.policy)
-            except MoorageError as exc:  # invalid parameters, refused by the policy, an unknown model...
-                if _is_refusal(exc):
-                    self._refused(batch, req, exc)
-                else:
-                    batch.given_back.append((m, f"{exc.code}: {exc.message}"))
-                    if req.sv is not None:
-                        self.pool.release(req.sv)
-                continue
+                await self._admit(batch, m, now)
+            except Exception:  # a bug, or a store that failed: this message comes back, the worker goes on
+                log.exception("%s: message %s could not be started", self._source_label, m.broker_id)
+                batch.given_back.append((m, "internal_error: the message could not be started"))
+        return batch
+
+    async def _admit(self, batch: InFlight, m: Message, now: float) -> None:
+        """Decode one message and submit its work; or file it as dead, skipped or handed back."""
+        if m.attempts > self.source.max_deliveries:
+            reason = f"max_deliveries: delivered {m.attempts} times (max_deliveries={self.source.max_deliveries})"
+            reason += f"; last error: {m.last_error}" if m.last_error else ""
+            await self.codec.abandon(m, reason)
+            self._dead(batch, m, reason)
+            return
+        try:
+            work = await self.codec.decode(m)
+        except Poison as exc:
+            self._dead(batch, m, str(exc))
+            return
+        except Skip:
+            batch.skipped.append(m)
+            return
+        except GiveBack as exc:
+            batch.given_back.append((m, str(exc)))
+            return
+        except MoorageError as exc:  # the model is not ready, the catalog is down: later
+            batch.given_back.append((m, f"{exc.code}: {exc.message}"))
+            return
+        req = Request(m, work, now)
+        try:
+            req.sv = self.pool.acquire(work.model)
+            call = self.service.prepare(req.sv.task, work.inputs, work.parameters, policy=work.policy)
             req.items = call.items
             self._submit(req)
-            batch.requests.append(req)
-        return batch
+        except BaseException as exc:
+            if req.sv is not None:
+                self.pool.release(req.sv)
+                req.sv = None
+            if not isinstance(exc, MoorageError):
+                raise
+            if _is_refusal(exc) and not isinstance(exc, ModelNotFound):
+                self._refused(batch, req, exc)  # invalid parameters, refused by the policy, ...
+            else:  # not ready, or not served by this process: later, or by another replica
+                batch.given_back.append((m, f"{exc.code}: {exc.message}"))
+            return
+        batch.requests.append(req)
 
     def _refused(self, batch: InFlight, req: Request, exc: MoorageError) -> None:
         """The codec records the refusal as a row, or it is dead-lettered with its code."""
@@ -349,9 +366,6 @@ class StreamWorker:
             batch.rows.append((req, row, exc.status))
             return
         self._dead(batch, req.message, f"{exc.code}: {_unprefixed(exc.message)}", exc.status, req.sv)
-        if req.sv is not None:
-            self.pool.release(req.sv)
-            req.sv = None
 
     def _dead(
         self, batch: InFlight, message: Message, reason: str, status: int = 422, sv: ServedVersion | None = None
@@ -395,6 +409,9 @@ class StreamWorker:
         except MoorageError:
             return None
 
+    def _timeout(self, req: Request) -> float:
+        return req.work.timeout_s or self.config.item_timeout_s
+
     def _submit(self, req: Request) -> None:
         req.tries += 1
         assert req.sv is not None
@@ -402,8 +419,7 @@ class StreamWorker:
         futures = []
         for item in req.items:
             try:
-                futures.append(self.service.submit(req.sv, item, req.work.timeout_s or self.config.item_timeout_s,
-                                                   req.work.policy))  # fmt: skip
+                futures.append(self.service.submit(req.sv, item, self._timeout(req), req.work.policy))
             except Exception as exc:  # e.g. the queue is full: answer through the future like a batch error
                 failed = loop.create_future()
                 failed.set_exception(exc)
@@ -481,7 +497,7 @@ class StreamWorker:
         failed: list[tuple[Request, str]] = []
         pending = list(batch.requests)
         while pending:
-            await self.service.wait_all([(r.sv, r.futures, r.work.timeout_s) for r in pending if r.sv is not None])
+            await self.service.wait_all([(r.sv, r.futures, self._timeout(r)) for r in pending if r.sv is not None])
             again = []
             for req in pending:
                 exc = _first_error(req.futures)

@@ -10,8 +10,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..batching.contract import MAX_STOP
+
 NonEmptyText = Annotated[str, Field(min_length=1)]
-MAX_STOP = 4
 
 
 class _Body(BaseModel):

@@ -116,6 +116,12 @@ class StreamSettings(BaseModel):
     backoff_s: float = Field(0.2, gt=0, description="first retry delay (doubles each time)")
     max_backoff_s: float = Field(10.0, gt=0, description="longest retry delay")
     log_interval_s: float = Field(10.0, gt=0, description="how often progress and lag are logged")
+    lease_heartbeat_s: float = Field(
+        10.0,
+        gt=0,
+        description="how often a worker renews the lease of messages it is still working on; keep it well "
+        "under the broker's visibility_timeout / claim_idle_ms",
+    )
     default_max_tokens: int = Field(128, ge=1, description="generation: max_new_tokens when a message names none")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics on 127.0.0.1:PORT")
     jobs_url: str | None = Field(None, description="queue of /v1/jobs; default: sqlite queue in the home folder")

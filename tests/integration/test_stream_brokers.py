@@ -55,6 +55,30 @@ async def test_unacknowledged_messages_come_back_to_another_consumer(broker_url)
         await second.ack(again)
 
 
+async def test_extended_leases_keep_messages_from_other_consumers_past_their_timeout(broker_url):
+    """Work that outlives a lease (a long generation) keeps its messages while the worker renews it."""
+    if broker_url.kind in ("amqp", "kafka"):
+        pytest.skip("unacked RabbitMQ messages and uncommitted Kafka offsets do not expire on a clock")
+    url = broker_url()
+    async with open_broker(url) as b:
+        await b.publish(bodies(3))
+    first, second = open_broker(url + "&consumer=a"), open_broker(url + "&consumer=b")
+    await first.connect()
+    await second.connect()
+    try:
+        held = await receive_n(first, 3)
+        deadline = time.monotonic() + 5.0  # past the 2 s lease, twice over
+        stolen = []
+        while time.monotonic() < deadline:
+            await first.extend(held)
+            stolen += await second.receive(3, 0.4)
+        assert stolen == []
+        await first.ack(held)
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_retry_delivers_again_with_the_reason(broker_url):
     url = broker_url()
     async with open_broker(url) as b:

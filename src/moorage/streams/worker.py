@@ -57,6 +57,7 @@ class WorkerConfig:
     backoff_s: float = 0.2
     max_backoff_s: float = 10.0
     log_interval_s: float = 10.0
+    lease_heartbeat_s: float = 10.0  # renew the leases of messages still being worked on (long generations)
     default_max_tokens: int = 128
     audit_inputs: bool = False  # keep the raw body in audit rows (default: its sha256 only)
 
@@ -487,6 +488,16 @@ class StreamWorker:
         metrics.STREAM_WRITE_SECONDS.labels(self._sink_label).observe(time.perf_counter() - started)
         self._count("processed", [r.sv for r, _, _ in done])
 
+    async def _keep_leased(self, messages: list[Message]) -> None:
+        """While the model works on `messages`, renew their leases so that no other consumer gets them
+        (a long generation outlives a broker's visibility timeout)."""
+        while True:
+            await asyncio.sleep(self.config.lease_heartbeat_s)
+            try:
+                await self.source.extend(messages)
+            except Exception as exc:  # a missed renewal only risks a second delivery
+                log.warning("%s: could not renew leases: %s", self._source_label, exc)
+
     async def _give_back(self, messages: list[Message], reason: str) -> None:
         await self._retrying("retry", lambda: self.source.retry(messages, reason))
 
@@ -497,7 +508,11 @@ class StreamWorker:
         failed: list[tuple[Request, str]] = []
         pending = list(batch.requests)
         while pending:
-            await self.service.wait_all([(r.sv, r.futures, self._timeout(r)) for r in pending if r.sv is not None])
+            heartbeat = asyncio.ensure_future(self._keep_leased([r.message for r in pending]))
+            try:
+                await self.service.wait_all([(r.sv, r.futures, self._timeout(r)) for r in pending if r.sv is not None])
+            finally:
+                heartbeat.cancel()
             again = []
             for req in pending:
                 exc = _first_error(req.futures)

@@ -239,6 +239,12 @@ class Broker(ABC):
     async def ack(self, messages: Sequence[Message]) -> None:
         """Done with these: never deliver them again."""
 
+    async def extend(self, messages: Sequence[Message]) -> None:  # noqa: B027 - leases that do not expire
+        """Work on these is still going: keep them from being delivered to anyone else. Brokers whose
+        leases expire on a clock (SQLite's visibility timeout, Redis's claim idle time) renew them;
+        RabbitMQ (unacked messages stay with their consumer) and Kafka (uncommitted offsets stay with
+        their partition's owner) need nothing."""
+
     @abstractmethod
     async def retry(self, messages: Sequence[Message], reason: str, delay_s: float = 1.0) -> None:
         """Deliver these again later (to this or another consumer); their delivery count grows."""

@@ -138,6 +138,10 @@ class RedisBroker(Broker):
             pipe.hdel(self.errors_key, *ids)
             await pipe.execute()
 
+    async def extend(self, messages: Sequence[Message]) -> None:
+        if messages:  # XCLAIM to ourselves resets the idle time; JUSTID leaves the delivery count alone
+            await self.r.xclaim(self.topic, self.group, self.consumer, 0, [m.handle for m in messages], justid=True)
+
     async def retry(self, messages: Sequence[Message], reason: str, delay_s: float = 1.0) -> None:
         # the entry stays pending: XAUTOCLAIM hands it out again once it has been idle claim_idle_ms
         if messages:

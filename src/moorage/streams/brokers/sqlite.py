@@ -155,6 +155,11 @@ class SQLiteBroker(Broker):
         sql = "DELETE FROM messages WHERE seq = ? AND lease = ?"
         await self._tx(lambda db: db.executemany(sql, handles))
 
+    async def extend(self, messages: Sequence[Message]) -> None:
+        rows = [(time.time() + self.visibility_timeout, *m.handle) for m in messages]
+        sql = "UPDATE messages SET visible_at = ? WHERE seq = ? AND lease = ?"  # only while the lease is ours
+        await self._tx(lambda db: db.executemany(sql, rows))
+
     async def retry(self, messages: Sequence[Message], reason: str, delay_s: float = 1.0) -> None:
         rows = [(time.time() + delay_s, reason, *m.handle) for m in messages]
         sql = "UPDATE messages SET visible_at = ?, last_error = ?, lease = NULL WHERE seq = ? AND lease = ?"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 from openai import OpenAI
@@ -12,6 +13,21 @@ from openai import OpenAI
 from moorage.runtime import make_fake_model
 
 from tests.support import wait_until
+
+
+def _workers(pid: int) -> set[int]:
+    """The live worker processes of a `serve --workers N` parent (its children, minus helpers that
+    are not serving: uvicorn's children are the workers; a multiprocessing resource tracker may be one)."""
+    workers = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_text(errors="replace")
+            except OSError:  # it ended meanwhile
+                continue
+            if "resource_tracker" not in cmdline:
+                workers.add(int(child))
+    return workers
 
 
 def _gauge(url: str, name: str) -> float:
@@ -96,3 +112,36 @@ def test_a_dead_engine_answers_503_and_the_process_exits_for_its_supervisor(cli,
     log = (tmp_path / f"serve-{url.rsplit(':', 1)[1]}.log").read_text()
     assert "stopping this server process so that its supervisor restarts it" in log
     assert "every accepted request was answered" in log
+
+
+def test_with_several_workers_a_worker_whose_engine_died_is_replaced(cli, server, tmp_path):
+    """`serve --workers 2` is its own supervisor: the worker that stopped after its engine died is
+    started again, loads the model anew, and the server is ready on every connection again."""
+    _register(cli, tmp_path, "gen", "generate", crash_after_steps=3)
+    proc, url = server("-m", "gen", "--workers", "2")
+    wait_until(lambda: len(_workers(proc.pid)) == 2, what="two worker processes")
+    before = _workers(proc.pid)
+    body = {"model": "gen", "prompt": "go", "max_tokens": 50}
+    codes = set()
+    for _ in range(20):  # new connections reach both workers; each dies at its first long request
+        response = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        codes.add(response.status_code)
+        if 503 in codes:
+            break
+    assert 503 in codes
+    ready_in_a_row = 0
+
+    def all_ready() -> bool:
+        nonlocal ready_in_a_row
+        try:
+            ok = httpx.get(url + "/readyz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        ready_in_a_row = ready_in_a_row + 1 if ok else 0
+        return ready_in_a_row >= 10
+
+    wait_until(lambda: len(_workers(proc.pid)) == 2 and _workers(proc.pid) != before, what="a new worker")
+    wait_until(all_ready, timeout_s=120, what="both workers ready again")
+    assert proc.poll() is None  # the server itself kept running
+    short = httpx.post(url + "/v1/completions", json={"model": "gen", "prompt": "go", "max_tokens": 2}, timeout=60)
+    assert short.status_code == 200

@@ -93,4 +93,9 @@ def detokenize_cost(handler: Any, lengths: tuple[int, ...] = (256, 4096), repeat
         assert stream.result is not None and stream.result.text == tokenizer.decode(seq, skip_special_tokens=True)
         out[f"us_per_token_{n}"] = round(best * 1e6, 2)
     out["ratio_long_over_short"] = round(out[f"us_per_token_{max(lengths)}"] / out[f"us_per_token_{min(lengths)}"], 2)
+    for n in (256, 1024):  # for comparison: decoding the whole sequence after every token, as before
+        started = time.process_time()
+        for end in range(1, n + 1):
+            tokenizer.decode(ids[:end], skip_special_tokens=True)
+        out[f"whole_decode_us_per_token_{n}"] = round((time.process_time() - started) / n * 1e6, 2)
     return out

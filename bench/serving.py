@@ -14,8 +14,10 @@ Generation (demo SmolLM2, greedy), phases `generate` (64 new tokens) and `long` 
 Engine, in-process (phase `overhead`): the step time outside the model forward at 32 streams.
 Detokenisation (phase `detok`): CPU per token for a 4,096-token output beside a 256-token one.
 The header names the CPU, the ISA flags that decide the kernels, torch, its threads and the
-dtype: results differ between AVX2-only and bf16 machines. Everything runs in one process tree on
-127.0.0.1, bounded in requests and time; (e) and (f) of one length run back to back.
+dtype: results differ between AVX2-only and bf16 machines. Each phase also prints the share of the
+machine's CPU that other processes took meanwhile (a busy neighbour slows a phase, not moorage).
+Everything runs in one process tree on 127.0.0.1, bounded in requests and time; (e) and (f) of one
+length run back to back (at 64 tokens twice, the best round of each counting).
 """
 
 from __future__ import annotations
@@ -312,6 +314,10 @@ def run_detok(handler, results: dict) -> None:
     print(
         f"  {r['us_per_token_256']} us/token at 256 tokens, {r['us_per_token_4096']} us/token at 4096:"
         f" ratio {r['ratio_long_over_short']}{_other(r)}"
+    )
+    print(
+        f"  (decoding the whole sequence per token instead: {r['whole_decode_us_per_token_256']} us/token at 256,"
+        f" {r['whole_decode_us_per_token_1024']} at 1024)"
     )
 
 

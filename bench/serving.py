@@ -345,6 +345,76 @@ def ratios(results: dict) -> dict:
     return out
 
 
+class Servers:
+    """The moorage and naive servers of one run; every one is stopped when the run ends."""
+
+    def __init__(self, env: dict) -> None:
+        self.env, self.procs = env, []
+        self.port, self.naive_port = free_port(), free_port()
+
+    def __enter__(self) -> Servers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in list(self.procs):
+            self.retire(proc)
+
+    def _start(self, cmd: list[str], port: int, path: str) -> subprocess.Popen:
+        proc = start(cmd, self.env)
+        self.procs.append(proc)
+        SERVER_PIDS.append(proc.pid)
+        wait_ready(port, path, proc)
+        return proc
+
+    def moorage(self, *names: str) -> subprocess.Popen:
+        models = [arg for name in names for arg in ("-m", name)]
+        return self._start(
+            [sys.executable, "-m", "moorage", "serve", *models, "--port", str(self.port)], self.port, "/readyz"
+        )
+
+    def naive(self) -> subprocess.Popen:
+        cmd = [sys.executable, str(Path(__file__).parent / "naive_server.py"), str(assets.minilm_folder())]
+        return self._start([*cmd, str(self.naive_port)], self.naive_port, "/healthz")
+
+    def retire(self, proc: subprocess.Popen) -> None:
+        proc.terminate()
+        proc.wait(timeout=60)
+        self.procs.remove(proc)
+        SERVER_PIDS.remove(proc.pid)
+
+
+def run_phases(phases: tuple[str, ...], args, servers: Servers, runtime, key: str, results: dict) -> None:
+    """A server per model by default: in one process, serving MiniLM next to SmolLM2 (with the
+    sentence-transformers stack and the OpenMP and BLAS runtimes it loads) slows SmolLM2's decode
+    steps; --one-server measures that setup."""
+    embeds, generates = "embed" in phases, bool({"generate", "long"} & set(phases))
+    port = servers.port
+    server = None
+    if args.one_server and (embeds or generates):
+        server = servers.moorage(*(["minilm"] if embeds else []), *(["smollm2"] if generates else []))
+    elif embeds:
+        server = servers.moorage("minilm")
+    if embeds:
+        naive = servers.naive()
+        run_embed(port, servers.naive_port, runtime, key, args.seconds, results)
+        servers.retire(naive)
+    if generates and not args.one_server:
+        if server is not None:
+            servers.retire(server)
+        server = servers.moorage("smollm2")
+    handler = runtime.get("smollm2").handler if set(phases) - {"embed"} else None
+    if handler is not None:
+        handler.generate_static(prompts(4)[:2])  # warm-up
+    if "generate" in phases:
+        run_generate(port, handler, key, GEN_TOKENS, results, sequential=6, rounds=2)
+    if "long" in phases:
+        run_generate(port, handler, key, GEN_TOKENS * 8, results)
+    if "overhead" in phases:
+        run_overhead(handler, results)
+    if "detok" in phases:
+        run_detok(handler, results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", default=os.environ.get("MOORAGE_HOME", str(Path.home() / ".moorage")))
@@ -352,6 +422,9 @@ def main() -> None:
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serving.json"))
+    parser.add_argument(
+        "--one-server", action="store_true", help="serve both models from one server (default: a server per model)"
+    )
     args = parser.parse_args()
     phases = QUICK if args.quick else tuple(p.strip() for p in args.phases.split(",") if p.strip())
     unknown = set(phases) - set(PHASES)
@@ -375,38 +448,10 @@ def main() -> None:
     print(f"cpu: {m['cpu']} ({m['cpus']} cpus), isa: {' '.join(m['isa']) or 'none of ' + ', '.join(ISA_FLAGS)}")
     print(f"torch {m['torch']}, {m['torch_threads']} threads; dtype {dtype} (runtime.dtype={settings.runtime.dtype})")
 
-    served = (["minilm"] if "embed" in phases else []) + (["smollm2"] if {"generate", "long"} & set(phases) else [])
-    port, naive_port = free_port(), free_port()
-    procs = []
-    try:
-        if served:
-            models = [arg for name in served for arg in ("-m", name)]
-            procs.append(start([sys.executable, "-m", "moorage", "serve", *models, "--port", str(port)], env))
-            SERVER_PIDS.append(procs[-1].pid)
-            wait_ready(port, "/readyz", procs[-1])
-        runtime = Runtime(registry, settings.runtime)
-        if "embed" in phases:
-            naive_cmd = [sys.executable, str(Path(__file__).parent / "naive_server.py")]
-            procs.append(start([*naive_cmd, str(assets.minilm_folder()), str(naive_port)], env))
-            SERVER_PIDS.append(procs[-1].pid)
-            wait_ready(naive_port, "/healthz", procs[-1])
-            run_embed(port, naive_port, runtime, key, args.seconds, results)
-            procs.pop().terminate()
-        handler = runtime.get("smollm2").handler if set(phases) - {"embed"} else None
-        if handler is not None:
-            handler.generate_static(prompts(4)[:2])  # warm-up
-        if "generate" in phases:
-            run_generate(port, handler, key, GEN_TOKENS, results, sequential=6, rounds=2)
-        if "long" in phases:
-            run_generate(port, handler, key, GEN_TOKENS * 8, results)
-        if "overhead" in phases:
-            run_overhead(handler, results)
-        if "detok" in phases:
-            run_detok(handler, results)
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=60)
+    results["servers"] = "one server, both models" if args.one_server else "a server per model"
+    print(f"servers: {results['servers']}")
+    with Servers(env) as servers:
+        run_phases(phases, args, servers, Runtime(registry, settings.runtime), key, results)
 
     results["ratios"] = ratios(results)
     results["targets"] = {k: v for k, v in TARGETS.items() if k in results["ratios"]}

@@ -67,7 +67,7 @@ def engine_overhead(handler: Any, items: list[GenerateInput]) -> dict:
     }
 
 
-def detokenize_cost(handler: Any, lengths: tuple[int, ...] = (256, 4096), repeats: int = 3) -> dict:
+def detokenize_cost(handler: Any, lengths: tuple[int, ...] = (256, 4096), repeats: int = 5) -> dict:
     """CPU seconds per token of TextStream (one stop string) over a synthetic token sequence.
 
     The sequence is the tokenizer's own encoding of varied text (multi-byte characters included),

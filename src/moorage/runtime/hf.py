@@ -219,7 +219,7 @@ class _DecodeBatch:
     joined to the running one after padding both to the same length on the left; finished rows are
     dropped, then columns that are padding in every row are trimmed. A decode step writes one
     column of the cache in place and runs the one-token attention of `decoding()` under `attend`,
-    the mask of real tokens over the whole buffers (padding and free columns left out).
+    the mask of real tokens over the buffers (padding and free columns left out).
     """
 
     def __init__(self, model, torch, pad_id: int) -> None:

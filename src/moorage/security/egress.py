@@ -186,7 +186,7 @@ def _resolve(host: str, port: int) -> list[IPAddress]:
 
 def _unmapped(address: IPAddress) -> IPAddress:
     if isinstance(address, ipaddress.IPv6Address):
-        mapped = address.ipv4_mapped
+        mapped = address.ipv4_mapped or address.sixtofour  # 6to4 (2002::/16) carries an IPv4 address too
         if mapped is not None:
             return mapped
         if address.scope_id:

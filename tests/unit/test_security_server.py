@@ -224,6 +224,35 @@ def test_audit_verify_names_the_edited_or_deleted_row(secured):
     assert log.verify()[1] == ["rows 4-6 deleted (the log should end at row 6)"]
 
 
+def test_audit_verify_on_a_live_log_and_rows_added_behind_its_back(secured, monkeypatch):
+    """verify checks the chain up to the head it read first: rows a live server appends meanwhile are
+    not reported as deleted; a row inserted without moving the head is reported."""
+    from moorage.security.audit import AuditEntry
+
+    _, registry = secured
+    log = AuditLog(registry.catalog)
+    entries = [AuditEntry(key_id=f"k{i}", action="embeddings", status=200, model="emb", version=1) for i in range(3)]
+    log.append(entries)
+    rows = log._iter_rows
+
+    def rows_while_a_server_appends():
+        yield from rows()
+        log.append(entries)  # a live server commits more rows while verify is reading
+
+    monkeypatch.setattr(log, "_iter_rows", rows_while_a_server_appends)
+    assert log.verify() == (3, [])
+    monkeypatch.undo()
+    assert log.verify() == (6, [])
+    row = log.rows()[-1]
+    with registry.catalog.session() as s:
+        s.execute(
+            text("INSERT INTO audit_log (seq, at, key_id, action, status, model, latency_ms, input_sha256, detail,"
+                 " prev_hash, hash) VALUES (7, :at, 'forger', 'embeddings', 200, 'emb', 0, '', '{}', :p, :p)"),
+            {"at": row["at"], "p": _hash(registry, 6)},
+        )  # fmt: skip
+    assert log.verify()[1] == ["rows after 6 were appended outside the audit log"]
+
+
 def _hash(registry, seq):
     with registry.catalog.session() as s:
         return s.execute(text("SELECT hash FROM audit_log WHERE seq = :s"), {"s": seq}).scalar()

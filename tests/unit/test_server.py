@@ -214,3 +214,18 @@ def test_a_bare_name_served_under_two_references_is_ambiguous(settings, models, 
     bare, pinned = run(main())
     assert (bare.status_code, bare.json()["error"]["code"]) == (400, "ambiguous_model")
     assert pinned.status_code == 200
+
+
+def test_in_process_callers_get_the_same_outcome_as_http_predict(settings, models, serving):
+    """InferenceService.infer is the entry point for callers inside the process (evaluation, gates):
+    the same validation, results and JSON as the HTTP route."""
+
+    async def main():
+        async with serving(settings, models) as (app, c):
+            http = await c.post("/v1/models/gen/predict", json={"inputs": ["hi"], "parameters": {"max_new_tokens": 3}})
+            outcome = await app.state.service.infer("gen", ["hi"], {"max_new_tokens": 3})
+            return http.json(), outcome
+
+    http, outcome = run(main())
+    assert outcome.encode() == http
+    assert outcome.total_tokens == http["outputs"][0]["tokens"]

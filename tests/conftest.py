@@ -1,4 +1,4 @@
-"""Shared fixtures. Markers come from the folder a test lives in (unit, integration, e2e)."""
+"""Shared fixtures. Markers come from the folder a test lives in (unit, integration, e2e, faults)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def pytest_collection_modifyitems(config, items):
     for item in items:
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
-        if parts[0] in ("integration", "e2e"):
+        if parts[0] in ("integration", "e2e", "faults"):
             item.add_marker(getattr(pytest.mark, parts[0]))
 
 

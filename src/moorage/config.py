@@ -199,6 +199,12 @@ class SecuritySettings(BaseModel):
     filters: dict[str, FilterSettings] = Field(
         default_factory=dict, description="content filters by model name (glob patterns allowed, e.g. 'chat-*')"
     )
+    key_cache_s: float = Field(
+        5.0, gt=0, description="a key's catalog row is re-read after this long (revocation elsewhere takes effect)"
+    )
+    key_stale_s: float = Field(
+        300.0, ge=0, description="while the catalog is down, a known key keeps working from its last row this long"
+    )
     audit: bool = Field(True, description="hash-chained audit rows for admin actions and inference calls")
     audit_inputs: bool = Field(False, description="store the raw input text in the audit (default: sha256 only)")
     audit_flush_ms: float = Field(200.0, ge=0, description="inference audit rows are written in batches this often")

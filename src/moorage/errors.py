@@ -69,6 +69,22 @@ class UnsafeArtifact(MoorageError):
     type = "invalid_request_error"
 
 
+class InvalidArtifact(BadRequest):
+    """A model file or archive member moorage refuses to store: a malformed safetensors header, an
+    absolute or ``..`` name, a setuid/setgid file, a device, fifo or sparse member."""
+
+    code = "invalid_artifact"
+
+
+class ModelLoadFailed(MoorageError):
+    """A registered version could not be loaded (its files or its handler failed): serve another
+    version, e.g. move the alias back."""
+
+    status = 422
+    code = "model_load_failed"
+    type = "invalid_request_error"
+
+
 class ConfigError(MoorageError):
     status = 500
     code = "config_error"

@@ -123,7 +123,15 @@ class StreamSettings(BaseModel):
         "under the broker's visibility_timeout / claim_idle_ms",
     )
     default_max_tokens: int = Field(128, ge=1, description="generation: max_new_tokens when a message names none")
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics on 127.0.0.1:PORT")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics and /healthz (503 while stuck) on 127.0.0.1:PORT"
+    )
+    stop_grace_s: float = Field(
+        10.0,
+        gt=0,
+        description="after SIGTERM, how long a worker may finish and acknowledge what it holds; what is "
+        "still unsettled then goes back to the broker",
+    )
     jobs_url: str | None = Field(None, description="queue of /v1/jobs; default: sqlite queue in the home folder")
 
 

@@ -63,6 +63,12 @@ STREAM_LATENCY = Histogram(
 )
 STREAM_LAG = Gauge("moorage_stream_lag", "messages of the source not yet acknowledged by the group", ("source",),
                    multiprocess_mode="max")  # fmt: skip
+STREAM_HEALTHY = Gauge(
+    "moorage_stream_healthy",
+    "1 while the stream worker makes progress, 0 while a broker or sink operation keeps failing",
+    ("source",),
+    multiprocess_mode="min",
+)
 SECURITY_REJECTIONS = Counter(
     "moorage_security_rejections", "requests refused before routing (auth, rate limit) by error code", ("code",)
 )

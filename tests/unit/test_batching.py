@@ -263,3 +263,35 @@ def test_wait_all_gives_up_on_an_engine_that_shows_no_progress():
 
     futures = run(main())
     assert all(f.cancelled() for f in futures)
+
+
+def _gauge(name: str, labels: tuple[str, str]) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, {"model": labels[0], "version": labels[1]})
+
+
+def test_the_running_and_waiting_gauges_read_zero_once_every_client_went_away(generator):
+    """The gauges follow every change of rows, not only steps that had rows: after the last streaming
+    client disconnects and the waiting ones cancel, nothing runs and the gauges say so."""
+    handler = generator(delay_ms=2)
+    labels = ("gauge-test", "1")
+    running, waiting = ("moorage_running_sequences", labels), ("moorage_queue_depth", labels)
+
+    async def main():
+        engine = GenerationEngine(handler, GenerationConfig(max_num_seqs=3), labels=labels)
+        engine.start()
+        streams = [engine.stream(_item(f"long {i}", n=500)) for i in range(3)]
+        for s in streams:
+            await anext(s)  # each holds a row now
+        queued = [engine.submit(_item(f"waits {i}", n=5)) for i in range(2)]
+        await eventually(lambda: (_gauge(*running), _gauge(*waiting)) == (3, 2), what="3 running, 2 waiting")
+        for s in streams:
+            await s.aclose()  # the streaming clients disconnect
+        for f in queued:
+            f.cancel()
+        await eventually(lambda: engine.scheduler.is_idle, what="no sequence left")
+        await eventually(lambda: (_gauge(*running), _gauge(*waiting)) == (0, 0), timeout_s=5, what="gauges at 0")
+        await engine.stop()
+
+    run(main())

@@ -147,6 +147,7 @@ class DynamicBatcher:
                 if not p.future.done():
                     p.future.set_exception(NotReady("the server is shutting down"))
             self._queue = []
+            self._stats.queue_depth.set(0)
             return
         if task.exception() is not None:
             exc: BaseException = task.exception()  # type: ignore[assignment]

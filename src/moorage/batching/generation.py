@@ -280,7 +280,9 @@ class GenerationEngine:
                 arrived, self._inbox = self._inbox, []
                 if self._stopping and self.scheduler.is_idle and not arrived:
                     return
-            self.scheduler.waiting.extend(self._prepared(arrived))
+            if arrived:
+                self.scheduler.waiting.extend(self._prepared(arrived))
+                self._set_gauges()
             try:
                 self.step()
                 self._failed_steps = 0
@@ -324,6 +326,7 @@ class GenerationEngine:
         self._remove(cancelled)
         admitted = self.scheduler.schedule()
         if admitted:
+            self._set_gauges()
             for seq in admitted:
                 self._stats.queue_wait.observe(now - seq.arrival)
                 self._stats.prompt.inc(seq.num_prompt_tokens)
@@ -336,8 +339,6 @@ class GenerationEngine:
         else:
             return
         self._stats.batch.observe(len(stepped))
-        self._stats.running.set(len(self.scheduler.running))
-        self._stats.waiting.set(len(self.scheduler.waiting))
         self._deliver(stepped, tokens)
 
     def _deliver(self, stepped: list[Sequence], tokens: list[int]) -> None:
@@ -366,6 +367,13 @@ class GenerationEngine:
         if seqs:
             self._batch.remove({s.seq_id for s in seqs})
             self.scheduler.finish(seqs)
+            self._set_gauges()
+
+    def _set_gauges(self) -> None:
+        """Called wherever rows change (arrival, admission, finish, cancel, deadline, failure), not once
+        per step: the step that drops the last cancelled or finished row has no row left to report."""
+        self._stats.running.set(len(self.scheduler.running))
+        self._stats.waiting.set(len(self.scheduler.waiting))
 
     def _drop_waiting(self, now: float) -> None:
         if not any(s.cancelled or s.deadline <= now for s in self.scheduler.waiting):
@@ -379,12 +387,14 @@ class GenerationEngine:
                 continue
             keep.append(seq)
         self.scheduler.waiting = keep
+        self._set_gauges()
 
     def _fail_running(self, exc: Exception) -> None:
         """A failed step: a fresh decode batch (if that fails too, the engine is dead), then the
         sequences the step touched get its error."""
         self._batch = self.handler.new_batch()
         running, self.scheduler.running = self.scheduler.running, []
+        self._set_gauges()
         _emit_all([(seq, TokenEvent("", error=exc)) for seq in running])
 
     def _died(self, exc: BaseException) -> None:
@@ -395,6 +405,7 @@ class GenerationEngine:
             seqs = self._inbox + list(self.scheduler.waiting) + self.scheduler.running
             self._inbox, self.scheduler.running = [], []
             self.scheduler.waiting.clear()
+            self._set_gauges()
         for loop, callback in self._on_failure:  # first: nobody is told "failed" while the pool looks ready
             try:
                 loop.call_soon_threadsafe(callback, exc)

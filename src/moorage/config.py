@@ -12,6 +12,7 @@ parent process hands the settings, secrets included, to its workers in an owner-
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import os
 import re
@@ -36,6 +37,8 @@ from .errors import ConfigError
 ENV_PREFIX = "MOORAGE_"
 CONFIG_NAMES = ("config.yaml", "config.yml", "config.toml")
 SETTINGS_FILE_ENV = "MOORAGE_SETTINGS_FILE"  # where a worker process finds the settings its parent wrote
+# MOORAGE_* variables that are not settings: which file to read, and scripts/install.sh's torch pin
+NOT_SETTINGS_ENV = frozenset({"MOORAGE_CONFIG", SETTINGS_FILE_ENV, "MOORAGE_TORCH_SPEC"})
 
 # Settings are read once and never change in a running process: a new value means a new tree
 # (``model_copy(update=...)``), so no part of a process sees settings another part changed.
@@ -325,6 +328,7 @@ def load_settings(
 ) -> Settings:
     """Build the settings tree; raise `ConfigError` naming the bad key or file."""
     environ = os.environ if environ is None else environ
+    _refuse_unknown_sections(environ)
     path = _find_config_file(config_file, environ)
     file_data = read_config_file(path) if path else {}
     token = _LOAD_CONTEXT.set((environ, file_data))
@@ -334,6 +338,31 @@ def load_settings(
         raise ConfigError(_describe(exc, path)) from None
     finally:
         _LOAD_CONTEXT.reset(token)
+
+
+def _refuse_unknown_sections(environ: Mapping[str, str]) -> None:
+    """pydantic-settings reads only the variables of known fields, so a mistyped section
+    (``MOORAGE_SERVR__PORT``, ``MOORAGE_SERVE_PORT``) would be ignored without a word; unknown keys
+    inside a known section are refused by the section itself (``extra="forbid"``)."""
+    known = list(Settings.model_fields)
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in NOT_SETTINGS_ENV:
+            continue
+        section, sep, rest = upper.removeprefix(ENV_PREFIX).partition("__")
+        if section.lower() in known:
+            continue
+        hint = ""
+        joined = next((k for k in known if section.lower().startswith(k + "_")), None)
+        close = difflib.get_close_matches(section.lower(), known, n=1)
+        if joined:  # one underscore where the nesting takes two
+            hint = f"; did you mean {ENV_PREFIX}{joined.upper()}__{section[len(joined) + 1 :]}{sep}{rest}?"
+        elif close:
+            hint = f"; did you mean {ENV_PREFIX}{close[0].upper()}{sep}{rest}?"
+        raise ConfigError(
+            f"environment variable {name} names no setting: {section.lower()!r} is neither a setting nor a section"
+            f"{hint} (known: {', '.join(known)}; nested keys take '__', e.g. {ENV_PREFIX}SERVE__PORT)"
+        )
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

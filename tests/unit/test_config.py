@@ -132,3 +132,40 @@ def test_the_readme_configuration_example_is_valid(tmp_path):
     path.write_text(example)
     settings = load_settings(path, environ={})
     assert settings.jobs.callback_allow and settings.stream.jobs_url and settings.serve.models
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("MOORAGE_SERVR__PORT", "did you mean MOORAGE_SERVE__PORT?"),
+        ("MOORAGE_SERVE_PORT", "did you mean MOORAGE_SERVE__PORT?"),  # one underscore where nesting takes two
+        ("moorage_securty__auth", "did you mean MOORAGE_SECURITY__AUTH?"),
+        ("MOORAGE_NOTHING_LIKE_IT", ""),
+    ],
+)
+def test_an_unknown_section_in_the_environment_is_refused_not_ignored(tmp_path, name, hint):
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"MOORAGE_HOME": str(tmp_path), name: "9999"})
+    message = info.value.message
+    assert message.startswith(f"environment variable {name} names no setting") and hint in message
+    assert "known: home, user, log_level, registry, runtime, serve, stream, security, jobs" in message
+
+
+def test_variables_that_are_not_settings_are_left_alone(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("serve:\n  port: 1234\n")
+    env = {
+        "MOORAGE_HOME": str(tmp_path),
+        "MOORAGE_CONFIG": str(cfg),
+        "MOORAGE_SETTINGS_FILE": "/somewhere/settings.json",  # a server worker's, read by read_settings_file
+        "MOORAGE_TORCH_SPEC": "torch==2.13.0",  # scripts/install.sh's
+        "OTHER_SERVR__PORT": "1",
+    }
+    assert load_settings(environ=env).serve.port == 1234
+
+
+def test_an_unknown_section_in_the_config_file_is_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("servr:\n  port: 1\n")
+    with pytest.raises(ConfigError, match="setting 'servr'.*Extra inputs are not permitted"):
+        load_settings(cfg, environ={"MOORAGE_HOME": str(tmp_path)})

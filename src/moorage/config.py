@@ -149,6 +149,12 @@ class JobSettings(BaseModel):
     )
     callback_retries: int = Field(3, ge=1, description="attempts of one callback delivery, the first included")
     callback_timeout_s: float = Field(10.0, gt=0, description="deadline of one callback attempt")
+    lease_s: float = Field(
+        20.0,
+        ge=1,
+        description="how long a server's hold on a job lasts without renewal (renewed every lease_s / 4); "
+        "the jobs of a server that died are taken over by another once it expires",
+    )
 
     @field_validator("callback_allow")
     @classmethod

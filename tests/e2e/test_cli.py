@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +61,19 @@ def test_bad_input_gets_one_clear_line(cli, fake_model, tmp_path, args, needle):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("stdin", ["devnull", "closed"])
+def test_delete_without_yes_on_a_non_interactive_terminal_refuses_in_one_line(cli, cli_env, fake_model, stdin):
+    cli("models", "register", str(fake_model()), "--name", "x", "--task", "embed", check=True)
+    command = [sys.executable, "-m", "moorage", "models", "delete", "x:1"]
+    if stdin == "devnull":  # a script or a pipe
+        proc = subprocess.run(command, capture_output=True, text=True, env=cli_env, stdin=subprocess.DEVNULL)
+    else:  # `moorage ... <&-`: Python starts with no sys.stdin at all
+        proc = subprocess.run(
+            ["sh", "-c", 'exec "$@" <&-', "sh", *command], capture_output=True, text=True, env=cli_env
+        )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert lines == ["error: refusing to delete x:1 without --yes: there is no terminal to confirm on"]
+    assert "x:1" in cli("models", "show", "x:1", check=True).stdout  # nothing was deleted

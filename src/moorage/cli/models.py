@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -194,6 +195,11 @@ def delete(
     if parsed.version is None:
         raise BadRequest(f"delete needs an explicit version: {parsed.name}:VERSION", code="missing_version")
     if not yes:
+        if sys.stdin is None or not sys.stdin.isatty():  # a script or a pipe: nobody to ask
+            raise BadRequest(
+                f"refusing to delete {parsed} without --yes: there is no terminal to confirm on",
+                code="confirmation_required",
+            )
         typer.confirm(f"delete {parsed} and its files?", abort=True)
     state(ctx).registry.delete_version(parsed.name, parsed.version)
     state(ctx).audit("delete_version", parsed.name, parsed.version)

@@ -136,7 +136,7 @@ def test_hf_folder_task_detection(registry, tmp_path):
     folder = tmp_path / "lm"
     folder.mkdir()
     (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
-    (folder / "model.safetensors").write_bytes(b"x")
+    (folder / "model.safetensors").write_bytes(b"\x02" + b"\x00" * 7 + b"{}")  # a valid file holding no tensor
     with pytest.raises(BadRequest, match="architecture LlamaForCausalLM says 'generate'"):
         registry.register(folder, "lm", "classify")
     assert registry.register(folder, "lm", "generate").framework == "transformers"
@@ -154,10 +154,14 @@ def test_failed_upload_leaves_no_version(registry, fake_model, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
+    registry.register(fake_model(), "y", "embed")
     monkeypatch.setattr(registry.store, "write_manifest", boom)
     with pytest.raises(OSError):
         registry.register(fake_model(), "x", "embed")
-    assert registry.list_versions("x") == []
+    assert [m.name for m in registry.list_models()] == ["y"]  # not even the row x's registration created
+    with pytest.raises(OSError):
+        registry.register(fake_model(seed=1), "y", "embed")
+    assert [v.version for v in registry.list_versions("y")] == [1]
 
 
 def test_remove_alias_is_recorded(registry, fake_model):

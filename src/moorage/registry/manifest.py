@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ..errors import BadRequest, UnsafeArtifact
+from ..errors import BadRequest, InvalidArtifact, UnsafeArtifact
 
 MANIFEST_NAME = "moorage.json"
 TASKS = ("embed", "classify", "generate")
@@ -60,14 +60,18 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def list_model_files(folder: Path) -> list[Path]:
-    """Files of a model folder, relative, sorted; hidden files and an old manifest are skipped."""
+    """Files of a model folder, relative, sorted; hidden files and an old manifest are skipped. A
+    device, fifo, socket or broken link is refused rather than skipped: the folder is not what it seems."""
     files = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+        if any(part.startswith(".") for part in rel.parts) or path.is_dir() or rel.as_posix() == MANIFEST_NAME:
             continue
-        if rel.as_posix() == MANIFEST_NAME:
-            continue
+        if not path.is_file():
+            raise InvalidArtifact(
+                f"refusing {rel.as_posix()}: it is not a regular file (a device, a fifo, a socket or a broken "
+                "link); a model folder holds plain files only"
+            )
         files.append(rel)
     return files
 

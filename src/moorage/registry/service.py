@@ -16,6 +16,7 @@ from ..db import Catalog, as_utc, utcnow
 from ..errors import BadRequest, Conflict, EncryptionError, IntegrityError, ModelNotFound
 from ..refs import DEFAULT_ALIAS, ModelRef, parse_ref, validate_alias, validate_name
 from . import crypto
+from .artifacts import check_folder_files, is_safetensors, safetensors_problem
 from .manifest import Lineage, Manifest, check_safe, detect_framework, list_model_files, sha256_bytes
 from .store import ArtifactStore, NoProgress, Progress, verify_local
 from .tables import Alias, AliasEvent, ArtifactKey, Model, ModelVersion
@@ -134,12 +135,13 @@ class Registry:
         framework = detect_framework(folder, task)
         rel_files = list_model_files(folder)
         check_safe([p.as_posix() for p in rel_files])
+        check_folder_files(folder, rel_files)  # before anything is reserved or copied: a refusal leaves nothing
         if lineage is not None and not isinstance(lineage, Lineage):
             lineage = Lineage.model_validate(lineage)
         if encrypt is None:
             encrypt = bool(self.security and self.security.encrypt_artifacts)
         master = self.require_master_key("encrypt new versions") if encrypt else None
-        version = self._reserve_version(name, task, framework, description)
+        version, is_new_model = self._reserve_version(name, task, framework, description)
         progress = progress or NoProgress()
         data_key = crypto.new_data_key() if master else None
         try:
@@ -168,7 +170,7 @@ class Registry:
             )
             data = self.store.write_manifest(manifest)
         except BaseException:
-            self._abandon(name, version)
+            self._abandon(name, version, is_new_model)
             raise
         with self.catalog.session() as s:
             row = s.get_one(ModelVersion, (name, version))
@@ -249,9 +251,11 @@ class Registry:
         self._master = new
         return done, skipped
 
-    def _reserve_version(self, name: str, task: str, framework: str, description: str) -> int:
+    def _reserve_version(self, name: str, task: str, framework: str, description: str) -> tuple[int, bool]:
+        """The next version number, held by a pending row; and whether the model row is new."""
         with self.catalog.session() as s:
             model = _lock_model(s, name)
+            is_new_model = model is None
             if model is None:
                 s.add(Model(name=name, task=task, description=description, tags={}, created_by=self.user))
                 s.flush()
@@ -278,12 +282,18 @@ class Registry:
                     created_by=self.user,
                 )
             )
-        return version
+        return version, is_new_model
 
-    def _abandon(self, name: str, version: int) -> None:
+    def _abandon(self, name: str, version: int, is_new_model: bool) -> None:
+        """Undo a registration that failed half-way: its files, its row, and the model row it created
+        (unless another registration has added a version meanwhile)."""
         self.store.remove(name, version)
         with self.catalog.session() as s:
             s.execute(delete(ModelVersion).where(ModelVersion.model_name == name, ModelVersion.version == version))
+            if is_new_model and _lock_model(s, name) is not None:
+                left = s.scalar(select(func.count()).select_from(ModelVersion).where(ModelVersion.model_name == name))
+                if not left:
+                    s.execute(delete(Model).where(Model.name == name))
 
     # ---- read -------------------------------------------------------------------------------
     def resolve(self, ref: str | ModelRef) -> VersionInfo:
@@ -448,12 +458,28 @@ class Registry:
         """Recompute every checksum of a version; an empty list means it is intact."""
         info = self.resolve(ref)
         problems = self.store.verify(info.manifest, progress)
+        problems += self._header_problems(info, {p.split(":", 1)[0] for p in problems})
         try:
             stored = self.store.read_manifest_bytes(info.name, info.version)
             if sha256_bytes(stored) != info.manifest_sha256:
                 problems.insert(0, "moorage.json: differs from the catalog's manifest")
         except FileNotFoundError:
             problems.insert(0, "moorage.json: missing")
+        return problems
+
+    def _header_problems(self, info: VersionInfo, already_bad: set[str]) -> list[str]:
+        """One line per safetensors file whose header is malformed (files already reported missing or
+        changed are skipped). Encrypted files are ciphertext at rest: their headers are checked at load."""
+        if info.manifest.encryption:
+            return []
+        problems = []
+        for entry in info.manifest.files:
+            if entry.path in already_bad or not is_safetensors(entry.path):
+                continue
+            with self.store.open(info.name, info.version, entry.path) as f:
+                problem = safetensors_problem(f, entry.size)
+            if problem is not None:
+                problems.append(f"{entry.path}: not a valid safetensors file ({problem})")
         return problems
 
     def local_path(self, info: VersionInfo, progress: Progress | None = None) -> Path:

@@ -100,9 +100,15 @@ class ArtifactStore:
         return sorted(_strip(p, base) for p in found)
 
     def remove(self, name: str, version: int) -> None:
+        """Remove a version's files, and the model's folder once it is empty (object stores have none)."""
         path = self.version_path(name, version)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+        if self.is_local:
+            try:
+                os.rmdir(f"{self.root}/{name}")
+            except OSError:  # another version is there (or being written), or it is gone already
+                pass
 
     def verify(self, manifest: Manifest, progress: Progress | None = None) -> list[str]:
         """Recompute every checksum; return one problem line per bad, missing or extra file."""

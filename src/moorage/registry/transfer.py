@@ -16,9 +16,10 @@ import fsspec
 from sqlalchemy import select
 
 from ..db import as_utc
-from ..errors import BadRequest, Conflict, IntegrityError
+from ..errors import BadRequest, Conflict, IntegrityError, InvalidArtifact
 from ..refs import validate_name
-from .manifest import MANIFEST_NAME, Manifest, sha256_bytes
+from .artifacts import check_safetensors, check_stored_name, is_safetensors
+from .manifest import MANIFEST_NAME, Manifest, check_safe, sha256_bytes
 from .service import Registry
 from .store import NoProgress, Progress
 from .tables import Alias, AliasEvent, ArtifactKey, Model, ModelVersion
@@ -136,13 +137,42 @@ def import_models(
     return [_import_one(registry, fs, folder, progress or NoProgress()) for folder in folders]
 
 
+def _read_export(fs, folder: str) -> tuple[dict[str, Any], list[Manifest]]:
+    """The export document and its versions' manifests, checked before anything is written: names,
+    file paths (relative, no ``..``), no pickle files, each manifest agreeing with its version."""
+    where = f"{folder}/{EXPORT_NAME}"
+    try:
+        with fs.open(where, "rb") as f:
+            doc = json.loads(f.read())
+        if doc.get("format") != EXPORT_FORMAT:
+            raise BadRequest(f"{where} has export format {doc.get('format')!r}; expected {EXPORT_FORMAT}")
+        name = validate_name(doc["model"]["name"])
+        manifests = [Manifest.model_validate(v["manifest"]) for v in doc["versions"]]
+        for v, manifest in zip(doc["versions"], manifests):
+            if (manifest.name, manifest.version) != (name, v["version"]):
+                raise InvalidArtifact(
+                    f"refusing {where}: version {v['version']!r} carries the manifest of "
+                    f"{manifest.name}:{manifest.version}"
+                )
+            paths = [e.path for e in manifest.files]
+            for path in paths:
+                check_stored_name(path, f"{name}:{manifest.version}")
+            if len(set(paths)) != len(paths) or MANIFEST_NAME in paths:
+                raise InvalidArtifact(
+                    f"refusing {where}: {name}:{manifest.version} lists a file twice, or lists {MANIFEST_NAME}"
+                )
+            check_safe(paths)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise BadRequest(
+            f"{where} is not a moorage export ({type(exc).__name__}: {exc})".splitlines()[0], code="invalid_export"
+        ) from None
+    return doc, manifests
+
+
 def _import_one(registry: Registry, fs, folder: str, progress: Progress) -> str:
-    with fs.open(f"{folder}/{EXPORT_NAME}", "rb") as f:
-        doc = json.loads(f.read())
-    if doc.get("format") != EXPORT_FORMAT:
-        raise BadRequest(f"{folder}/{EXPORT_NAME} has export format {doc.get('format')!r}; expected {EXPORT_FORMAT}")
+    doc, manifests = _read_export(fs, folder)
     m = doc["model"]
-    name = validate_name(m["name"])
+    name = m["name"]
     with registry.catalog.session() as s:
         if s.get(Model, name) is not None:
             raise Conflict(f"model {name!r} already exists in the target registry; delete it or import elsewhere")
@@ -175,7 +205,6 @@ def _import_one(registry: Registry, fs, folder: str, progress: Progress) -> str:
                 )
             )
     try:
-        manifests = [Manifest.model_validate(v["manifest"]) for v in doc["versions"]]
         progress.start(f"import {name}", sum(mf.size_bytes for mf in manifests))
         for v, manifest in zip(doc["versions"], manifests):
             _copy_version(registry, fs, folder, manifest, v["manifest_sha256"], progress)
@@ -242,6 +271,9 @@ def _copy_version(
                 f"export of {manifest.name}:{manifest.version} is corrupt: file {expected.path} "
                 "does not match its checksum"
             )
+        if is_safetensors(expected.path) and not manifest.encryption:  # ciphertext is checked at load
+            with registry.store.open(manifest.name, manifest.version, expected.path) as f:
+                check_safetensors(f, expected.size, f"{manifest.name}:{manifest.version} {expected.path}")
     with fs.open(f"{src}/{MANIFEST_NAME}", "rb") as f:
         data = f.read()
     if sha256_bytes(data) != manifest_sha:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import stat
 import tarfile
 import tempfile
 from dataclasses import asdict
@@ -15,9 +16,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from ..errors import BadRequest, PayloadTooLarge
+from ..errors import BadRequest, InvalidArtifact, PayloadTooLarge
 from ..refs import validate_alias, validate_name
 from ..registry import Registry
+from ..registry.artifacts import name_problem
 from ..security.keys import Principal, parse_expiry
 from .common import FastJSON
 from .security import guard_of, require
@@ -112,8 +114,9 @@ async def upload_version(
     caller: Principal = Depends(require("manage_models")),
 ) -> Response:
     """Register a new version from a tar archive (optionally gzip) of the model folder, sent as the
-    request body. Bounded by ``security.max_upload_bytes``; links, devices and paths outside the
-    folder are refused."""
+    request body. Bounded by ``security.max_upload_bytes``; links, devices, fifos, sparse and
+    setuid/setgid members and absolute or ``..`` names are refused (400 ``unsafe_archive``), and so
+    is a malformed safetensors file (400 ``invalid_artifact``)."""
     _model_right(caller, name)
     if alias is not None:
         validate_alias(alias)
@@ -158,11 +161,8 @@ def _extract(archive: Path, target: Path, limit: int) -> Path:
             members = tar.getmembers()
             if len(members) > MAX_MEMBERS:
                 raise BadRequest(f"the archive holds more than {MAX_MEMBERS} entries", code="unsafe_archive")
-            bad = next((m.name for m in members if not (m.isfile() or m.isdir())), None)
-            if bad is not None:
-                raise BadRequest(
-                    f"the archive entry {bad!r} is a link or a device; send files only", code="unsafe_archive"
-                )
+            for member in members:
+                _check_member(member)
             if sum(m.size for m in members) > limit:
                 raise PayloadTooLarge(f"the archive unpacks to more than {limit} bytes", code="upload_too_large")
             try:
@@ -177,6 +177,24 @@ def _extract(archive: Path, target: Path, limit: int) -> Path:
     if not entries:
         raise BadRequest("the archive is empty", code="invalid_archive")
     return target
+
+
+def _check_member(member: tarfile.TarInfo) -> None:
+    """Refuse, rather than quietly rewrite, what tarfile's data filter would strip or clear: an absolute
+    or ``..`` name, setuid/setgid bits; and links, devices, fifos and sparse members outright."""
+    problem = name_problem(member.name)
+    if problem is None and not (member.isfile() or member.isdir()):
+        problem = "a link, a device or a fifo"
+    elif problem is None and member.issparse():
+        problem = "a sparse file"
+    elif problem is None and member.mode & (stat.S_ISUID | stat.S_ISGID):
+        problem = "setuid or setgid"
+    if problem is not None:
+        raise InvalidArtifact(
+            f"the archive entry {member.name!r} is {problem}; send a tar of plain files and folders "
+            "with relative names",
+            code="unsafe_archive",
+        )
 
 
 @operator.put("/models/{name}/aliases/{alias}")

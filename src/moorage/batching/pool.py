@@ -11,12 +11,14 @@ already accepted, and is stopped and unloaded once its last request has finished
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BadRequest, EngineFailed, ModelNotFound, NotReady
+from ..errors import BadRequest, EngineFailed, ModelLoadFailed, ModelNotFound, MoorageError, NotReady
 from ..observability import metrics
 from ..refs import ModelRef, parse_ref
 from ..registry import Registry, VersionInfo
@@ -34,6 +36,24 @@ class PoolConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     poll_interval_s: float = 2.0  # 0: follow aliases only on reload()
+    # a version that fails to load is retried by the watcher after 2 s, 4 s, 8 s, ... at most every 5 min
+    retry_initial_s: float = 2.0
+    retry_max_s: float = 300.0
+
+    def retry_delay(self, attempts: int) -> float:
+        """Seconds before the watcher tries a failing version again, after `attempts` failures."""
+        return min(self.retry_max_s, self.retry_initial_s * 2.0 ** min(attempts - 1, 32))
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A served reference whose new target did not load: the watcher backs off before trying again."""
+
+    version: int
+    attempts: int
+    delay_s: float
+    next_attempt_at: float  # on the pool's clock (time.monotonic)
+    error: str
 
 
 class ServedVersion:
@@ -81,6 +101,8 @@ class ModelPool:
         self._retiring: set[asyncio.Task] = set()
         self._watcher: asyncio.Task | None = None
         self._loaded = False
+        self._failures: dict[str, LoadFailure] = {}
+        self.clock = time.monotonic  # replaceable in tests
         self.load_error: str | None = None
         self.engine_failure: str | None = None  # set once any engine died: not ready until restarted
         self.failed = asyncio.Event()
@@ -176,45 +198,92 @@ class ModelPool:
             sv.drained.set()
 
     # -- hot swap ----------------------------------------------------------------------------
-    async def reload(self) -> list[dict[str, Any]]:
-        """Re-resolve every served reference; swap the ones that moved. Returns what changed."""
-        changes = []
+    def load_failures(self) -> dict[str, LoadFailure]:
+        """The served references whose new target failed to load, still serving their old version."""
+        return dict(self._failures)
+
+    async def reload(self, *, force: bool = True) -> list[dict[str, Any]]:
+        """Re-resolve every served reference; swap the ones that moved. Returns what changed.
+
+        A reference whose new version fails to load keeps serving its current one and does not stop
+        the others from swapping; the first failure is raised once every reference has been tried
+        (`ModelLoadFailed`, 422). Without `force` (the watcher), a version that failed is tried again
+        only once its back-off delay has passed."""
+        changes: list[dict[str, Any]] = []
+        errors: list[tuple[str, Exception]] = []
         async with self._swap_lock:
             for key, ref in self.refs.items():
-                info = await asyncio.to_thread(self.registry.resolve, ref)
-                old = self._served.get(key)
-                if old is None or old.version == info.version:
+                try:
+                    change = await self._follow(key, ref, force)
+                except Exception as exc:
+                    errors.append((key, exc))
                     continue
-                new = await self._start_version(info)
-                self._served[key] = new  # the switch: new requests now get the new version
-                metrics.MODEL_SWAPS.labels(info.name).inc()
-                log.info("%s: version %d -> %d", key, old.version, new.version)
-                changes.append({"model": key, "from_version": old.version, "to_version": new.version})
-                task = asyncio.get_running_loop().create_task(self._retire(old))
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
+                if change is not None:
+                    changes.append(change)
+        if errors:
+            raise _reload_error(errors, changes)
         return changes
+
+    async def _follow(self, key: str, ref: ModelRef, force: bool) -> dict[str, Any] | None:
+        info = await asyncio.to_thread(self.registry.resolve, ref)
+        old = self._served.get(key)
+        if old is None or old.version == info.version:
+            self._failures.pop(key, None)  # e.g. the alias was moved back
+            return None
+        failure = self._failures.get(key)
+        if failure is not None and failure.version != info.version:
+            failure = None  # a new target: a fresh start
+        if failure is not None and not force and self.clock() < failure.next_attempt_at:
+            return None
+        try:
+            new = await self._start_version(info)
+        except Exception as exc:
+            error = _start_failed(info, exc)
+            self._failures[key] = failure = self._failed(info, failure, error)
+            log.warning(
+                "%s: cannot load version %d (attempt %d), still serving version %d; next try in %.0fs: %s",
+                key, info.version, failure.attempts, old.version, failure.delay_s, failure.error,
+            )  # fmt: skip
+            raise error from exc
+        self._failures.pop(key, None)
+        self._served[key] = new  # the switch: new requests now get the new version
+        metrics.MODEL_SWAPS.labels(info.name).inc()
+        log.info("%s: version %d -> %d", key, old.version, new.version)
+        task = asyncio.get_running_loop().create_task(self._retire(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return {"model": key, "from_version": old.version, "to_version": new.version}
+
+    def _failed(self, info: VersionInfo, previous: LoadFailure | None, error: MoorageError) -> LoadFailure:
+        attempts = previous.attempts + 1 if previous is not None else 1
+        delay = self.config.retry_delay(attempts)
+        return LoadFailure(info.version, attempts, delay, self.clock() + delay, error.message)
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.config.poll_interval_s)
             try:
-                await self.reload()
+                await self.reload(force=False)
             except Exception as exc:  # the catalog may be briefly unreachable: keep serving what we have
-                log.warning("alias check failed, serving the current versions: %s", exc)
+                log.warning("reload failed, serving the current versions: %s", exc)
 
     async def _start_version(self, info: VersionInfo) -> ServedVersion:
         loaded = await asyncio.to_thread(self.runtime.load, info)
         metrics.MODEL_LOAD_SECONDS.labels(info.name, str(info.version)).observe(loaded.load_seconds)
         labels = (info.name, str(info.version))
         handler = loaded.handler
-        if Task(info.task) == Task.GENERATE:
-            if not isinstance(handler, StepGenerator):
-                raise BadRequest(f"{info.ref}: its handler cannot generate step by step", code="unsupported_model")
-            engine: DynamicBatcher | GenerationEngine = GenerationEngine(handler, self.config.generation, labels)
-        else:
-            engine = DynamicBatcher(handler, self.config.batch, labels)
-        engine.start()
+        try:
+            if Task(info.task) == Task.GENERATE:
+                if not isinstance(handler, StepGenerator):
+                    raise BadRequest(f"{info.ref}: its handler cannot generate step by step", code="unsupported_model")
+                engine: DynamicBatcher | GenerationEngine = GenerationEngine(handler, self.config.generation, labels)
+            else:
+                engine = DynamicBatcher(handler, self.config.batch, labels)
+            engine.start()
+        except BaseException:
+            if not any(sv.name == info.name and sv.version == info.version for sv in self._served.values()):
+                self.runtime.unload(info.name, info.version)  # nothing serves it: do not keep it in memory
+            raise
         sv = ServedVersion(loaded, engine)
         engine.add_failure_listener(lambda exc: self._engine_failed(sv, exc))
         return sv
@@ -225,3 +294,30 @@ class ModelPool:
         if not any(other.info.name == sv.name and other.version == sv.version for other in self._served.values()):
             self.runtime.unload(sv.name, sv.version)
             log.info("unloaded %s", sv.info.ref)
+
+
+def _start_failed(info: VersionInfo, exc: Exception) -> MoorageError:
+    """A version that did not start, as the error a reload answers with: its own 4xx or 503 (a store
+    outage), else 422 model_load_failed (an encrypted file that does not open, an engine that did not
+    start) rather than a 500 that says nothing."""
+    if isinstance(exc, MoorageError) and exc.status != 500:
+        return exc
+    if isinstance(exc, MoorageError):
+        return ModelLoadFailed(exc.message)
+    log.error("could not start %s", info.ref, exc_info=exc)
+    return ModelLoadFailed(f"cannot start {info.ref} ({type(exc).__name__}; the server log has the details)")
+
+
+def _reload_error(errors: list[tuple[str, Exception]], changes: list[dict[str, Any]]) -> Exception:
+    """One error for a reload in which some references failed: the first known error (its own status
+    and code, e.g. 422 model_load_failed), its message naming the other failures and the swaps done."""
+    known = [exc for _, exc in errors if isinstance(exc, MoorageError)]
+    if not known:
+        return errors[0][1]  # unexpected (e.g. the catalog is unreachable): the caller's 500 path logs it
+    notes = [f"{key}: {exc.message}" for key, exc in errors if isinstance(exc, MoorageError) and exc is not known[0]]
+    notes += [f"{c['model']} swapped {c['from_version']} -> {c['to_version']}" for c in changes]
+    if not notes:
+        return known[0]
+    error = copy.copy(known[0])
+    error.message = f"{error.message} (also: {'; '.join(notes)})"
+    return error

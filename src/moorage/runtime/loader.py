@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import RuntimeSettings
-from ..errors import BadRequest
+from ..errors import BadRequest, ModelLoadFailed, MoorageError
 from ..refs import ModelRef
 from ..registry import Progress, Registry, VersionInfo
+from ..registry.artifacts import is_safetensors, safetensors_problem
 from ..registry.crypto import MemoryFolder
 from ..registry.manifest import check_safe
 from .base import TaskHandler
@@ -56,19 +59,44 @@ def handler_for(task: str, framework: str) -> TaskHandler:
 def load_version(
     registry: Registry, info: VersionInfo, settings: RuntimeSettings, progress: Progress | None = None
 ) -> LoadedModel:
-    """Fetch (if remote), verify every checksum, then load. Nothing unverified reaches a handler."""
+    """Fetch (if remote), verify every checksum and safetensors header, then load. Nothing unverified
+    reaches a handler; a handler that fails is a `ModelLoadFailed` (422) naming the version, its
+    traceback in the log only."""
     started = time.perf_counter()
     check_safe([f.path for f in info.manifest.files])
     folder = registry.local_path(info, progress)
     handler = handler_for(info.task, info.framework)
-    if info.manifest.encryption:
-        with MemoryFolder(registry.read_plaintext(info, folder)) as plain:  # plaintext only in memory
-            handler.load(plain, info.manifest, settings)
-    else:
-        handler.load(folder, info.manifest, settings)
+    try:
+        if info.manifest.encryption:
+            with MemoryFolder(registry.read_plaintext(info, folder)) as plain:  # plaintext only in memory
+                _check_headers(plain, info)
+                handler.load(plain, info.manifest, settings)
+        else:
+            _check_headers(folder, info)
+            handler.load(folder, info.manifest, settings)
+    except MoorageError:
+        raise
+    except Exception as exc:
+        log.error("could not load %s", info.ref, exc_info=True)
+        raise ModelLoadFailed(
+            f"cannot load {info.ref}: its {info.framework} handler failed ({type(exc).__name__}; the server "
+            f"log has the details); serve another version, e.g. `moorage models rollback {info.name} ALIAS`"
+        ) from exc
     elapsed = time.perf_counter() - started
     log.info("loaded %s (%s, %s) in %.2fs", info.ref, info.task, info.framework, elapsed)
     return LoadedModel(info, handler, elapsed)
+
+
+def _check_headers(folder: Path, info: VersionInfo) -> None:
+    """Versions registered before headers were checked at registration are checked here, cheaply."""
+    for entry in info.manifest.files:
+        if not is_safetensors(entry.path):
+            continue
+        path = folder / entry.path
+        with open(path, "rb") as f:
+            problem = safetensors_problem(f, os.fstat(f.fileno()).st_size)
+        if problem is not None:
+            raise ModelLoadFailed(f"cannot load {info.ref}: {entry.path} is not a valid safetensors file ({problem})")
 
 
 class Runtime:

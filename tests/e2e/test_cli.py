@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -77,3 +78,56 @@ def test_delete_without_yes_on_a_non_interactive_terminal_refuses_in_one_line(cl
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
     assert lines == ["error: refusing to delete x:1 without --yes: there is no terminal to confirm on"]
     assert "x:1" in cli("models", "show", "x:1", check=True).stdout  # nothing was deleted
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Run `python -m moorage ARGS` with the home folder read-only: a read-only bind mount in a private
+    mount namespace (root ignores file modes), or the files' write bits removed (anyone else)."""
+    home = tmp_path / "home"
+    chmodded = []
+
+    def run(env: dict, *args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "moorage", *args]
+        if os.geteuid() == 0:
+            mount = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+            probe = subprocess.run(["unshare", "-m", "sh", "-c", mount, str(home), "true"], capture_output=True)
+            if probe.returncode != 0:
+                pytest.skip(f"cannot mount the home read-only as root: {probe.stderr.decode().strip()}")
+            command = ["unshare", "-m", "sh", "-c", mount, str(home), *command]
+        elif not chmodded:
+            for path in [home, *home.rglob("*")]:
+                chmodded.append((path, path.stat().st_mode))
+                path.chmod(path.stat().st_mode & ~0o222)
+        return subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=300)
+
+    yield run
+    for path, mode in reversed(chmodded):
+        path.chmod(mode)
+
+
+def test_a_read_only_home_still_lists_shows_and_verifies(cli, cli_env, fake_model, read_only):
+    cli("models", "register", str(fake_model()), "--name", "x", "--task", "embed", "--alias", "production", check=True)
+    listed = read_only(cli_env, "models", "list")
+    assert listed.returncode == 0 and "production" in listed.stdout, listed.stderr
+    shown = read_only(cli_env, "models", "show", "x@production", "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["ref"] == "x:1", shown.stderr
+    verified = read_only(cli_env, "models", "verify", "x")
+    assert verified.returncode == 0 and "2 files OK" in verified.stdout, verified.stderr
+    tagged = read_only(cli_env, "models", "tag", "x", "team=search")  # a write: refused, and says why
+    assert tagged.returncode == 2 and tagged.stderr.strip().count("\n") == 0, tagged.stderr
+    assert tagged.stderr.startswith("error: the catalog ") and "is read-only" in tagged.stderr
+
+
+def test_a_read_only_catalog_behind_the_schema_says_it_needs_an_upgrade(cli, cli_env, fake_model, read_only, tmp_path):
+    import sqlite3
+
+    cli("models", "register", str(fake_model()), "--name", "x", "--task", "embed", check=True)
+    db = sqlite3.connect(tmp_path / "home" / "catalog.db")
+    with db:  # as if an older moorage had written it
+        db.execute("UPDATE alembic_version SET version_num = '0001'")
+    db.close()
+    listed = read_only(cli_env, "models", "list")
+    assert listed.returncode == 2 and listed.stderr.count("\n") == 1, listed.stderr
+    assert "is read-only and its schema is at revision 0001, not " in listed.stderr
+    assert "run any moorage command once with write access" in listed.stderr

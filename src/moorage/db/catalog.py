@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from ..errors import ConfigError, MissingDependency, MoorageError
+from . import readonly
 
 log = logging.getLogger("moorage.catalog")
 
@@ -82,9 +83,14 @@ def _create_engine(url: str, lock_timeout_s: float) -> Engine:
 
 
 def _sqlite_engine(parsed, lock_timeout_s: float) -> Engine:
+    read_only = None
     if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(parsed, connect_args={"timeout": lock_timeout_s}, poolclass=NullPool)
+        path = Path(parsed.database).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        read_only = readonly.read_only_url(parsed, path)  # a read-only home still lists and shows
+    engine = create_engine(read_only or parsed, connect_args={"timeout": lock_timeout_s}, poolclass=NullPool)
+    if read_only is not None:
+        readonly.refuse_writes(engine)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):  # pragma: no cover - trivial
@@ -120,8 +126,11 @@ def _ensure_schema(engine: Engine) -> None:
     head = ScriptDirectory.from_config(cfg).get_current_head()
     try:
         with engine.connect() as conn:
-            if MigrationContext.configure(conn).get_current_revision() == head:
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current == head:
                 return
+        if readonly.is_read_only(engine):
+            raise readonly.migration_needed(engine, current, head)
         with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})

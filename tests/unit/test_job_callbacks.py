@@ -1,5 +1,6 @@
 """Callback delivery against a real HTTP receiver on 127.0.0.1: retries on 5xx, 429 and connection
-errors only, no redirects, the egress policy before every attempt, short stable answers."""
+errors only, no redirects, the egress policy before every attempt, short stable answers, the job's
+idempotency key on every attempt."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from moorage.jobs import callbacks
-from moorage.jobs.callbacks import deliver
+from moorage.jobs.callbacks import deliver, idempotency_headers
 
 pytestmark = pytest.mark.anyio
 LOCAL = ["127.0.0.1"]
@@ -30,6 +31,7 @@ class Receiver:
     script: dict[str, list[int]] = field(default_factory=dict)
     hits: Counter = field(default_factory=Counter)
     bodies: list[dict] = field(default_factory=list)
+    keys: list[tuple[str | None, str | None]] = field(default_factory=list)  # Idempotency-Key, delivery
     release: threading.Event = field(default_factory=threading.Event)  # for the path that hangs
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -55,6 +57,7 @@ def receiver() -> Iterator[Receiver]:
                 state.release.wait(30)
             with state.lock:
                 state.bodies.append({"type": self.headers["Content-Type"], "json": json.loads(body)})
+                state.keys.append((self.headers.get("Idempotency-Key"), self.headers.get("Moorage-Callback-Delivery")))
             self.send_response(status)
             if 300 <= status < 400:
                 self.send_header("Location", state.url("/landing"))
@@ -86,6 +89,17 @@ async def test_two_server_errors_then_success_is_delivered_on_the_third_attempt(
     status = await deliver(receiver.url("/flaky"), JOB, allow=LOCAL, retries=3, timeout_s=5, backoff_s=0)
     assert status == "delivered: HTTP 200"
     assert receiver.hits["/flaky"] == 3
+
+
+async def test_every_attempt_carries_the_jobs_idempotency_key(receiver):
+    receiver.script["/flaky"] = [503, 200]
+    headers = idempotency_headers("job-1", 2)
+    status = await deliver(
+        receiver.url("/flaky"), JOB, allow=LOCAL, retries=3, timeout_s=5, backoff_s=0, headers=headers
+    )
+    assert status == "delivered: HTTP 200"
+    assert receiver.keys == [("job-1", "2"), ("job-1", "2")]
+    assert {b["type"] for b in receiver.bodies} == {"application/json"}  # not replaced by the extra headers
 
 
 async def test_a_receiver_that_keeps_failing_gets_exactly_retries_attempts(receiver):

@@ -16,6 +16,10 @@ The answer is what `JobStore.set_callback_status` records and ``GET /v1/jobs/{id
     failed: connect_error after 3 attempts      (also: timeout, network_error, callback_unresolvable)
 
 It never carries an exception's text: that could tell the caller about the server's network.
+
+A job's callback is delivered at least once: a server that dies before it records the outcome
+leaves the callback ``pending`` in the job's row, and the runner that reclaims the job delivers it
+again with the same ``Idempotency-Key`` (the job id).
 """
 
 from __future__ import annotations
@@ -44,6 +48,13 @@ class _Retryable(Exception):
         self.reason = reason
 
 
+def idempotency_headers(job_id: str, delivery: int) -> dict[str, str]:
+    """The headers of a job's callback: ``Idempotency-Key`` is the job id, the same on every delivery
+    (callbacks are at-least-once: a receiver that has seen the key has seen the job), and
+    ``Moorage-Callback-Delivery`` counts the deliveries (1, 2, ... as ``callback_attempts`` records)."""
+    return {"Idempotency-Key": job_id, "Moorage-Callback-Delivery": str(delivery)}
+
+
 async def deliver(
     url: str,
     payload: Mapping[str, Any],
@@ -53,6 +64,7 @@ async def deliver(
     timeout_s: float,
     client: httpx.AsyncClient | None = None,
     backoff_s: float = 0.5,
+    headers: Mapping[str, str] | None = None,
 ) -> str:
     """POST `payload` as JSON to `url` and say what became of it (see the module docstring).
 
@@ -63,6 +75,7 @@ async def deliver(
     double up to 5 s. `timeout_s` bounds each attempt. `client` lets a runner share one connection
     pool across deliveries (it is not closed here; redirects stay off whatever it is set to);
     without one, a client is made for this delivery and ignores proxy environment variables.
+    `headers` go with every attempt (a job's ``Idempotency-Key``, see `idempotency_headers`).
 
     Never raises for anything the receiver or the network does; a payload that is not JSON-ready
     raises `TypeError` before any attempt, and cancellation propagates.
@@ -79,7 +92,7 @@ async def deliver(
         reraise=True,
     )
     try:
-        return await retrying(_attempt, http, url, body, list(allow), timeout_s)
+        return await retrying(_attempt, http, url, body, list(allow), timeout_s, dict(headers or {}))
     except _Retryable as exc:
         attempts = retrying.statistics.get("attempt_number", retries)
         return f"failed: {exc.reason} after {attempts} attempt{'s' if attempts != 1 else ''}"
@@ -93,14 +106,16 @@ async def deliver(
             await http.aclose()
 
 
-async def _attempt(http: httpx.AsyncClient, url: str, body: bytes, allow: list[str], timeout_s: float) -> str:
+async def _attempt(
+    http: httpx.AsyncClient, url: str, body: bytes, allow: list[str], timeout_s: float, extra: dict[str, str]
+) -> str:
     try:  # resolved in a thread: getaddrinfo blocks
         await asyncio.to_thread(check_callback_url, url, allow)
     except CallbackNotAllowed as exc:
         if exc.code == "callback_unresolvable":  # DNS may answer next time
             raise _Retryable(exc.code) from None
         raise
-    headers = {"Content-Type": "application/json"}
+    headers = {**extra, "Content-Type": "application/json"}
     try:
         # Streamed and closed unread: only the status matters, and a receiver cannot make us buffer
         # a large body.

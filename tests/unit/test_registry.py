@@ -1,9 +1,13 @@
+import io
 import json
+import struct
 
+import numpy as np
 import pytest
 
-from moorage.errors import BadRequest, Conflict, ModelNotFound, UnsafeArtifact
+from moorage.errors import BadRequest, Conflict, InvalidArtifact, ModelNotFound, UnsafeArtifact
 from moorage.registry import Registry
+from moorage.registry.artifacts import check_stored_name, name_problem, safetensors_problem
 
 
 def test_register_alias_rollback_history(registry, fake_model):
@@ -179,3 +183,90 @@ def test_catalog_survives_reopen(settings, fake_model):
     again = Registry.from_settings(settings)
     assert again.resolve("x").aliases == ("production",)
     again.close()
+
+
+# ---- safetensors headers and member names ------------------------------------------------------
+def _st(header, data: bytes = b"") -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def _t(dtype: str, shape: list, begin: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+def test_a_header_safetensors_writes_passes():
+    from safetensors.numpy import save
+
+    data = save(
+        {
+            "w": np.zeros((3, 4), np.float16),
+            "mask": np.ones(5, bool),
+            "ids": np.arange(3, dtype=np.uint64),
+            "empty": np.zeros((0, 7), np.float32),
+            "scalar": np.array(1.5, np.float64),
+        },
+        metadata={"format": "pt"},
+    )
+    assert safetensors_problem(io.BytesIO(data), len(data)) is None
+    assert safetensors_problem(io.BytesIO(_st({})), 10) is None  # no tensor at all
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"\x01\x00", "shorter than the 8-byte header length"),
+        (struct.pack("<Q", 2**60) + b"{}", "over the 100000000-byte limit"),
+        (struct.pack("<Q", 64) + b"{}", "runs past the end"),
+        (_st(b"\xff\xfe{}"), "not JSON"),
+        (_st(b"[1, 2]"), "not a JSON object"),
+        (_st(b'{"a": 1, "a": 2}'), "names 'a' twice"),
+        (_st({"__metadata__": {"n": 1}}), "__metadata__ must map strings to strings"),
+        (_st({"a": _t("F33", [1], 0, 4)}, b"\0" * 4), "unknown dtype 'F33'"),
+        (_st({"a": _t("F32", [True], 0, 4)}, b"\0" * 4), "shape must be a list of non-negative integers"),
+        (_st({"a": _t("F32", [-1], 0, 4)}, b"\0" * 4), "shape must be a list of non-negative integers"),
+        (_st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, b"\0" * 4), "data_offsets must be"),
+        (_st({"a": _t("F32", [1], 4, 0)}, b"\0" * 4), "end 0 is before begin 4"),
+        (_st({"a": _t("F32", [2], 0, 4)}, b"\0" * 4), "needs 8 bytes, data_offsets span 4"),
+        (_st({"a": _t("F32", [1], 0, 4), "b": _t("F32", [1], 2, 6)}, b"\0" * 6), "overlaps"),
+        (_st({"a": _t("F32", [1], 0, 4), "b": _t("F32", [1], 8, 12)}, b"\0" * 12), "a gap before tensor 'b'"),
+        (_st({"a": _t("F32", [4], 0, 16)}, b"\0" * 8), "past the 8-byte data buffer"),
+        (_st({"a": _t("F32", [1], 0, 4)}, b"\0" * 8), "cover 4 of the 8 data bytes"),
+    ],
+)
+def test_malformed_headers_are_named_and_safetensors_refuses_them_too(data, problem):
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    found = safetensors_problem(io.BytesIO(data), len(data))
+    assert found is not None and problem in found, found
+    with pytest.raises(SafetensorError):  # the reference implementation agrees: nothing refused here loads
+        load(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("/etc/passwd", "an absolute path"),
+        ("\\\\server\\share", "an absolute path"),
+        ("C:/weights", "an absolute path"),
+        ("../up", "a '..' component"),
+        ("sub/../../up", "a '..' component"),
+        ("sub\\..\\up", "a '..' component"),
+        ("bad\x00name", "NUL"),
+        ("", "empty"),
+    ],
+)
+def test_unsafe_names(name, problem):
+    found = name_problem(name)
+    assert found is not None and problem in found
+    with pytest.raises(InvalidArtifact):
+        check_stored_name(name, "x:1")
+
+
+def test_safe_names():
+    for name in ("weights.safetensors", "1_Pooling/config.json", "./fake.json", "a..b/c"):
+        assert name_problem(name) is None
+    check_stored_name("1_Pooling/config.json", "x:1")
+    with pytest.raises(InvalidArtifact, match="not normalised"):
+        check_stored_name("./fake.json", "x:1")

@@ -38,7 +38,8 @@ def register(
         Optional[bool], typer.Option("--encrypt/--no-encrypt", help="encrypt at rest (default: settings)")
     ] = None,
 ) -> None:
-    """Copy a model folder into the registry as its next version."""
+    """Copy a model folder into the registry as its next version (refused, storing nothing, if a
+    safetensors header is malformed or a file is not a plain file)."""
     if parent is not None:
         parse_ref(parent)
     st = state(ctx)
@@ -208,7 +209,8 @@ def delete(
 
 @app.command()
 def verify(ctx: typer.Context, ref: str) -> None:
-    """Recompute every checksum of a version; exit 1 if any file differs."""
+    """Recompute every checksum and read every safetensors header of a version; exit 1 if any file
+    differs or is malformed."""
     reg = state(ctx).registry
     info = reg.resolve(ref)
     with RichProgress() as progress:

@@ -91,6 +91,20 @@ class ServeSettings(BaseModel):
     max_inputs: int = Field(2048, ge=1, description="texts per request")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request names none")
     graceful_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for in-flight work")
+    limit_concurrency: int | None = Field(
+        1000,
+        ge=1,
+        description="per worker process: most open connections and requests at once; beyond, a request is "
+        "answered 503 and a new connection is answered 503 and closed at once (none: no limit)",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection that has not sent a request's complete headers this long after connecting "
+        "(or after the first byte of its next request) is closed",
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this")
+    max_header_bytes: int = Field(64 << 10, ge=1024, description="largest request line and headers (431 above)")
     exit_on_engine_failure: bool = Field(
         True,
         description="when a model's engine dies, stop the process so its supervisor restarts it "

@@ -268,5 +268,5 @@ def test_safe_names():
     for name in ("weights.safetensors", "1_Pooling/config.json", "./fake.json", "a..b/c"):
         assert name_problem(name) is None
     check_stored_name("1_Pooling/config.json", "x:1")
-    with pytest.raises(InvalidArtifact, match="not normalised"):
+    with pytest.raises(InvalidArtifact, match="is not a normalised path"):
         check_stored_name("./fake.json", "x:1")

@@ -52,13 +52,13 @@ class _Malformed(ValueError):
 
 # ---- names and modes ---------------------------------------------------------------------------
 def name_problem(name: str) -> str | None:
-    """Why a relative file name is unsafe to store (absolute, ``..``, NUL), or None."""
+    """Why a relative file name is unsafe to store (absolute, ``..``, NUL), as a predicate, or None."""
     if not name or "\x00" in name:
-        return "an empty name or one with a NUL byte"
+        return "is empty or has a NUL byte"
     if name.startswith(("/", "\\")) or _DRIVE.match(name):
-        return "an absolute path"
+        return "is an absolute path"
     if ".." in re.split(r"[/\\]", name):
-        return "a '..' component"
+        return "has a '..' component"
     return None
 
 
@@ -66,17 +66,17 @@ def check_stored_name(name: str, where: str) -> None:
     """A manifest's file path: relative, normalised, no ``..``; refused otherwise."""
     problem = name_problem(name)
     if problem is None and (PurePosixPath(name).as_posix() != name or "." in name.split("/") or "\\" in name):
-        problem = "a path that is not normalised"
+        problem = "is not a normalised path"
     if problem is not None:
-        raise InvalidArtifact(f"refusing {where}: file name {name!r} is {problem}")
+        raise InvalidArtifact(f"refusing {where}: file name {name!r} {problem}")
 
 
 def mode_problem(mode: int) -> str | None:
-    """Why a file mode is refused: anything but a plain file, or setuid/setgid bits."""
+    """Why a file mode is refused, as a predicate: anything but a plain file, or setuid/setgid bits."""
     if not stat.S_ISREG(mode):
-        return "not a regular file (a device, a fifo, a socket or a broken link)"
+        return "is not a regular file (a device, a fifo, a socket or a broken link)"
     if mode & (stat.S_ISUID | stat.S_ISGID):
-        return "setuid or setgid"
+        return "is setuid or setgid"
     return None
 
 
@@ -88,7 +88,7 @@ def check_folder_files(folder: Path, rel_files: list[Path]) -> None:
         st = os.stat(path)
         problem = mode_problem(st.st_mode)
         if problem is not None:
-            raise InvalidArtifact(f"refusing {rel.as_posix()}: it is {problem}; a model folder holds plain files only")
+            raise InvalidArtifact(f"refusing {rel.as_posix()}: it {problem}; a model folder holds plain files only")
         if is_safetensors(rel.as_posix()):
             with open(path, "rb") as f:
                 check_safetensors(f, st.st_size, rel.as_posix())

@@ -184,15 +184,14 @@ def _check_member(member: tarfile.TarInfo) -> None:
     or ``..`` name, setuid/setgid bits; and links, devices, fifos and sparse members outright."""
     problem = name_problem(member.name)
     if problem is None and not (member.isfile() or member.isdir()):
-        problem = "a link, a device or a fifo"
+        problem = "is a link, a device or a fifo"
     elif problem is None and member.issparse():
-        problem = "a sparse file"
-    elif problem is None and member.mode & (stat.S_ISUID | stat.S_ISGID):
-        problem = "setuid or setgid"
+        problem = "is a sparse file"
+    elif problem is None and member.isfile() and member.mode & (stat.S_ISUID | stat.S_ISGID):
+        problem = "is setuid or setgid"  # (a setgid folder is common on shared machines, and harmless here)
     if problem is not None:
         raise InvalidArtifact(
-            f"the archive entry {member.name!r} is {problem}; send a tar of plain files and folders "
-            "with relative names",
+            f"the archive entry {member.name!r} {problem}; send a tar of plain files and folders with relative names",
             code="unsafe_archive",
         )
 

@@ -1,5 +1,6 @@
 """Job rows on a real PostgreSQL catalog shared by two replicas (two engines, many threads): no start
-is lost, and of racing finishes exactly one stores its outcome."""
+is lost, of racing finishes exactly one stores its outcome, of racing runners exactly one holds a
+job, and an expired lease is reclaimed by exactly one of the runners that race for it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from moorage.db import Catalog
-from moorage.jobs import Job, JobError, JobNotFound, JobStatus, JobStore
+from moorage.jobs import CALLBACK_PENDING, Job, JobError, JobNotFound, JobStatus, JobStore
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def test_racing_starts_count_every_attempt_and_one_finish_wins(stores):
 
     def start(i: int) -> Job | None:
         barrier.wait()
-        return stores[i % 2].start(job.id)
+        return stores[i % 2].start(job.id, "r1")  # one runner's redelivered messages
 
     def finish(i: int) -> Job | None:
         barrier.wait()
@@ -45,18 +46,21 @@ def test_racing_starts_count_every_attempt_and_one_finish_wins(stores):
     stored = stores[1].get(job.id)
     assert stored == winners[0]
     assert stored.created_at.tzinfo is not None and stored.finished_at >= stored.started_at
-    assert stores[0].start(job.id) is None
+    assert stores[0].start(job.id, "r1") is None
 
 
 def test_two_replicas_taking_the_same_jobs_finish_each_exactly_once(stores):
-    """Every job is delivered to both replicas (a redelivery storm): each still ends once."""
+    """Every job is delivered to both replicas (a redelivery storm): each still ends once, and each is
+    started by one replica only (the other sees its live lease)."""
     ids = [stores[0].create("emb", {"inputs": [str(i)]}).id for i in range(40)]
+    started: list[list[str]] = [[], []]
 
     def run(replica: int) -> list[str]:
         won = []
         for job_id in ids:
-            if stores[replica].start(job_id) is None:
+            if stores[replica].start(job_id, f"replica-{replica}") is None:
                 continue
+            started[replica].append(job_id)
             if stores[replica].finish(job_id, JobStatus.SUCCEEDED, result={"replica": replica}) is not None:
                 won.append(job_id)
         return won
@@ -64,6 +68,7 @@ def test_two_replicas_taking_the_same_jobs_finish_each_exactly_once(stores):
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(run, (0, 1)))
     assert sorted(results[0] + results[1]) == sorted(ids)
+    assert sorted(started[0] + started[1]) == sorted(ids)  # no job started twice
     for replica, won in enumerate(results):
         for job_id in won:
             job = stores[1 - replica].get(job_id)
@@ -72,6 +77,37 @@ def test_two_replicas_taking_the_same_jobs_finish_each_exactly_once(stores):
 
 def test_an_unknown_job_is_not_a_finished_one_on_postgres(stores):
     with pytest.raises(JobNotFound):
-        stores[0].start("job-from-another-catalog")
+        stores[0].start("job-from-another-catalog", "r1")
     with pytest.raises(JobNotFound):
         stores[1].finish("job-from-another-catalog", JobStatus.SUCCEEDED, result={})
+
+
+def test_racing_runners_reclaim_an_expired_lease_once(pg_url):
+    """A runner died holding a running job and a pending callback; eight runners see the leases
+    expire at once: one of them takes each."""
+    catalogs = [Catalog(pg_url), Catalog(pg_url)]
+    stores = [JobStore(c.engine, lease_s=1.0) for c in catalogs]
+    running = stores[0].create("emb", {"inputs": ["a"]})
+    called = stores[0].create("emb", {"inputs": ["b"]}, callback_url="https://hooks.example/x")
+    stores[0].start(running.id, "dead")
+    stores[0].start(called.id, "dead")
+    assert stores[0].finish(called.id, JobStatus.SUCCEEDED, result={}, runner_id="dead").callback_status == (
+        CALLBACK_PENDING
+    )
+    stores[0].expire("dead")  # as if lease_s had passed
+    expired = stores[1].expired()
+    assert {j.id for j in expired} == {running.id, called.id}
+    barrier = threading.Barrier(8)
+
+    def reclaim(i: int) -> list[Job]:
+        barrier.wait()
+        return [t for j in expired if (t := stores[i % 2].reclaim(j, f"r{i}")) is not None]
+
+    with ThreadPoolExecutor(8) as pool:
+        taken = [t for ts in pool.map(reclaim, range(8)) for t in ts]
+    assert sorted(t.id for t in taken) == sorted([running.id, called.id])
+    assert stores[0].get(running.id).status == JobStatus.QUEUED
+    (callback,) = [t for t in taken if t.id == called.id]
+    assert stores[1].begin_callback(called.id, callback.runner_id) == 1
+    for c in catalogs:
+        c.dispose()

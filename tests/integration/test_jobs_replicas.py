@@ -1,5 +1,6 @@
 """Two server replicas sharing one jobs queue and one PostgreSQL catalog: every job submitted to either
-runs exactly once and ends succeeded or failed with a code; none stays queued."""
+runs exactly once and ends succeeded or failed with a code; none stays queued; neither takes the
+other's jobs, and the jobs of a third that died are reclaimed, each by one of them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.anyio
 NUM_JOBS = 100
 
 
-async def test_two_replicas_run_each_of_100_jobs_exactly_once(tmp_path, pg_url, fake_model, serving):
+def _replicas(tmp_path, pg_url, **extra: str) -> list:
     queue_url = f"sqlite:///{tmp_path / 'shared-queue.db'}?topic=jobs&visibility_timeout=120"
     catalog_url = pg_url.replace("postgresql://", "postgresql+psycopg://")
     replicas = []
@@ -28,8 +29,14 @@ async def test_two_replicas_run_each_of_100_jobs_exactly_once(tmp_path, pg_url, 
             "MOORAGE_REGISTRY__CATALOG_URL": catalog_url,
             "MOORAGE_REGISTRY__STORE_URL": str(tmp_path / "artifacts"),
             "MOORAGE_STREAM__JOBS_URL": queue_url,
+            **extra,
         }
         replicas.append((load_settings(environ=env), None))
+    return replicas
+
+
+async def test_two_replicas_run_each_of_100_jobs_exactly_once(tmp_path, pg_url, fake_model, serving):
+    replicas = _replicas(tmp_path, pg_url)
     first = Registry.from_settings(replicas[0][0])
     first.register(fake_model("embed"), "emb", "embed")
     first.register(fake_model("generate"), "gen", "generate")
@@ -71,3 +78,31 @@ async def test_two_replicas_run_each_of_100_jobs_exactly_once(tmp_path, pg_url, 
     attempts = [store.get(job_id).attempts for job_id in ids]
     catalog.close()
     assert attempts == [1] * NUM_JOBS  # each ran exactly once, on one replica or the other
+
+
+async def test_the_jobs_of_a_dead_replica_are_reclaimed_by_the_live_ones(tmp_path, pg_url, fake_model, serving):
+    """A third replica died holding 30 jobs (leases expired, its queue messages lost with it): the two
+    live replicas reclaim each once between them and run it; none is started by both."""
+    from moorage.jobs import JobStatus, JobStore
+
+    replicas = _replicas(tmp_path, pg_url, MOORAGE_JOBS__LEASE_S="1")
+    first = Registry.from_settings(replicas[0][0])
+    first.register(fake_model("embed"), "emb", "embed")
+    store = JobStore(first.catalog.engine)
+    ids = [store.create("emb", {"inputs": [f"left {i}"]}).id for i in range(30)]
+    for job_id in ids:
+        store.start(job_id, "dead-replica")
+    store.expire("dead-replica")
+    async with AsyncExitStack() as stack:
+        for settings, _ in replicas:
+            registry = Registry.from_settings(settings)
+            stack.callback(registry.close)
+            await stack.enter_async_context(serving(settings, registry, refs=("emb",)))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(store.get(job_id).is_finished for job_id in ids):
+            await asyncio.sleep(0.1)
+    jobs = [store.get(job_id) for job_id in ids]
+    first.close()
+    assert [j.status for j in jobs] == [JobStatus.SUCCEEDED] * len(ids)
+    assert [j.attempts for j in jobs] == [2] * len(ids)  # the dead replica's start, then one reclaimer's
+    assert all(j.runner_id not in (None, "dead-replica") for j in jobs)  # finished by a live replica

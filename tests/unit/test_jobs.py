@@ -1,4 +1,5 @@
-"""POST /v1/jobs + GET /v1/jobs/{id}: the same results as a direct predict, durable, with callbacks."""
+"""POST /v1/jobs + GET /v1/jobs/{id}: the same results as a direct predict, durable, with callbacks;
+the leases of a dead runner reclaimed, a live runner's left alone."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from moorage.config import load_settings
-from moorage.jobs import JobStore
+from moorage.jobs import JobStatus, JobStore
 from moorage.registry import Registry
 from moorage.streams import open_broker
+
+from tests.support import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -36,14 +39,23 @@ def models(registry, fake_model):
     return registry
 
 
+class Received(list):
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: list[dict] = []
+
+
 @pytest.fixture
 def callback_server():
-    """A local HTTP endpoint that records the JSON bodies POSTed to it."""
-    received: list[dict] = []
+    """A local HTTP endpoint that records the JSON bodies POSTed to it (and their headers, in
+    ``received.headers``)."""
+    received = Received()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.headers.append(dict(self.headers))
+            received.append(body)
             self.send_response(204)
             self.end_headers()
 
@@ -145,3 +157,82 @@ async def test_a_job_unknown_to_this_catalog_is_retried_then_dead_lettered_never
         (dead,) = await queue.dead_letters()
     registry.close()
     assert dead.reason.startswith("max_deliveries") and "job_not_found" in dead.reason
+
+
+def _lease_settings(home, **env):
+    return _settings(home, jobs__callback_allow='["127.0.0.1"]', jobs__lease_s="1", **env)
+
+
+async def test_a_dead_runners_jobs_are_reclaimed_at_start_up(home, models, serving, callback_server):
+    """What a server SIGKILLed mid-run leaves: a running job and a finished job whose callback it had
+    begun, both leased to it, their messages still hidden in the queue. The next server reclaims
+    both: the job runs again, the callback arrives with the job's id as its idempotency key."""
+    hook, received = callback_server
+    store = JobStore(models.catalog.engine)
+    running = store.create("emb", {"inputs": ["left running"]}, callback_url=hook)
+    uncalled = store.create("emb", {"inputs": ["finished"]}, callback_url=hook)
+    store.start(running.id, "dead-runner")
+    store.start(uncalled.id, "dead-runner")
+    store.finish(uncalled.id, JobStatus.SUCCEEDED, {"outputs": ["stored once"]}, runner_id="dead-runner")
+    assert store.begin_callback(uncalled.id, "dead-runner") == 1  # then it died
+    store.expire("dead-runner")  # as if lease_s had passed; no queue message exists for either job
+    async with serving(_lease_settings(home), models, refs=("emb@production",)) as (_, c):
+        await eventually(lambda: len(received) == 2, what="both callbacks")
+        done = await wait_job(c, running.id)
+        called = await wait_job(c, uncalled.id)
+    assert done["status"] == "succeeded" and len(done["result"]["outputs"]) == 1
+    assert store.get(running.id).attempts == 2  # the dead runner's start and this one
+    assert called["result"] == {"outputs": ["stored once"]}  # delivered, not run again
+    by_id = {body["id"]: headers for body, headers in zip(received, received.headers)}
+    assert by_id[uncalled.id]["Idempotency-Key"] == uncalled.id
+    assert by_id[uncalled.id]["Moorage-Callback-Delivery"] == "2"
+    assert by_id[running.id]["Idempotency-Key"] == running.id
+    for job_id in (running.id, uncalled.id):
+        job = store.get(job_id)
+        assert job.callback_status == "delivered: HTTP 204" and job.lease_expires_at is None
+
+
+async def test_a_live_runners_job_is_not_taken_until_its_lease_expires(home, models, serving):
+    """A duplicate message of a job that another, live, runner holds is acknowledged and runs nothing
+    here; once that runner stops renewing, this server reclaims the job and runs it."""
+    settings = _lease_settings(home)
+    store = JobStore(models.catalog.engine, lease_s=3600)  # the other runner's lease: live
+    job = store.create("emb", {"inputs": ["held"]})
+    store.start(job.id, "live-runner")
+    queue_url = f"sqlite:///{settings.home / 'jobs-queue.db'}?topic=jobs"
+    async with open_broker(queue_url) as queue:
+        await queue.publish([json.dumps({"id": job.id}).encode()])
+        async with serving(settings, models, refs=("emb@production",)) as (_, c):
+            lag = [None]
+
+            async def consumed() -> None:
+                while lag[0] != 0:
+                    lag[0] = await queue.lag()
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(consumed(), timeout=30)  # the duplicate was acknowledged
+            held = store.get(job.id)
+            assert (held.status, held.runner_id, held.attempts) == (JobStatus.RUNNING, "live-runner", 1)
+            store.expire("live-runner")  # it died
+            done = await wait_job(c, job.id)
+    assert done["status"] == "succeeded" and store.get(job.id).attempts == 2
+
+
+async def test_a_job_handed_back_to_the_queue_is_queued_not_running(home, models, serving):
+    """A job for a model this server does not serve goes back to the broker (another replica may
+    serve it): its row says queued again, and no runner holds it."""
+    queue_url = f"sqlite:///{home / 'handback-queue.db'}?topic=jobs&max_deliveries=1000"
+    settings = _lease_settings(home, stream__jobs_url=queue_url)
+    store = JobStore(models.catalog.engine)
+    job = store.create("gen", {"inputs": ["hi"]})  # gen is registered, not served here
+    async with open_broker(queue_url) as queue:
+        await queue.publish([json.dumps({"id": job.id}).encode()])
+        async with serving(settings, models, refs=("emb@production",)):
+
+            def handed_back() -> bool:
+                row = store.get(job.id)
+                return row.attempts >= 1 and row.status == JobStatus.QUEUED
+
+            await eventually(handed_back, what="the job handed back and queued")
+    row = store.get(job.id)
+    assert row.runner_id is None and row.lease_expires_at is None

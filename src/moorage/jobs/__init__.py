@@ -5,6 +5,15 @@ The HTTP routes and the runner that takes jobs from their queue are edges (``ser
 ``streams/``); they use these modules and keep no job state of their own.
 """
 
-from .store import Job, JobError, JobNotFound, JobStatus, JobStore, new_job_id
+from .store import CALLBACK_PENDING, Job, JobError, JobNotFound, JobStatus, JobStore, new_job_id, new_runner_id
 
-__all__ = ["Job", "JobError", "JobNotFound", "JobStatus", "JobStore", "new_job_id"]
+__all__ = [
+    "CALLBACK_PENDING",
+    "Job",
+    "JobError",
+    "JobNotFound",
+    "JobStatus",
+    "JobStore",
+    "new_job_id",
+    "new_runner_id",
+]

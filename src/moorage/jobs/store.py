@@ -1,18 +1,28 @@
-"""Job rows in the catalog database (table ``jobs``, migration 0003).
+"""Job rows in the catalog database (table ``jobs``, migrations 0003 and 0004).
 
 Every server replica that shares a catalog shares its jobs, so whichever replica receives a job's
 queue message finds its row. A job moves ``queued -> running -> succeeded | failed``:
 
-- `JobStore.start` is at-least-once: it moves a queued *or running* job to running and counts the
-  attempt. A running job is started again when its message is redelivered after a runner died, so
-  ``attempts`` counts every start, concurrent ones included (the increment is one SQL statement).
+- A runner (one per server process, named by a `new_runner_id`) *leases* the jobs it works on: the
+  row names the runner and when its lease ends (``lease_s`` after the last renewal). `claim` and
+  `start` take a job only if no live lease of another runner holds it, so a duplicate message of a
+  job that a live replica is running changes nothing. The runner renews its leases (`renew`) while
+  it works; a runner that died stops renewing, and once its leases have expired any runner takes
+  those jobs back (`expired`, `reclaim`): an unfinished job goes back to ``queued`` for a new queue
+  message, a finished job whose callback was not delivered gets a new deliverer.
+- `JobStore.start` is at-least-once: it moves a queued job, or a running job whose lease is this
+  runner's or has expired, to running and counts the attempt.
 - `JobStore.finish` is exactly-once: only the first finish of a job stores its status, result or
   error; any later one (a redelivered message whose first run did finish, a racing replica)
-  changes nothing and returns None.
+  changes nothing and returns None. When the job has a callback URL, the same UPDATE marks its
+  callback ``pending`` and leases it to the finishing runner, so a callback that a crash kept from
+  being delivered is delivered by whoever reclaims the lease: callbacks are at-least-once, each
+  delivery counted in ``callback_attempts`` (`begin_callback`).
 
 Both tell an unknown job id apart from a finished job: unknown raises `JobNotFound`, finished
 returns None. The store works on the catalog's engine (``registry.catalog.engine``), SQLite or
 PostgreSQL; its transitions are single conditional UPDATEs, so they need no lock beyond the row's.
+Lease times are the runners' clocks (UTC): replicas' clocks must agree to well within ``lease_s``.
 A job's error is only ever a stable code and a message written for the caller (`JobError`), never
 the text of an internal exception.
 """
@@ -20,11 +30,13 @@ the text of an internal exception.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -39,6 +51,8 @@ log = logging.getLogger("moorage.catalog")
 
 JOB_ID_PREFIX = "job-"
 MAX_CALLBACK_STATUS = 200
+CALLBACK_PENDING = "pending"  # finished, callback not delivered yet (a runner holds its lease)
+DEFAULT_LEASE_S = 20.0
 
 
 class JobStatus(StrEnum):
@@ -70,6 +84,9 @@ jobs_table = sa.Table(
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),  # of the latest attempt
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("owner", sa.String(64), nullable=True),  # the API key id that created it
+    sa.Column("runner_id", sa.String(64), nullable=True),  # the runner holding (or last holding) it
+    sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True, index=True),  # None: not held
+    sa.Column("callback_attempts", sa.Integer, nullable=False, default=0),
 )
 
 
@@ -115,6 +132,9 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     owner: str | None
+    runner_id: str | None = None
+    lease_expires_at: datetime | None = None
+    callback_attempts: int = 0
 
     @property
     def is_finished(self) -> bool:
@@ -152,6 +172,9 @@ class Job:
             started_at=as_utc(row["started_at"]) if row["started_at"] else None,
             finished_at=as_utc(row["finished_at"]) if row["finished_at"] else None,
             owner=row["owner"],
+            runner_id=row["runner_id"],
+            lease_expires_at=as_utc(row["lease_expires_at"]) if row["lease_expires_at"] else None,
+            callback_attempts=row["callback_attempts"],
         )
 
 
@@ -160,13 +183,28 @@ def new_job_id() -> str:
     return JOB_ID_PREFIX + uuid.uuid4().hex
 
 
+def new_runner_id() -> str:
+    """A fresh runner id for one server process: its host, its pid and 8 random hex digits (a pid
+    is reused by a restarted container; the random part is not)."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 class JobStore:
     """The jobs table of a catalog. Methods block (SQL round trips): call them from async code in a
-    thread (``await asyncio.to_thread(store.start, job_id)``). A catalog that cannot be reached
-    raises `CatalogUnavailable` (HTTP 503): transient, the caller may retry."""
+    thread (``await asyncio.to_thread(store.start, job_id, runner_id)``). A catalog that cannot be
+    reached raises `CatalogUnavailable` (HTTP 503): transient, the caller may retry.
 
-    def __init__(self, engine: Engine) -> None:
+    `lease_s` is how long a runner's hold on a job lasts without a renewal (``jobs.lease_s``);
+    `clock` gives the current UTC time (tests pass one they move)."""
+
+    def __init__(
+        self, engine: Engine, lease_s: float = DEFAULT_LEASE_S, clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        if lease_s <= 0:
+            raise ValueError("lease_s must be positive")
         self.engine = engine
+        self.lease_s = lease_s
+        self.clock = clock
 
     def create(
         self,
@@ -190,10 +228,13 @@ class JobStore:
             "callback_url": callback_url,
             "callback_status": None,
             "attempts": 0,
-            "created_at": utcnow(),
+            "created_at": self.clock(),
             "started_at": None,
             "finished_at": None,
             "owner": owner,
+            "runner_id": None,
+            "lease_expires_at": None,
+            "callback_attempts": 0,
         }
         with self._transaction() as conn:
             conn.execute(jobs_table.insert(), row)
@@ -205,17 +246,132 @@ class JobStore:
             row = conn.execute(sa.select(jobs_table).where(jobs_table.c.id == job_id)).mappings().first()
         return Job.from_row(row) if row else None
 
-    def start(self, job_id: str) -> Job | None:
-        """Mark the job running for one more attempt and return it (``attempts`` counts this one).
+    # -- leases -----------------------------------------------------------------------------------
+    def _takeable(self, runner_id: str, now: datetime) -> sa.ColumnElement[bool]:
+        """No live lease of another runner holds the row."""
+        c = jobs_table.c
+        return sa.or_(
+            c.runner_id.is_(None), c.runner_id == runner_id, c.lease_expires_at.is_(None), c.lease_expires_at <= now
+        )
 
-        A queued job and a running one (redelivered after its runner died, or raced by another
-        replica) both start; a finished job does not: None, the caller acknowledges its message and
-        runs nothing. An unknown id raises `JobNotFound`: the row may be in another catalog or not
-        yet visible, so the caller retries the message (and the broker dead-letters it in the end)
-        instead of acknowledging it as done.
+    def _lease_end(self, now: datetime) -> datetime:
+        return now + timedelta(seconds=self.lease_s)
+
+    def claim(self, job_ids: Collection[str], runner_id: str) -> set[str]:
+        """Lease the unfinished jobs among `job_ids` that no live lease of another runner holds, as
+        soon as their messages are received (before each `start`): a runner that dies with a whole
+        batch received leaves every job of it to be reclaimed. Answers the ids it leased; unknown,
+        finished and held ones are left alone (`start` tells them apart)."""
+        if not job_ids:
+            return set()
+        now = self.clock()
+        c = jobs_table.c
+        update = (
+            jobs_table.update()
+            .where(c.id.in_(list(job_ids)), c.status.in_(UNFINISHED), self._takeable(runner_id, now))
+            .values(runner_id=runner_id, lease_expires_at=self._lease_end(now))
+            .returning(c.id)
+        )
+        with self._transaction() as conn:
+            return {row[0] for row in conn.execute(update)}
+
+    def renew(self, job_ids: Collection[str], runner_id: str) -> int:
+        """Extend this runner's leases of `job_ids` (the jobs it is still working on or calling back);
+        a lease another runner took over or one already released is not renewed. Answers how many."""
+        if not job_ids:
+            return 0
+        c = jobs_table.c
+        update = (
+            jobs_table.update()
+            .where(c.id.in_(list(job_ids)), c.runner_id == runner_id, c.lease_expires_at.is_not(None))
+            .values(lease_expires_at=self._lease_end(self.clock()))
+        )
+        with self._transaction() as conn:
+            return conn.execute(update).rowcount
+
+    def release(self, job_ids: Collection[str], runner_id: str) -> int:
+        """This runner hands these unfinished jobs back to their queue (their messages go back to the
+        broker): they are ``queued`` again and held by no one. Answers how many."""
+        if not job_ids:
+            return 0
+        c = jobs_table.c
+        update = (
+            jobs_table.update()
+            .where(c.id.in_(list(job_ids)), c.runner_id == runner_id, c.status.in_(UNFINISHED))
+            .values(status=JobStatus.QUEUED.value, runner_id=None, lease_expires_at=None)
+        )
+        with self._transaction() as conn:
+            return conn.execute(update).rowcount
+
+    def expire(self, runner_id: str) -> int:
+        """End every lease this runner holds now (a runner that stops lets other replicas reclaim at
+        once what it leaves behind, instead of after ``lease_s``). Answers how many."""
+        c = jobs_table.c
+        update = (
+            jobs_table.update()
+            .where(c.runner_id == runner_id, c.lease_expires_at.is_not(None))
+            .values(lease_expires_at=self.clock())
+        )
+        with self._transaction() as conn:
+            return conn.execute(update).rowcount
+
+    def expired(self, limit: int = 100) -> list[Job]:
+        """Jobs whose lease has expired: unfinished ones and finished ones whose callback is pending,
+        oldest lease first; `reclaim` each."""
+        c = jobs_table.c
+        reclaimable = sa.or_(c.status.in_(UNFINISHED), c.callback_status == CALLBACK_PENDING)
+        query = (
+            sa.select(jobs_table)
+            .where(c.lease_expires_at <= self.clock(), reclaimable)
+            .order_by(c.lease_expires_at)
+            .limit(limit)
+        )
+        with self._transaction() as conn:
+            return [Job.from_row(row) for row in conn.execute(query).mappings()]
+
+    def reclaim(self, job: Job, runner_id: str) -> Job | None:
+        """Take over `job`, one of `expired`, unless another runner did first (or its holder renewed
+        the lease meanwhile): None. An unfinished job goes back to ``queued``, held by no one (the
+        caller publishes a new message for it); a finished job with a pending callback is leased to
+        `runner_id`, which delivers the callback."""
+        c = jobs_table.c
+        now = self.clock()
+        still_expired = (c.id == job.id, c.lease_expires_at <= now)
+        if job.is_finished:
+            where = (*still_expired, c.callback_status == CALLBACK_PENDING)
+            change: dict[str, Any] = {"runner_id": runner_id, "lease_expires_at": self._lease_end(now)}
+        else:
+            where = (*still_expired, c.status.in_(UNFINISHED))
+            change = {"status": JobStatus.QUEUED.value, "runner_id": None, "lease_expires_at": None}
+        update = jobs_table.update().where(*where).values(**change).returning(*jobs_table.c)
+        with self._transaction() as conn:
+            row = conn.execute(update).mappings().first()
+        if row is not None:
+            log.info("job %s: reclaimed the expired lease of runner %s", job.id, job.runner_id)
+        return Job.from_row(row) if row else None
+
+    # -- transitions ------------------------------------------------------------------------------
+    def start(self, job_id: str, runner_id: str) -> Job | None:
+        """Mark the job running for one more attempt, leased to `runner_id`, and return it
+        (``attempts`` counts this one).
+
+        A queued job starts, and so does a running one whose lease is this runner's or has expired
+        (its message was redelivered after its runner died). A finished job does not start, nor one
+        that a live lease of another runner holds (a duplicate message: that runner runs it, and if
+        it dies its lease is reclaimed): None, the caller acknowledges the message and runs nothing.
+        An unknown id raises `JobNotFound`: the row may be in another catalog or not yet visible, so
+        the caller retries the message (and the broker dead-letters it in the end) instead of
+        acknowledging it as done.
         """
-        change = {"status": JobStatus.RUNNING.value, "attempts": jobs_table.c.attempts + 1, "started_at": utcnow()}
-        return self._transition(job_id, change)
+        now = self.clock()
+        change = {
+            "status": JobStatus.RUNNING.value,
+            "attempts": jobs_table.c.attempts + 1,
+            "started_at": now,
+            "runner_id": runner_id,
+            "lease_expires_at": self._lease_end(now),
+        }
+        return self._transition(job_id, change, self._takeable(runner_id, now))
 
     def finish(
         self,
@@ -223,6 +379,7 @@ class JobStore:
         status: JobStatus,
         result: Mapping[str, Any] | None = None,
         error: JobError | None = None,
+        runner_id: str | None = None,
     ) -> Job | None:
         """Store the outcome of a queued or running job, once, and return the finished job.
 
@@ -230,6 +387,11 @@ class JobStore:
         `error` (see `JobError.from_exception`). Only the first finish counts: if the job is already
         finished, nothing changes and the answer is None (do not call its callback again). An
         unknown id raises `JobNotFound`.
+
+        With a `runner_id`, a job that has a callback URL is left ``callback_status="pending"`` and
+        leased to that runner, which then delivers it (`begin_callback`, `set_callback_status`); a
+        job without one is released. Without a `runner_id` (a job that never reached a runner) no
+        callback is due.
         """
         if status == JobStatus.SUCCEEDED and error is not None:
             raise ValueError("a succeeded job has a result, not an error")
@@ -237,32 +399,56 @@ class JobStore:
             raise ValueError("a failed job needs a JobError (code and message)")
         if not status.is_finished:
             raise ValueError(f"finish takes succeeded or failed, not {status.value!r}")
-        change = {
+        now = self.clock()
+        c = jobs_table.c
+        has_callback = c.callback_url.is_not(None)
+        change: dict[str, Any] = {
             "status": status.value,
             "result": dict(result) if result is not None else None,
             "error": error.as_dict() if error else None,
-            "finished_at": utcnow(),
+            "finished_at": now,
+            "lease_expires_at": None,
         }
+        if runner_id is not None:
+            change["runner_id"] = runner_id
+            change["callback_status"] = sa.case((has_callback, CALLBACK_PENDING), else_=None)
+            change["lease_expires_at"] = sa.case((has_callback, self._lease_end(now)), else_=None)
         return self._transition(job_id, change)
 
+    def begin_callback(self, job_id: str, runner_id: str) -> int | None:
+        """Count one more delivery of the job's pending callback by `runner_id` and answer its number
+        (1 for the first); None if the callback is not this runner's to deliver (another took its
+        lease over, or it was delivered)."""
+        c = jobs_table.c
+        update = (
+            jobs_table.update()
+            .where(c.id == job_id, c.runner_id == runner_id, c.callback_status == CALLBACK_PENDING)
+            .values(callback_attempts=c.callback_attempts + 1)
+            .returning(c.callback_attempts)
+        )
+        with self._transaction() as conn:
+            row = conn.execute(update).first()
+        return int(row[0]) if row else None
+
     def set_callback_status(self, job_id: str, callback_status: str) -> None:
-        """Record what became of the job's callback (e.g. ``delivered: HTTP 200``); cut to 200 chars.
-        An unknown id raises `JobNotFound`."""
+        """Record what became of the job's callback (e.g. ``delivered: HTTP 200``), cut to 200 chars,
+        and release the job's lease: nothing is left to do for it. An unknown id raises
+        `JobNotFound`."""
         with self._transaction() as conn:
             done = conn.execute(
                 jobs_table.update()
                 .where(jobs_table.c.id == job_id)
-                .values(callback_status=callback_status[:MAX_CALLBACK_STATUS])
+                .values(callback_status=callback_status[:MAX_CALLBACK_STATUS], lease_expires_at=None)
             )
         if done.rowcount == 0:
             raise JobNotFound(f"no job {job_id!r}")
 
-    def _transition(self, job_id: str, change: Mapping[str, Any]) -> Job | None:
+    def _transition(self, job_id: str, change: Mapping[str, Any], *conditions: sa.ColumnElement[bool]) -> Job | None:
         """Apply `change` to an unfinished job in one conditional UPDATE: the WHERE clause is
         re-checked under the row's write lock, so of two racing finishes only the first matches."""
         update = (
             jobs_table.update()
-            .where(jobs_table.c.id == job_id, jobs_table.c.status.in_(UNFINISHED))
+            .where(jobs_table.c.id == job_id, jobs_table.c.status.in_(UNFINISHED), *conditions)
             .values(**change)
             .returning(*jobs_table.c)
         )

@@ -5,10 +5,14 @@ A job is a row in the catalog (``jobs`` table: every replica that shares the cat
 jobs) and a message on a durable queue (the embedded SQLite queue by default, any broker URL via
 ``stream.jobs_url``). The runner inside each server is a stream worker over that queue with a jobs
 codec and sink (`moorage.streams.jobs`): it runs each job through the same `InferenceService` as
-``/v1/models/{m}/predict``, stores the result once, then acknowledges the message. A server that
-dies mid-job leaves its message to come back after the queue's visibility timeout (the job runs
-again; only the first finish is stored and calls back); a message whose job this catalog does not
-know is handed back and finally dead-lettered with ``job_not_found``, never acknowledged as done.
+``/v1/models/{m}/predict``, stores the result once, then acknowledges the message. Each runner has
+its own id and leases the jobs it holds in their rows, renewing them every ``jobs.lease_s / 4``. A
+server that dies mid-job stops renewing: once its leases expire (``jobs.lease_s``), any runner
+(the restarted server, or another replica on the same catalog) puts its unfinished jobs back on
+the queue and delivers the callbacks it left pending. The job runs again; only the first finish is
+stored and calls back, at least once, with ``Idempotency-Key: JOB_ID``. A live replica's jobs are
+never taken: its leases do not expire. A message whose job this catalog does not know is handed
+back and finally dead-lettered with ``job_not_found``, never acknowledged as done.
 
 Callbacks go through the egress policy (`security.egress`): loopback, private, link-local and
 metadata addresses are refused unless ``jobs.callback_allow`` names them.
@@ -17,7 +21,6 @@ metadata addresses are refused unless ``jobs.callback_allow`` names them.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import replace
 from urllib.parse import urlsplit
@@ -30,11 +33,11 @@ from ..batching import InferenceService
 from ..config import Settings
 from ..db import Catalog
 from ..errors import NotFound
-from ..jobs import JobError, JobStatus, JobStore, new_job_id
+from ..jobs import JobError, JobStatus, JobStore, new_job_id, new_runner_id
 from ..refs import parse_ref
 from ..security.egress import check_callback_url
 from ..streams.brokers import Broker, open_broker
-from ..streams.jobs import JobCodec, JobSink
+from ..streams.jobs import JobCodec, JobQueue, JobSink, Leases, job_message
 from ..streams.runner import worker_config
 from ..streams.worker import StreamWorker
 from .common import FastJSON, check_count, pool_of, service_of
@@ -117,24 +120,46 @@ class JobRunner:
     ) -> None:
         self.settings = settings
         self.service = service
-        self.store = JobStore(catalog.engine)
+        self.store = JobStore(catalog.engine, lease_s=settings.jobs.lease_s)
+        # The worker renews the broker leases of the messages it works on (WorkerConfig.lease_heartbeat_s),
+        # and the job leases keep a duplicate delivery from running a job twice: a short visibility
+        # timeout only brings a dead server's messages back sooner.
         self.queue_url = settings.stream.jobs_url or (
-            f"sqlite:///{settings.home / 'jobs-queue.db'}?topic=jobs&visibility_timeout=900"
+            f"sqlite:///{settings.home / 'jobs-queue.db'}?topic=jobs&visibility_timeout=60"
         )
         self.config = replace(worker_config(settings), batch_size=concurrency, receive_timeout_s=1.0)
+        self.leases = Leases(self.store, new_runner_id())
         self._broker: Broker | None = None
-        self._sink = JobSink(self.store, settings.jobs)
+        self._sink = JobSink(self.store, settings.jobs, self.leases)
         self.codec = JobCodec(
             self.store, lambda model: policy_for(guard, parse_ref(model).name) if guard else None, self._sink
         )
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._leases_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.settings.home.mkdir(parents=True, exist_ok=True)
-        self._broker = open_broker(self.queue_url)
+        self._broker = JobQueue(open_broker(self.queue_url), self.leases)
         await self._broker.connect()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="moorage-jobs")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="moorage-jobs")
+        self._leases_task = loop.create_task(self._tend_leases(), name="moorage-job-leases")
+
+    async def _tend_leases(self) -> None:
+        """Renew this runner's leases and reclaim expired ones, at start-up and every lease_s / 4, until
+        `stop` cancels it once the worker has finished (a graceful stop keeps its leases meanwhile)."""
+        interval = self.settings.jobs.lease_s / 4
+        while True:
+            try:
+                reclaimed = await self.leases.tend(self.enqueue, self._sink.call_back)
+                if reclaimed:
+                    log.warning("reclaimed %d jobs whose runner stopped renewing its leases", reclaimed)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the catalog or the queue is down: the next round tries again
+                log.warning("could not renew or reclaim job leases: %s", exc)
+            await asyncio.sleep(interval)
 
     async def _run(self) -> None:
         """The worker, restarted (with a pause) if it ever fails: jobs must not silently stop running."""
@@ -147,6 +172,9 @@ class JobRunner:
                 raise
             except Exception:
                 log.exception("the job runner failed; restarting it")
+                # what the failed worker held comes back through the broker; renewing it would keep
+                # other runners from it, so let those leases run out
+                self.leases.working.clear()
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=1.0)
                 except TimeoutError:
@@ -163,7 +191,14 @@ class JobRunner:
                 log.warning("the job runner did not stop in time; its unacknowledged jobs will be delivered again")
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
+        if self._leases_task is not None:  # before the sink closes: it may start a reclaimed callback
+            self._leases_task.cancel()
+            await asyncio.gather(self._leases_task, return_exceptions=True)
         await self._sink.close()
+        try:  # what is left (a worker that did not stop in time) is another runner's at once
+            await asyncio.to_thread(self.store.expire, self.leases.runner_id)
+        except Exception as exc:
+            log.warning("could not end this runner's job leases; they expire in %.0f s: %s", self.store.lease_s, exc)
         if self._broker is not None:
             await self._broker.close()
 
@@ -174,4 +209,4 @@ class JobRunner:
         return self._broker
 
     async def enqueue(self, job_id: str) -> None:
-        await self.broker.publish([json.dumps({"id": job_id}).encode()])
+        await self.broker.publish([job_message(job_id)])

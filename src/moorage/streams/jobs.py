@@ -1,32 +1,43 @@
-"""Jobs over the stream worker: a codec that turns a job message into the job's work, and a sink that
-stores each outcome in the job's row and then calls its callback.
+"""Jobs over the stream worker: a codec that turns a job message into the job's work, a sink that
+stores each outcome in the job's row and then calls its callback, the jobs queue as the worker sees
+it, and the leases that let another runner take over what a dead one left.
 
 A job message is ``{"id": JOB_ID}``; the job itself (model, inputs, parameters, callback) is a row
 in the catalog (`moorage.jobs.JobStore`), so every replica sharing the catalog can run any job:
 
 - a job this catalog does not know is handed back to the broker (``job_not_found``), and after
   ``max_deliveries`` dead-lettered: never acknowledged as done;
-- a finished job (a redelivered message) is acknowledged and nothing runs;
+- a finished job (a redelivered message) is acknowledged and nothing runs, and so is a job that a
+  live lease of another runner holds (a duplicate message: that runner finishes it, or its lease
+  is reclaimed);
 - what the model or the policy refuses ends the job ``failed`` with the error's code and message;
   other errors are retried, then handed back, and a job delivered too often fails ``job_abandoned``;
 - a result is stored once (`JobStore.finish` keeps only the first) and only that first finish calls
-  back, after the row is written.
+  back. The finish marks the callback pending in the same UPDATE, before the message is
+  acknowledged, so a crash between the two costs no callback: the job's lease expires and whoever
+  reclaims it delivers the callback (at least once, ``Idempotency-Key: JOB_ID``).
+
+Leases (`Leases`): every job whose message this runner receives is leased to it in its row
+(`JobQueue.receive`), renewed while the runner works on it or calls it back, and released when its
+message goes back to the broker (the job is ``queued`` again, not ``running``). `Leases.tend`, run
+every ``lease_s / 4`` by the job runner, renews them and reclaims the expired leases of runners
+that died: an unfinished job gets a new queue message, a pending callback is delivered here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 
 from ..batching import Outcome, Result
 from ..config import JobSettings
 from ..errors import MoorageError
-from ..jobs import Job, JobError, JobNotFound, JobStatus, JobStore
+from ..jobs import CALLBACK_PENDING, Job, JobError, JobNotFound, JobStatus, JobStore
 from ..security.policy import Policy
-from .brokers import Message
+from .brokers import Broker, DeadLetter, Message, ReplyHandler, ReplyInbox
 from .sinks import Row, Sink
 from .worker import GiveBack, Poison, Request, Skip, Work
 
@@ -41,24 +52,75 @@ def job_id_of(message: Message) -> str:
         raise Poison('invalid_message: a job message is {"id": JOB_ID}') from None
 
 
+def job_message(job_id: str) -> bytes:
+    return orjson.dumps({"id": job_id})
+
+
+def _job_ids(messages: Sequence[Message]) -> list[str]:
+    ids = []
+    for m in messages:
+        try:
+            ids.append(job_id_of(m))
+        except Poison:  # not a job message: no row to lease
+            continue
+    return ids
+
+
+class Leases:
+    """The jobs one runner (`runner_id`) holds: those whose messages it works on (`working`) and the
+    finished ones whose callbacks it delivers (`calling`). Only these are renewed, so a job the
+    runner lost track of (a worker that failed) is not held forever: its lease expires."""
+
+    def __init__(self, store: JobStore, runner_id: str) -> None:
+        self.store = store
+        self.runner_id = runner_id
+        self.working: set[str] = set()
+        self.calling: set[str] = set()
+
+    async def tend(self, publish: Callable[[str], Awaitable[None]], call_back: Callable[[Job], None]) -> int:
+        """Renew this runner's leases, then reclaim every expired one: `publish(job_id)` (awaitable)
+        queues an unfinished job again, `call_back(job)` delivers a pending callback. Answers how
+        many jobs it reclaimed. Another runner reclaiming the same job first is not an error."""
+        store = self.store
+        await asyncio.to_thread(store.renew, self.working | self.calling, self.runner_id)
+        num_reclaimed, taken_this_round = 0, True
+        while taken_this_round:  # rounds of up to 100, until one finds nothing left to take
+            taken_this_round = False
+            for job in await asyncio.to_thread(store.expired):
+                taken = await asyncio.to_thread(store.reclaim, job, self.runner_id)
+                if taken is None:  # another runner was first, or the holder renewed meanwhile
+                    continue
+                num_reclaimed, taken_this_round = num_reclaimed + 1, True
+                if taken.is_finished:
+                    call_back(taken)
+                else:  # the dead runner's message stays hidden until its broker lease ends: a new one
+                    await publish(taken.id)
+        return num_reclaimed
+
+
 class JobCodec:
     """Job messages: the work is in the job's catalog row; the row written is the job's outcome."""
 
     def __init__(
-        self, store: JobStore, policy_for: Callable[[str], Policy | None], sink: JobSink | None = None
+        self,
+        store: JobStore,
+        policy_for: Callable[[str], Policy | None],
+        sink: JobSink,
     ) -> None:
         self.store = store
         self.policy_for = policy_for
         self.sink = sink  # calls back the jobs this codec fails itself (abandoned ones)
+        self.leases = sink.leases
 
     async def decode(self, message: Message) -> Work:
         job_id = job_id_of(message)
         try:
-            job = await asyncio.to_thread(self.store.start, job_id)
+            job = await asyncio.to_thread(self.store.start, job_id, self.leases.runner_id)
         except JobNotFound:  # another catalog's job, or a row not visible yet
             raise GiveBack(f"job_not_found: no job {job_id!r} in this catalog") from None
-        if job is None:  # a replay of a finished job
+        if job is None:  # a replay of a finished job, or a duplicate of one another runner holds
             raise Skip()
+        self.leases.working.add(job.id)
         request = job.request
         return Work(
             id=job.id,
@@ -87,10 +149,12 @@ class JobCodec:
             return
         error = JobError("job_abandoned", "the job could not be run; it was delivered too many times")
         try:
-            job = await asyncio.to_thread(self.store.finish, job_id, JobStatus.FAILED, None, error)
+            job = await asyncio.to_thread(
+                self.store.finish, job_id, JobStatus.FAILED, None, error, self.leases.runner_id
+            )
         except JobNotFound:
             return
-        if job is not None and self.sink is not None:
+        if job is not None:
             self.sink.call_back(job)
 
 
@@ -98,9 +162,10 @@ class JobSink(Sink):
     """Stores each outcome in its job's row (first finish only), then delivers the callbacks of the
     jobs it finished, in the background (bounded retries; `close` waits for them)."""
 
-    def __init__(self, store: JobStore, settings: JobSettings) -> None:
+    def __init__(self, store: JobStore, settings: JobSettings, leases: Leases) -> None:
         self.store = store
         self.settings = settings
+        self.leases = leases
         self._callbacks: set[asyncio.Task] = set()
 
     async def write(self, rows: Sequence[Row]) -> None:
@@ -110,36 +175,118 @@ class JobSink(Sink):
             status = JobStatus(row["status"])
             error = JobError(**row["error"]) if row.get("error") else None
             try:
-                job = await asyncio.to_thread(self.store.finish, row["id"], status, row.get("result"), error)
+                job = await asyncio.to_thread(
+                    self.store.finish, row["id"], status, row.get("result"), error, self.leases.runner_id
+                )
             except JobNotFound:  # removed meanwhile: nothing to record
                 continue
             if job is not None:
                 self.call_back(job)
 
     def call_back(self, job: Job) -> None:
-        """Deliver a finished job to its callback URL, if it has one, in the background."""
-        if job.callback_url:
+        """Deliver a finished job's pending callback (leased to this runner), in the background."""
+        if job.callback_url and job.callback_status == CALLBACK_PENDING:
+            self.leases.calling.add(job.id)
             task = asyncio.ensure_future(self._call_back(job))
             self._callbacks.add(task)
             task.add_done_callback(self._callbacks.discard)
 
     async def _call_back(self, job: Job) -> None:
-        from ..jobs.callbacks import deliver  # the serve extra (httpx, tenacity)
+        from ..jobs.callbacks import deliver, idempotency_headers  # the serve extra (httpx, tenacity)
 
         assert job.callback_url is not None
-        settings = self.settings
-        status = await deliver(
-            job.callback_url,
-            job.public(),
-            allow=settings.callback_allow,
-            retries=settings.callback_retries,
-            timeout_s=settings.callback_timeout_s,
-        )
+        settings, leases = self.settings, self.leases
         try:
+            delivery = await asyncio.to_thread(self.store.begin_callback, job.id, leases.runner_id)
+            if delivery is None:  # another runner took the callback over (this one was too slow)
+                return
+            status = await deliver(
+                job.callback_url,
+                job.public(),
+                allow=settings.callback_allow,
+                retries=settings.callback_retries,
+                timeout_s=settings.callback_timeout_s,
+                headers=idempotency_headers(job.id, delivery),
+            )
             await asyncio.to_thread(self.store.set_callback_status, job.id, status)
-        except Exception:  # the row stays without a callback status; the job itself is finished
-            log.exception("could not record the callback status of %s", job.id)
+        except Exception:  # still pending: once the lease expires a runner delivers it again
+            log.exception("the callback of %s stays pending", job.id)
+        finally:
+            leases.calling.discard(job.id)
 
     async def close(self) -> None:
         if self._callbacks:
             await asyncio.gather(*self._callbacks, return_exceptions=True)
+
+
+class JobQueue(Broker):
+    """The jobs queue as the stream worker sees it: `inner`'s messages, with each job's lease kept in
+    step with its message. A received job is leased to this runner at once (so a crash with a batch
+    received leaves every job of it reclaimable, not only the started ones); a message handed back
+    to the broker puts its job back to ``queued``; an acknowledged or dead-lettered message ends the
+    runner's work on its job (a pending callback stays leased until it is delivered)."""
+
+    def __init__(self, inner: Broker, leases: Leases) -> None:
+        super().__init__(inner.url)
+        # class attributes of each backend; metrics and request/reply go by the real broker's
+        setattr(self, "scheme", inner.scheme)  # noqa: B010
+        setattr(self, "supports_reply", inner.supports_reply)  # noqa: B010
+        self.inner = inner
+        self.leases = leases
+
+    async def connect(self) -> None:
+        await self.inner.connect()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def publish(self, bodies: Sequence[bytes], topic: str | None = None, headers: dict | None = None) -> None:
+        await self.inner.publish(bodies, topic, headers)
+
+    async def receive(self, max_messages: int, timeout_s: float) -> list[Message]:
+        messages = await self.inner.receive(max_messages, timeout_s)
+        ids = _job_ids(messages)
+        if ids:
+            leases = self.leases
+            try:
+                leases.working |= await asyncio.to_thread(leases.store.claim, ids, leases.runner_id)
+            except Exception as exc:  # each job's start tries again (and hands its message back if it fails)
+                log.warning("could not lease the jobs just received: %s", exc)
+        return messages
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        await self.inner.ack(messages)
+        self.leases.working.difference_update(_job_ids(messages))
+
+    async def extend(self, messages: Sequence[Message]) -> None:
+        await self.inner.extend(messages)
+
+    async def retry(self, messages: Sequence[Message], reason: str, delay_s: float = 1.0) -> None:
+        ids = _job_ids(messages)
+        leases = self.leases
+        try:
+            await asyncio.to_thread(leases.store.release, ids, leases.runner_id)
+        except Exception as exc:  # the rows stay running until their leases expire and are reclaimed
+            log.warning("could not put %d handed-back jobs back to queued: %s", len(ids), exc)
+        leases.working.difference_update(ids)
+        await self.inner.retry(messages, reason, delay_s)
+
+    async def dead_letter(self, entries: Sequence[tuple[Message, str]]) -> None:
+        await self.inner.dead_letter(entries)
+        self.leases.working.difference_update(_job_ids([m for m, _ in entries]))
+
+    def is_stale(self, message: Message) -> bool:
+        is_stale = getattr(self.inner, "is_stale", None)  # the real broker's, where it has one
+        return bool(is_stale(message)) if is_stale is not None else False
+
+    async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
+        return await self.inner.dead_letters(limit)
+
+    async def lag(self) -> int | None:
+        return await self.inner.lag()
+
+    async def reply(self, message: Message, body: bytes) -> None:
+        await self.inner.reply(message, body)
+
+    async def open_replies(self, on_reply: ReplyHandler) -> ReplyInbox:
+        return await self.inner.open_replies(on_reply)

@@ -308,3 +308,40 @@ def test_a_version_that_fails_to_load_backs_off_and_blocks_no_other_swap(
     assert loads == [2] * 11  # the HTTP reload and one per elapsed delay, never every tick
     assert cls_moved == [{"model": "cls@production", "from_version": 2, "to_version": 1}]
     assert emb_back == [] and failures == {}
+
+
+def test_the_watcher_waits_out_the_delay_between_tries(settings, registry, fake_model, serving, monkeypatch):
+    """The real watcher, ticking every 10 ms on a frozen clock: one try, then none until the delay is over."""
+    from tests.support import eventually
+
+    registry.register(fake_model("embed", seed=1), "emb", "embed", alias="production")
+    registry.register(_handler_raises(fake_model), "emb", "embed")
+
+    async def main():
+        async with serving(settings, registry, ["emb@production"], poll_interval_s=0.01) as (app, _):
+            pool = app.state.pool
+            now = [1000.0]
+            pool.clock = lambda: now[0]
+            ticks: list[int] = []
+            loads: list[int] = []
+            real_resolve, real_load = pool.registry.resolve, pool.runtime.load
+            monkeypatch.setattr(pool.registry, "resolve", lambda ref: ticks.append(1) or real_resolve(ref))
+            monkeypatch.setattr(
+                pool.runtime, "load", lambda info, *a: loads.append(info.version) or real_load(info, *a)
+            )
+            registry.set_alias("emb", "production", 2, "a bad release")
+            await eventually(lambda: len(loads) == 1, what="the watcher's first try")
+            seen = len(ticks)
+            await eventually(lambda: len(ticks) >= seen + 20, what="20 more ticks")
+            tries_while_waiting = len(loads)
+            first = pool.load_failures()["emb@production"]
+            now[0] = first.next_attempt_at
+            await eventually(lambda: len(loads) == 2, what="the try after the delay")
+            await eventually(lambda: pool.load_failures()["emb@production"].attempts == 2, what="the second failure")
+            return tries_while_waiting, first, pool.load_failures()["emb@production"], pool.served()
+
+    tries_while_waiting, first, second, served = run(main())
+    assert tries_while_waiting == 1  # 20 ticks inside the delay tried nothing
+    assert (first.attempts, first.delay_s, first.version) == (1, 2.0, 2)
+    assert (second.attempts, second.delay_s, second.next_attempt_at) == (2, 4.0, first.next_attempt_at + 4.0)
+    assert served["emb@production"].version == 1

@@ -7,14 +7,16 @@ import asyncio
 import json
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
 from moorage.config import load_settings
-from moorage.jobs import JobStatus, JobStore
+from moorage.jobs import Job, JobStatus, JobStore
 from moorage.registry import Registry
 from moorage.streams import open_broker
+from moorage.streams.jobs import Leases
 
 from tests.support import eventually
 
@@ -236,3 +238,64 @@ async def test_a_job_handed_back_to_the_queue_is_queued_not_running(home, models
             await eventually(handed_back, what="the job handed back and queued")
     row = store.get(job.id)
     assert row.runner_id is None and row.lease_expires_at is None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def test_tend_renews_its_own_leases_and_reclaims_only_expired_ones(models):
+    clock = _Clock()
+    store = JobStore(models.catalog.engine, lease_s=10, clock=clock)
+    mine, dead, called = (
+        store.create("emb", {"inputs": [str(i)]}, callback_url="https://h.example/x") for i in range(3)
+    )
+    leases = Leases(store, "r1")
+    store.start(mine.id, "r1")
+    leases.working.add(mine.id)
+    store.start(dead.id, "dead")
+    store.start(called.id, "dead")
+    store.finish(called.id, JobStatus.SUCCEEDED, {"outputs": [1]}, runner_id="dead")
+    published: list[str] = []
+    calls: list[Job] = []
+
+    async def publish(job_id: str) -> None:
+        published.append(job_id)
+
+    clock.now += timedelta(seconds=9)
+    assert await leases.tend(publish, calls.append) == 0  # nothing has expired yet; r1 renews its own
+    clock.now += timedelta(seconds=9)  # the dead runner's leases ran out, r1's did not
+    assert await leases.tend(publish, calls.append) == 2
+    assert published == [dead.id] and [j.id for j in calls] == [called.id]
+    assert store.get(dead.id).status == JobStatus.QUEUED and store.get(mine.id).runner_id == "r1"
+    assert calls[0].runner_id == "r1" and calls[0].result == {"outputs": [1]}
+    assert await leases.tend(publish, calls.append) == 0  # each taken once
+
+
+async def test_a_reclaimed_job_whose_message_could_not_be_published_is_reclaimed_again(models):
+    clock = _Clock()
+    store = JobStore(models.catalog.engine, lease_s=10, clock=clock)
+    job = store.create("emb", {"inputs": ["a"]})
+    store.start(job.id, "dead")
+    store.expire("dead")
+    leases = Leases(store, "r1")
+
+    async def broker_down(job_id: str) -> None:
+        raise ConnectionError("the queue is down")
+
+    with pytest.raises(ConnectionError):
+        await leases.tend(broker_down, lambda job: None)
+    held = store.get(job.id)
+    assert held.runner_id == "r1" and held.lease_expires_at is not None and job.id not in leases.working
+    published: list[str] = []
+
+    async def publish(job_id: str) -> None:
+        published.append(job_id)
+
+    assert await leases.tend(publish, lambda job: None) == 0  # not renewed, not expired yet
+    clock.now += timedelta(seconds=11)
+    assert await leases.tend(publish, lambda job: None) == 1 and published == [job.id]

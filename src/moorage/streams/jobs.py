@@ -94,8 +94,17 @@ class Leases:
                 if taken.is_finished:
                     call_back(taken)
                 else:  # the dead runner's message stays hidden until its broker lease ends: a new one
-                    await publish(taken.id)
+                    await self._publish(taken.id, publish)
         return num_reclaimed
+
+    async def _publish(self, job_id: str, publish: Callable[[str], Awaitable[None]]) -> None:
+        try:
+            await publish(job_id)
+        except BaseException:
+            # The job is queued with no message this runner published: lease it without renewing it,
+            # so that it expires again and the next round (here or on another runner) publishes anew.
+            await asyncio.to_thread(self.store.claim, [job_id], self.runner_id)
+            raise
 
 
 class JobCodec:

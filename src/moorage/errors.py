@@ -15,12 +15,20 @@ class MoorageError(Exception):
     status: int = 500
     code: str = "internal_error"
     type: str = "server_error"
+    # What a network client is told instead of `message`, for an error whose message may name
+    # infrastructure (a database URL, host, port, user or driver): the message goes to the log only.
+    public: str | None = None
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+
+    @property
+    def client_message(self) -> str:
+        """The text an HTTP body (or another remote caller) may carry."""
+        return self.public or self.message
 
 
 class BadRequest(MoorageError):

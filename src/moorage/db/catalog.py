@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -30,9 +30,20 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 0x6D6F6F72  # 'moor'
 
 
+UNAVAILABLE = "the catalog database cannot be reached; retry shortly"
+
+
 class CatalogUnavailable(MoorageError):
+    """The catalog database cannot be reached (HTTP 503). A client is only ever told `UNAVAILABLE`:
+    the message, which may name the database's driver, user, host, port and name, is for the log
+    and the command line."""
+
     status = 503
     code = "catalog_unavailable"
+    public = UNAVAILABLE
+
+    def __init__(self, message: str = UNAVAILABLE, *, code: str | None = None) -> None:
+        super().__init__(message, code=code)
 
 
 class Catalog:
@@ -48,9 +59,13 @@ class Catalog:
         try:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
                 yield session
-        except OperationalError as exc:
+        except DBAPIError as exc:
+            # the server is down or dropped the connection; any other database error is a bug or a
+            # conflict that its caller handles, and keeps its type
+            if not (isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated):
+                raise
             log.warning("catalog %s failed: %s", self.safe_url, exc.orig)
-            raise CatalogUnavailable("the catalog database cannot be reached; retry shortly") from None
+            raise CatalogUnavailable() from None
 
     @property
     def safe_url(self) -> str:
@@ -138,4 +153,5 @@ def _ensure_schema(engine: Engine) -> None:
             command.upgrade(cfg, "head")
     except OperationalError as exc:
         safe = engine.url.render_as_string(hide_password=True)
+        # the command line shows the message; a network client is only told CatalogUnavailable.public
         raise CatalogUnavailable(f"cannot open catalog {safe}: {exc.orig}") from None

@@ -67,7 +67,9 @@ def error_response(exc: MoorageError) -> JSONResponse:
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="moorage"'
 
-    return JSONResponse(error_body(exc.message, exc.type, exc.code), status_code=exc.status, headers=headers)
+    if exc.public is not None and exc.message != exc.public:
+        log.warning("answered %d %s to a client; the error was: %s", exc.status, exc.code, exc.message)
+    return JSONResponse(error_body(exc.client_message, exc.type, exc.code), status_code=exc.status, headers=headers)
 
 
 async def _moorage_error(request: Request, exc: MoorageError) -> JSONResponse:

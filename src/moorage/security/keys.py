@@ -11,18 +11,23 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import logging
+import math
 import re
 import secrets
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
 
-from ..db import Catalog, as_utc, utcnow
+from ..db import Catalog, CatalogUnavailable, as_utc, utcnow
 from ..errors import BadRequest, Forbidden, NotFound, Unauthorized
+from .keycache import KeyCache
 from .tables import ApiKey
+
+log = logging.getLogger("moorage.security")
 
 ROLES = ("invoker", "operator", "admin")
 PREFIX = "moor"
@@ -120,14 +125,33 @@ def _info(row: ApiKey) -> KeyInfo:
 
 
 class KeyStore:
-    """Keys in the catalog database. `authenticate` caches rows for `cache_s` seconds, so a key
-    revoked by another process stops working within that time (at once in this process)."""
+    """Keys in the catalog database.
 
-    def __init__(self, catalog: Catalog, cache_s: float = 5.0) -> None:
+    `authenticate` trusts a key's row for `cache_s` seconds, so a key revoked by another process
+    stops working within that time (at once in this process). While the catalog cannot be reached,
+    a key whose row was read in the last `stale_s` seconds keeps working from that row (a revoked or
+    expired row stays refused); any other key is answered `CatalogUnavailable` (503), never 401: it
+    may have been created meanwhile. After a failed read the catalog is asked again only every
+    `retry_s`, so an outage does not queue every call behind a connection attempt.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        cache_s: float = 5.0,
+        stale_s: float = 300.0,
+        *,
+        retry_s: float = 1.0,
+        max_cached: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.catalog = catalog
         self.cache_s = cache_s
-        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
-        self._lock = threading.Lock()
+        self.retry_s = retry_s
+        self._cache: KeyCache[ApiKey] = KeyCache(cache_s, stale_s, max_known=max_cached, max_unknown=max_cached)
+        self._clock = clock
+        self._retry_at = -math.inf  # after a failed read: the catalog is not asked again before this
+        self._is_down = False
 
     def create(
         self,
@@ -191,22 +215,20 @@ class KeyStore:
                 raise NotFound(f"no API key with id {key_id!r}", code="key_not_found")
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
-        with self._lock:
-            self._cache.pop(key_id, None)
+        self._cache.remember(key_id, row, self._clock())  # refused at once here, even if the catalog goes down
         return _info(row)
 
     def count_active(self) -> int:
         return sum(1 for k in self.list() if k.state == "active")
 
     def needs_lookup(self, token: str | None) -> bool:
-        """Whether `authenticate(token)` would query the database (the key is not freshly cached):
-        callers on an event loop run only those in a thread."""
+        """Whether `authenticate(token)` would query the database (the key is not freshly cached and
+        the catalog did not just fail): callers on an event loop run only those in a thread."""
         key_id = claimed_key_id(token)
         if key_id is None:
             return False
-        with self._lock:
-            hit = self._cache.get(key_id)
-        return hit is None or time.monotonic() - hit[0] >= self.cache_s
+        now = self._clock()
+        return not self._cache.fresh(key_id, now)[0] and now >= self._retry_at
 
     def authenticate(self, token: str | None) -> Principal:
         """The principal of a presented key, or `Unauthorized` saying why (never which part was wrong)."""
@@ -232,18 +254,36 @@ class KeyStore:
         )
 
     def _row(self, key_id: str) -> ApiKey | None:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(key_id)
-        if hit and now - hit[0] < self.cache_s:
-            return hit[1]
-        with self.catalog.session() as s:
-            row = s.get(ApiKey, key_id)
-        with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[key_id] = (now, row)
+        now = self._clock()
+        is_fresh, row = self._cache.fresh(key_id, now)
+        if is_fresh:
+            return row
+        if now < self._retry_at:
+            return self._stale(key_id, now)
+        try:
+            row = self._read(key_id)
+        except CatalogUnavailable:
+            self._retry_at = self._clock() + self.retry_s
+            if not self._is_down:
+                self._is_down = True
+                log.warning("the catalog cannot be reached: known API keys are served from their last rows")
+            return self._stale(key_id, now)
+        if self._is_down:
+            self._is_down = False
+            log.warning("the catalog answers again: API keys are read from it")
+        self._retry_at = -math.inf
+        self._cache.remember(key_id, row, now)
         return row
+
+    def _read(self, key_id: str) -> ApiKey | None:
+        with self.catalog.session() as s:
+            return s.get(ApiKey, key_id)
+
+    def _stale(self, key_id: str, now: float) -> ApiKey:
+        stale = self._cache.stale(key_id, now)
+        if stale is None:
+            raise CatalogUnavailable()
+        return stale[1]
 
 
 def parse_expiry(text: str) -> datetime:

@@ -38,7 +38,7 @@ class Guard:
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings: SecuritySettings = settings.security
-        self.keys = KeyStore(registry.catalog)
+        self.keys = KeyStore(registry.catalog, self.settings.key_cache_s, self.settings.key_stale_s)
         self.limiter = rate_limiter(self.settings.limits.redis_url)
         self.filters = Filters(self.settings.filters)
         self.audit = AuditLog(registry.catalog)

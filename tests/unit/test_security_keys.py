@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import event
 
 from moorage.db import Catalog, CatalogUnavailable
-from moorage.errors import Unauthorized
+from moorage.errors import MissingDependency, Unauthorized
 from moorage.security.keycache import KeyCache, Lru
 from moorage.security.keys import KeyStore
 from moorage.server.errors import error_response
@@ -198,3 +198,6 @@ def test_catalog_errors_name_no_infrastructure_to_clients():
         "code": "catalog_unavailable",
         "param": None,
     }
+    with pytest.raises(MissingDependency) as no_driver:
+        Catalog("mysql+nosuchdriver://secretuser:hunter2pass@db.internal/secretdb")
+    assert "hunter2pass" not in no_driver.value.message and "***" in no_driver.value.message

@@ -94,7 +94,8 @@ def _create_engine(url: str, lock_timeout_s: float) -> Engine:
     try:
         return create_engine(parsed, pool_pre_ping=True)
     except (NoSuchModuleError, ImportError) as exc:
-        raise MissingDependency(f"no driver for catalog URL {url!r}: {exc}") from None
+        safe = parsed.render_as_string(hide_password=True)
+        raise MissingDependency(f"no driver for catalog URL {safe!r}: {exc}") from None
 
 
 def _sqlite_engine(parsed, lock_timeout_s: float) -> Engine:

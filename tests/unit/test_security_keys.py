@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
+import threading
 from contextlib import contextmanager
 
 import pytest
@@ -170,6 +172,54 @@ def test_known_keys_outlive_an_outage_for_key_stale_s(catalog, monkeypatch):
     with pytest.raises(Unauthorized, match="revoked"):
         store.authenticate(revoked_later)
     assert store.authenticate(never_seen).role == "invoker"
+
+
+def test_while_one_call_reads_a_key_the_others_use_its_last_row(catalog, key_reads):
+    clock = Clock()
+    store = KeyStore(catalog, cache_s=5, stale_s=60, clock=clock)
+    _, valid = store.create("invoker")
+    store.authenticate(valid)
+    clock.now += 10
+    entered, release = threading.Event(), threading.Event()
+    read = store._read
+
+    def slow_read(key_id: str):  # a catalog that takes its time to answer
+        entered.set()
+        release.wait(30)
+        return read(key_id)
+
+    store._read = slow_read  # type: ignore[method-assign]
+    reader = threading.Thread(target=store.authenticate, args=(valid,))
+    reader.start()
+    try:
+        assert entered.wait(30)
+        assert not store.needs_lookup(valid)
+        assert store.authenticate(valid).role == "invoker" and key_reads() == 1  # no second read
+    finally:
+        release.set()
+        reader.join(30)
+    assert key_reads() == 2 and not store.needs_lookup(valid)  # the row read is fresh
+
+
+def test_a_catalog_that_never_answers_fails_instead_of_hanging():
+    """A host that accepts the connection and then says nothing (a hung server, a half-open
+    firewall): without a connect timeout the driver waits forever."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"postgresql://moorage@127.0.0.1:{silent.getsockname()[1]}/moorage"
+        outcome: list[BaseException] = []
+
+        def open_catalog() -> None:
+            try:
+                Catalog(url)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        opener = threading.Thread(target=open_catalog, daemon=True)
+        opener.start()
+        opener.join(60)  # only turns a hang into a failure
+        assert outcome and isinstance(outcome[0], CatalogUnavailable), "opening the catalog hung"
 
 
 def test_stale_rows_can_be_switched_off(catalog, monkeypatch):

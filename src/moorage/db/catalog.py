@@ -18,6 +18,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -28,6 +29,7 @@ log = logging.getLogger("moorage.catalog")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 0x6D6F6F72  # 'moor'
+_CONNECT_TIMEOUT_S = 5
 
 
 UNAVAILABLE = "the catalog database cannot be reached; retry shortly"
@@ -66,6 +68,9 @@ class Catalog:
                 raise
             log.warning("catalog %s failed: %s", self.safe_url, exc.orig)
             raise CatalogUnavailable() from None
+        except PoolTimeout as exc:  # every pooled connection is busy (each waits on a slow catalog)
+            log.warning("catalog %s: %s", self.safe_url, exc)
+            raise CatalogUnavailable() from None
 
     @property
     def safe_url(self) -> str:
@@ -91,8 +96,12 @@ def _create_engine(url: str, lock_timeout_s: float) -> Engine:
         except ImportError:
             raise MissingDependency("a PostgreSQL catalog needs psycopg: pip install 'moorage[postgres]'") from None
         parsed = parsed.set(drivername="postgresql+psycopg")
+    # an unreachable host (dropped packets, not a refusal) fails in seconds, not the system's minutes
+    connect_args: dict[str, int] = {}
+    if parsed.get_driver_name() in ("psycopg", "psycopg2") and "connect_timeout" not in parsed.query:
+        connect_args["connect_timeout"] = _CONNECT_TIMEOUT_S
     try:
-        return create_engine(parsed, pool_pre_ping=True)
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     except (NoSuchModuleError, ImportError) as exc:
         safe = parsed.render_as_string(hide_password=True)
         raise MissingDependency(f"no driver for catalog URL {safe!r}: {exc}") from None

@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,7 +133,8 @@ class KeyStore:
     a key whose row was read in the last `stale_s` seconds keeps working from that row (a revoked or
     expired row stays refused); any other key is answered `CatalogUnavailable` (503), never 401: it
     may have been created meanwhile. After a failed read the catalog is asked again only every
-    `retry_s`, so an outage does not queue every call behind a connection attempt.
+    `retry_s`, and while one call reads a key the others use its last row, so an outage does not
+    queue every call behind a connection attempt.
     """
 
     def __init__(
@@ -152,6 +154,8 @@ class KeyStore:
         self._clock = clock
         self._retry_at = -math.inf  # after a failed read: the catalog is not asked again before this
         self._is_down = False
+        self._reading: dict[str, int] = {}  # key ids being read now, and by how many calls
+        self._lock = threading.Lock()
 
     def create(
         self,
@@ -222,13 +226,15 @@ class KeyStore:
         return sum(1 for k in self.list() if k.state == "active")
 
     def needs_lookup(self, token: str | None) -> bool:
-        """Whether `authenticate(token)` would query the database (the key is not freshly cached and
-        the catalog did not just fail): callers on an event loop run only those in a thread."""
+        """Whether `authenticate(token)` would query the database: callers on an event loop run only
+        those in a thread."""
         key_id = claimed_key_id(token)
         if key_id is None:
             return False
-        now = self._clock()
-        return not self._cache.fresh(key_id, now)[0] and now >= self._retry_at
+        try:
+            return not self._cached(key_id, self._clock())[0]
+        except CatalogUnavailable:
+            return False  # refused without a read
 
     def authenticate(self, token: str | None) -> Principal:
         """The principal of a presented key, or `Unauthorized` saying why (never which part was wrong)."""
@@ -253,13 +259,28 @@ class KeyStore:
             tokens_per_minute=row.tokens_per_minute,
         )
 
-    def _row(self, key_id: str) -> ApiKey | None:
-        now = self._clock()
+    def _cached(self, key_id: str, now: float) -> tuple[bool, ApiKey | None]:
+        """(True, row or None) when the cache answers without a read: a fresh row or unknown id, or
+        the last row of a known key while the catalog has just failed or another call is reading
+        that key (a slow catalog then holds up one call, not all of them)."""
         is_fresh, row = self._cache.fresh(key_id, now)
         if is_fresh:
-            return row
+            return True, row
         if now < self._retry_at:
-            return self._stale(key_id, now)
+            return True, self._stale(key_id, now)
+        if key_id in self._reading:
+            stale = self._cache.stale(key_id, now)
+            if stale is not None:
+                return True, stale[1]
+        return False, None
+
+    def _row(self, key_id: str) -> ApiKey | None:
+        now = self._clock()
+        is_cached, row = self._cached(key_id, now)
+        if is_cached:
+            return row
+        with self._lock:
+            self._reading[key_id] = self._reading.get(key_id, 0) + 1
         try:
             row = self._read(key_id)
         except CatalogUnavailable:
@@ -268,6 +289,11 @@ class KeyStore:
                 self._is_down = True
                 log.warning("the catalog cannot be reached: known API keys are served from their last rows")
             return self._stale(key_id, now)
+        finally:
+            with self._lock:
+                num_left = self._reading.pop(key_id) - 1
+                if num_left:
+                    self._reading[key_id] = num_left
         if self._is_down:
             self._is_down = False
             log.warning("the catalog answers again: API keys are read from it")

@@ -3,7 +3,9 @@ every callback arrives (at least once, always with the job's id as its idempoten
 
 The killed process leaves jobs it had taken (their rows leased to it, their queue messages hidden
 for the queue's visibility timeout) and finished jobs whose callbacks it had not delivered. The
-restarted server reclaims both once the dead runner's leases expire (``jobs.lease_s``, default 20 s)."""
+restarted server finds the dead runner's lock file free and reclaims both at once; without the lock
+file (as for a replica on another machine) it reclaims them when the dead runner's leases expire
+(``jobs.lease_s``, default 20 s)."""
 
 from __future__ import annotations
 
@@ -94,7 +96,8 @@ def _serve(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def test_a_server_killed_mid_run_leaves_no_job_behind(tmp_path):
+@pytest.mark.parametrize("lock_file", ["kept", "lost"])
+def test_a_server_killed_mid_run_leaves_no_job_behind(tmp_path, lock_file):
     receiver = Receiver()
     env = {
         **os.environ,
@@ -107,8 +110,8 @@ def test_a_server_killed_mid_run_leaves_no_job_behind(tmp_path):
     env.pop("MOORAGE_CONFIG", None)
     settings = load_settings(environ={k: v for k, v in env.items() if k.startswith("MOORAGE_")})
     registry = Registry.from_settings(settings)
-    # 150 ms a batch: the 200 jobs take several seconds, so the kill lands among them
-    registry.register(make_fake_model(tmp_path / "emb", "embed", delay_ms=150), "emb", "embed")
+    # 50 ms a batch: the 200 jobs take several seconds, so the kill lands among them
+    registry.register(make_fake_model(tmp_path / "emb", "embed", delay_ms=50), "emb", "embed")
     store = JobStore(registry.catalog.engine)
     log = tmp_path / "serve.log"
     procs = []
@@ -138,6 +141,9 @@ def test_a_server_killed_mid_run_leaves_no_job_behind(tmp_path):
         running_at_kill = count(jobs_table.c.status == "running")
         assert left > 0, "every job had finished before the kill: the test proves nothing"
 
+        if lock_file == "lost":  # only the leases tell that the runner is gone
+            for path in (tmp_path / "home" / "runners").glob("*.lock"):
+                path.unlink()
         restarted_at = time.monotonic()
         proc, url = _serve(env, log)
         procs.append(proc)

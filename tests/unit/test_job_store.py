@@ -135,9 +135,10 @@ def test_a_finished_job_with_a_callback_stays_leased_until_the_callback_is_recor
     store.start(plain.id, "r1")
     done = store.finish(job.id, JobStatus.SUCCEEDED, result={"outputs": [1]}, runner_id="r1")
     assert done.callback_status == CALLBACK_PENDING and done.lease_expires_at is not None
-    assert store.finish(plain.id, JobStatus.SUCCEEDED, result={}, runner_id="r1").lease_expires_at is None
+    assert done.callback_attempts == 1  # the finish counts r1's delivery
+    plain_done = store.finish(plain.id, JobStatus.SUCCEEDED, result={}, runner_id="r1")
+    assert plain_done.lease_expires_at is None and plain_done.callback_attempts == 0
     assert store.begin_callback(job.id, "r2") is None  # not r2's to deliver
-    assert store.begin_callback(job.id, "r1") == 1
     clock.advance(LEASE_S + 1)  # r1 died while delivering it
     (expired,) = store.expired()
     taken = store.reclaim(expired, "r2")
@@ -326,3 +327,42 @@ def test_the_migration_adds_the_jobs_table_to_an_older_catalog_and_removes_it(tm
         command.downgrade(cfg, "0002")
     assert "jobs" not in sa.inspect(engine).get_table_names()
     engine.dispose()
+
+
+def test_a_runner_whose_process_died_is_told_from_a_live_one_by_its_lock_file(tmp_path):
+    """The lock is the kernel's: held while the process lives, dropped when it is SIGKILLed."""
+    import signal
+    import subprocess
+    import sys
+
+    from moorage.jobs.liveness import RunnerLock
+
+    folder = tmp_path / "runners"
+    holder = (
+        "import sys; from pathlib import Path; from moorage.jobs.liveness import RunnerLock; "
+        f"lock = RunnerLock(Path({str(folder)!r}), sys.argv[1]); lock.acquire(); print('locked', flush=True); "
+        "sys.stdin.read()"
+    )
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", holder, name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for name in ("doomed", "alive")
+    }
+    try:
+        for proc in procs.values():
+            assert proc.stdout.readline() == "locked\n"
+        me = RunnerLock(folder, "me")
+        me.acquire()
+        assert me.dead_runners() == []
+        procs["doomed"].send_signal(signal.SIGKILL)
+        procs["doomed"].wait(timeout=30)
+        assert me.dead_runners() == ["doomed"]
+        assert sorted(p.name for p in folder.iterdir()) == ["alive.lock", "me.lock"]  # its file is gone
+        assert me.dead_runners() == []
+        me.release()
+        assert not (folder / "me.lock").exists()
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait(timeout=30)

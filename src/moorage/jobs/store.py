@@ -389,8 +389,9 @@ class JobStore:
         unknown id raises `JobNotFound`.
 
         With a `runner_id`, a job that has a callback URL is left ``callback_status="pending"`` and
-        leased to that runner, which then delivers it (`begin_callback`, `set_callback_status`); a
-        job without one is released. Without a `runner_id` (a job that never reached a runner) no
+        leased to that runner, which then delivers it (`set_callback_status`): this UPDATE counts that
+        first delivery in ``callback_attempts``, so it needs no `begin_callback`. A job without a
+        callback URL is released. Without a `runner_id` (a job that never reached a runner) no
         callback is due.
         """
         if status == JobStatus.SUCCEEDED and error is not None:
@@ -413,12 +414,13 @@ class JobStore:
             change["runner_id"] = runner_id
             change["callback_status"] = sa.case((has_callback, CALLBACK_PENDING), else_=None)
             change["lease_expires_at"] = sa.case((has_callback, self._lease_end(now)), else_=None)
+            change["callback_attempts"] = sa.case((has_callback, c.callback_attempts + 1), else_=c.callback_attempts)
         return self._transition(job_id, change)
 
     def begin_callback(self, job_id: str, runner_id: str) -> int | None:
-        """Count one more delivery of the job's pending callback by `runner_id` and answer its number
-        (1 for the first); None if the callback is not this runner's to deliver (another took its
-        lease over, or it was delivered)."""
+        """Count one more delivery of the job's pending callback by `runner_id`, which reclaimed it,
+        and answer its number (the finish counted the first); None if the callback is not this
+        runner's to deliver (another took its lease over, or it was delivered)."""
         c = jobs_table.c
         update = (
             jobs_table.update()

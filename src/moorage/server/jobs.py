@@ -9,7 +9,9 @@ codec and sink (`moorage.streams.jobs`): it runs each job through the same `Infe
 its own id and leases the jobs it holds in their rows, renewing them every ``jobs.lease_s / 4``. A
 server that dies mid-job stops renewing: once its leases expire (``jobs.lease_s``), any runner
 (the restarted server, or another replica on the same catalog) puts its unfinished jobs back on
-the queue and delivers the callbacks it left pending. The job runs again; only the first finish is
+the queue and delivers the callbacks it left pending. A server restarted on the same home folder
+does not wait for that: the dead runner's lock file is free (`moorage.jobs.liveness`), so it ends
+that runner's leases at start-up. The job runs again; only the first finish is
 stored and calls back, at least once, with ``Idempotency-Key: JOB_ID``. A live replica's jobs are
 never taken: its leases do not expire. A message whose job this catalog does not know is handed
 back and finally dead-lettered with ``job_not_found``, never acknowledged as done.
@@ -34,6 +36,7 @@ from ..config import Settings
 from ..db import Catalog
 from ..errors import NotFound
 from ..jobs import JobError, JobStatus, JobStore, new_job_id, new_runner_id
+from ..jobs.liveness import RunnerLock
 from ..refs import parse_ref
 from ..security.egress import check_callback_url
 from ..streams.brokers import Broker, open_broker
@@ -129,6 +132,7 @@ class JobRunner:
         )
         self.config = replace(worker_config(settings), batch_size=concurrency, receive_timeout_s=1.0)
         self.leases = Leases(self.store, new_runner_id())
+        self._lock = RunnerLock(settings.home / "runners", self.leases.runner_id)
         self._broker: Broker | None = None
         self._sink = JobSink(self.store, settings.jobs, self.leases)
         self.codec = JobCodec(
@@ -142,9 +146,21 @@ class JobRunner:
         self.settings.home.mkdir(parents=True, exist_ok=True)
         self._broker = JobQueue(open_broker(self.queue_url), self.leases)
         await self._broker.connect()
+        await self._end_leases_of_dead_runners()
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name="moorage-jobs")
         self._leases_task = loop.create_task(self._tend_leases(), name="moorage-job-leases")
+
+    async def _end_leases_of_dead_runners(self) -> None:
+        """A runner that shared this home and is gone (its lock file is free) holds nothing: end its
+        leases now, so that a restarted server reclaims its jobs at once, not lease_s later."""
+        try:
+            await asyncio.to_thread(self._lock.acquire)
+            for runner_id in await asyncio.to_thread(self._lock.dead_runners):
+                num_leases = await asyncio.to_thread(self.store.expire, runner_id)
+                log.warning("job runner %s has stopped; its %d job leases end now", runner_id, num_leases)
+        except Exception as exc:  # its leases still expire on their own
+            log.warning("could not check which job runners of this home are alive: %s", exc)
 
     async def _tend_leases(self) -> None:
         """Renew this runner's leases and reclaim expired ones, at start-up and every lease_s / 4, until
@@ -199,6 +215,7 @@ class JobRunner:
             await asyncio.to_thread(self.store.expire, self.leases.runner_id)
         except Exception as exc:
             log.warning("could not end this runner's job leases; they expire in %.0f s: %s", self.store.lease_s, exc)
+        self._lock.release()
         if self._broker is not None:
             await self._broker.close()
 

@@ -164,7 +164,7 @@ class JobCodec:
         except JobNotFound:
             return
         if job is not None:
-            self.sink.call_back(job)
+            self.sink.call_back(job, just_finished=True)
 
 
 class JobSink(Sink):
@@ -190,23 +190,26 @@ class JobSink(Sink):
             except JobNotFound:  # removed meanwhile: nothing to record
                 continue
             if job is not None:
-                self.call_back(job)
+                self.call_back(job, just_finished=True)
 
-    def call_back(self, job: Job) -> None:
-        """Deliver a finished job's pending callback (leased to this runner), in the background."""
+    def call_back(self, job: Job, just_finished: bool = False) -> None:
+        """Deliver a finished job's pending callback (leased to this runner), in the background.
+        `just_finished`: `job` is what this runner's finish returned, which counted the delivery."""
         if job.callback_url and job.callback_status == CALLBACK_PENDING:
             self.leases.calling.add(job.id)
-            task = asyncio.ensure_future(self._call_back(job))
+            task = asyncio.ensure_future(self._call_back(job, just_finished))
             self._callbacks.add(task)
             task.add_done_callback(self._callbacks.discard)
 
-    async def _call_back(self, job: Job) -> None:
+    async def _call_back(self, job: Job, just_finished: bool) -> None:
         from ..jobs.callbacks import deliver, idempotency_headers  # the serve extra (httpx, tenacity)
 
         assert job.callback_url is not None
         settings, leases = self.settings, self.leases
         try:
-            delivery = await asyncio.to_thread(self.store.begin_callback, job.id, leases.runner_id)
+            delivery: int | None = job.callback_attempts
+            if not just_finished:  # reclaimed: count this delivery, unless another runner took it over
+                delivery = await asyncio.to_thread(self.store.begin_callback, job.id, leases.runner_id)
             if delivery is None:  # another runner took the callback over (this one was too slow)
                 return
             status = await deliver(

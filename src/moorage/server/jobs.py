@@ -164,12 +164,14 @@ class JobRunner:
 
     async def _tend_leases(self) -> None:
         """Renew this runner's leases and reclaim expired ones, at start-up and every lease_s / 4, until
-        `stop` cancels it once the worker has finished (a graceful stop keeps its leases meanwhile)."""
+        `stop` cancels it once the worker and the callbacks have finished: while it stops, the runner
+        keeps its leases and takes no new work."""
         interval = self.settings.jobs.lease_s / 4
         while True:
             try:
-                reclaimed = await self.leases.tend(self.enqueue, self._sink.call_back)
-                if reclaimed:
+                if self._stop.is_set():
+                    await self.leases.renew()
+                elif reclaimed := await self.leases.tend(self.enqueue, self._sink.call_back):
                     log.warning("reclaimed %d jobs whose runner stopped renewing its leases", reclaimed)
             except asyncio.CancelledError:
                 raise
@@ -207,10 +209,10 @@ class JobRunner:
                 log.warning("the job runner did not stop in time; its unacknowledged jobs will be delivered again")
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
-        if self._leases_task is not None:  # before the sink closes: it may start a reclaimed callback
+        await self._sink.close()
+        if self._leases_task is not None:
             self._leases_task.cancel()
             await asyncio.gather(self._leases_task, return_exceptions=True)
-        await self._sink.close()
         try:  # what is left (a worker that did not stop in time) is another runner's at once
             await asyncio.to_thread(self.store.expire, self.leases.runner_id)
         except Exception as exc:

@@ -77,12 +77,15 @@ class Leases:
         self.working: set[str] = set()
         self.calling: set[str] = set()
 
+    async def renew(self) -> None:
+        await asyncio.to_thread(self.store.renew, self.working | self.calling, self.runner_id)
+
     async def tend(self, publish: Callable[[str], Awaitable[None]], call_back: Callable[[Job], None]) -> int:
         """Renew this runner's leases, then reclaim every expired one: `publish(job_id)` (awaitable)
         queues an unfinished job again, `call_back(job)` delivers a pending callback. Answers how
         many jobs it reclaimed. Another runner reclaiming the same job first is not an error."""
         store = self.store
-        await asyncio.to_thread(store.renew, self.working | self.calling, self.runner_id)
+        await self.renew()
         num_reclaimed, taken_this_round = 0, True
         while taken_this_round:  # rounds of up to 100, until one finds nothing left to take
             taken_this_round = False
@@ -227,7 +230,7 @@ class JobSink(Sink):
             leases.calling.discard(job.id)
 
     async def close(self) -> None:
-        if self._callbacks:
+        while self._callbacks:  # including any a reclaim started meanwhile
             await asyncio.gather(*self._callbacks, return_exceptions=True)
 
 

@@ -63,12 +63,22 @@ def serve(
                 highlight=False,
             )
     logging.getLogger("moorage").setLevel(settings.log_level)
+    from ..server.connections import bounded_protocol
+
     options: dict[str, Any] = {
         "host": serve_settings.host,
         "port": serve_settings.port,
         "timeout_graceful_shutdown": int(serve_settings.graceful_timeout_s),
         "log_level": settings.log_level.lower(),
         "access_log": settings.log_level == "DEBUG",
+        "limit_concurrency": serve_settings.limit_concurrency,
+        "timeout_keep_alive": serve_settings.keep_alive_timeout_s,
+        # uvicorn has no deadline for a request's headers, no bound on their size with httptools, and no
+        # cap on connections that send no request
+        "http": bounded_protocol(
+            serve_settings.header_timeout_s, serve_settings.max_header_bytes, serve_settings.limit_concurrency
+        ),
+        "h11_max_incomplete_event_size": serve_settings.max_header_bytes,
     }
     if serve_settings.ssl_certfile:
         options |= {"ssl_certfile": str(serve_settings.ssl_certfile), "ssl_keyfile": str(serve_settings.ssl_keyfile)}

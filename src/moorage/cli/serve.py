@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -132,5 +133,27 @@ def worker_app():
     faulthandler.enable()  # as in the parent (cli.main): a worker's crash shows its Python stacks
     settings = read_settings_file()  # the file that SETTINGS_FILE_ENV names
     metrics.merge_processes(settings.serve.metrics_dir)
+    _forget_killed_workers(settings.serve.metrics_dir)
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
-    return create_app(settings)
+    # The workers share one listening socket and uvicorn accepts on it once the app has started: a
+    # worker that started before its models loaded would take connections only to answer them 503
+    # while the other workers could serve them.
+    return create_app(settings, load_before_serving=True)
+
+
+def _forget_killed_workers(metrics_dir: Path | None) -> None:
+    """A worker that stops drops its live gauges (in-flight, queue depth, running sequences); one
+    that was killed (SIGKILL, out of memory) could not, and its last values would count forever.
+    A worker starts after another one ended, so each start removes the gauges of workers that are gone."""
+    from ..observability import metrics
+
+    if metrics_dir is None:
+        return
+    pids = {int(m[1]) for f in metrics_dir.glob("gauge_live*.db") if (m := re.search(r"_(\d+)\.db$", f.name))}
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            metrics.mark_process_dead(pid)
+        except PermissionError:  # alive, another user's
+            pass

@@ -25,9 +25,17 @@ from .security import Guard, SecurityMiddleware
 log = logging.getLogger("moorage.server")
 
 
-def create_app(settings: Settings, models: list[str] | None = None, registry: Registry | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    models: list[str] | None = None,
+    registry: Registry | None = None,
+    load_before_serving: bool = False,
+) -> FastAPI:
     """The app for `models` (default: ``settings.serve.models``). Models load in the background after
-    start-up: ``/healthz`` answers at once, ``/readyz`` once every model is loaded."""
+    start-up: ``/healthz`` answers at once, ``/readyz`` once every model is loaded. With
+    `load_before_serving` start-up ends only once the models are loaded (or failed to load, which
+    ``/readyz`` then says): for a worker of several behind one socket, which should take no
+    connection it cannot serve."""
     registry = registry or Registry.from_settings(settings)
     runtime = Runtime(registry, settings.runtime)
     pool = ModelPool(registry, runtime, list(models or settings.serve.models), serving_pool_config(settings))
@@ -39,6 +47,8 @@ def create_app(settings: Settings, models: list[str] | None = None, registry: Re
         watchdog = loop.create_task(_on_engine_failure(pool, settings.serve.exit_on_engine_failure))
         await guard.start()
         await app.state.jobs.start()
+        if load_before_serving:
+            await asyncio.wait([app.state.loading])  # a failure is kept for /readyz, as in the background
         try:
             yield
         finally:

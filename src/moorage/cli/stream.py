@@ -30,7 +30,9 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="messages per batch (default 64)")] = None,
     max_wait_ms: Annotated[Optional[float], typer.Option(min=0, help="how long a batch waits to fill")] = None,
     workers: Annotated[int, typer.Option(min=1, help="worker processes in the same consumer group")] = 1,
-    metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus /metrics on 127.0.0.1:PORT")] = None,
+    metrics_port: Annotated[
+        Optional[int], typer.Option(help="serve Prometheus /metrics and /healthz on 127.0.0.1:PORT")
+    ] = None,
 ) -> None:
     """Consume SOURCE, run MODEL in micro-batches, write results to SINK, then ack (Ctrl-C/SIGTERM stop cleanly)."""
     from ..streams.brokers import BrokerURL

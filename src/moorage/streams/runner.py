@@ -17,6 +17,7 @@ from ..runtime import Runtime
 from ..security.audit import AuditLog, AuditWriter
 from ..security.policy import Policy
 from .brokers import open_broker
+from .health import Health, serve_health
 from .sinks import open_sink
 from .worker import Counts, StreamWorker, WorkerConfig
 
@@ -36,9 +37,15 @@ def worker_config(settings: Settings) -> WorkerConfig:
 
 
 async def run_stream(
-    settings: Settings, job: StreamJob, stop: asyncio.Event, registry: Registry | None = None, name: str = "part"
+    settings: Settings,
+    job: StreamJob,
+    stop: asyncio.Event,
+    registry: Registry | None = None,
+    name: str = "part",
+    health: Health | None = None,
 ) -> Counts:
-    """One worker until `stop` is set (or SIGTERM/SIGINT when run as a program)."""
+    """One worker until `stop` is set (or SIGTERM/SIGINT when run as a program); `health` says
+    whether it is making progress."""
     registry = registry or Registry.from_settings(settings)
     pool = ModelPool(registry, Runtime(registry, settings.runtime), [job.model], stream_pool_config(settings))
     security = settings.security
@@ -50,7 +57,8 @@ async def run_stream(
     try:
         async with open_broker(job.source) as source, open_sink(job.sink, name_prefix=name) as sink:
             service = InferenceService(pool, settings.stream.default_max_tokens)
-            worker = StreamWorker(source, sink, service, job.model, worker_config(settings), policy, audit)
+            config = worker_config(settings)
+            worker = StreamWorker(source, sink, service, job.model, config, policy, audit, health=health)
             if audit is not None:
                 await audit.start()
             watchdog = asyncio.ensure_future(_stop_when_failed(pool, stop))
@@ -83,10 +91,14 @@ def run_forever(settings: Settings, job: StreamJob, name: str = "part") -> Count
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        if settings.stream.metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            start_http_server(settings.stream.metrics_port, addr="127.0.0.1")
-        return await run_stream(settings, job, stop, name=name)
+        health = Health()
+        server = None
+        if settings.stream.metrics_port is not None:  # /metrics and /healthz
+            server = serve_health(settings.stream.metrics_port, health)
+        try:
+            return await run_stream(settings, job, stop, name=name, health=health)
+        finally:
+            if server is not None:
+                server.shutdown()
 
     return asyncio.run(main())

@@ -10,12 +10,15 @@ The worker acknowledges a message only once the sink says its row is durable (`p
 `write`, or after `flush`). Files are rolled and each is written atomically (a temporary name,
 then a rename; object stores publish an object in one PUT), so a reader never sees half a file.
 The SQL sink is idempotent: a replayed message overwrites its own row and counts the extra write.
-Files and topics are at-least-once: after a crash a row may appear twice; dedupe by ``id``.
+Files and topics are at-least-once: after a crash a row may appear twice; dedupe by ``id``. A
+file that cannot be written (a full disk) leaves no temporary file, and its rows leave the buffer
+or are written again once, never both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -29,7 +32,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from ..errors import BadRequest, MissingDependency
-from .brokers.base import SCHEMES, Broker, open_broker, redact
+from .brokers.base import SCHEMES, Broker, BrokerUnavailable, open_broker, redact
 
 Row = dict[str, Any]
 COMMON_COLUMNS = ("id", "model", "version", "task", "tokens", "latency_ms", "published_at", "received_at",
@@ -62,6 +65,15 @@ class Sink(ABC):
 
     def flush_due(self) -> bool:
         return False
+
+    def discard(self) -> int:
+        """Drop the rows written but not durable yet (their messages go back to the broker); how many."""
+        return 0
+
+    def is_transient(self, exc: Exception) -> bool:
+        """Whether `exc` says the sink is unreachable for now (wait for it) rather than that it refuses
+        these rows (hand them back, which counts as a delivery)."""
+        return isinstance(exc, OSError | BrokerUnavailable)
 
 
 def open_sink(url: str, name_prefix: str = "part") -> Sink:
@@ -116,14 +128,28 @@ class FileSink(Sink):
         await asyncio.to_thread(self.fs.makedirs, self.root, exist_ok=True)
 
     async def write(self, rows: Sequence[Row]) -> None:
+        """Buffer `rows`; roll a file once the buffer is full. If that fails, `rows` leave the buffer
+        again (the rest stays): writing them again after the error adds each row once."""
         if not self._rows:
             self._first_at = time.monotonic()
         self._rows.extend(rows)
         if len(self._rows) >= self.max_rows:
-            await self.flush()
+            try:
+                await self.flush()
+            except BaseException:
+                del self._rows[len(self._rows) - len(rows) :]
+                raise
 
     def flush_due(self) -> bool:
         return bool(self._rows) and time.monotonic() - self._first_at >= self.max_age
+
+    def discard(self) -> int:
+        dropped = len(self._rows)
+        self._rows.clear()
+        return dropped
+
+    def is_transient(self, exc: Exception) -> bool:
+        return isinstance(exc, OSError)  # a full disk, a network file system away; not a row pyarrow refuses
 
     async def flush(self) -> None:
         if not self._rows:
@@ -139,11 +165,16 @@ class FileSink(Sink):
         data = _parquet_bytes(rows) if self.fmt == "parquet" else b"".join(_jsonl(r) for r in rows)
         if self.local:  # write, fsync, then rename: readers see a whole file or none
             tmp = f"{self.root.rstrip('/')}/.{name}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            except BaseException:  # e.g. the disk is full: no partial file stays behind
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
         else:  # an object store publishes an object in one PUT
             self.fs.pipe_file(final, data)
         self.files.append(final)
@@ -218,6 +249,15 @@ class SQLSink(Sink):
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.dispose)
 
+    def is_transient(self, exc: Exception) -> bool:
+        """The database is unreachable or restarting; a constraint or a type it refuses is not that."""
+        import sqlalchemy as sa
+
+        if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+            return True
+        transient = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
+        return isinstance(exc, (*transient, OSError))
+
     async def write(self, rows: Sequence[Row]) -> None:
         if rows:
             await asyncio.to_thread(self._upsert, [_sql_row(r) for r in rows])
@@ -262,3 +302,6 @@ class TopicSink(Sink):
     async def write(self, rows: Sequence[Row]) -> None:
         if rows:
             await self.broker.publish([_jsonl(r).rstrip(b"\n") for r in rows])
+
+    def is_transient(self, exc: Exception) -> bool:
+        return not isinstance(exc, TypeError | ValueError)  # any client's connection errors; not a bad row

@@ -13,9 +13,22 @@ job row in the catalog, any served model, several inputs). Everything else is sh
 A message whose body is bad (not JSON, no text, too long), that the model's security policy refuses
 (content filter, size limits: the same `Policy` as over HTTP) or that the model rejects (a 4xx error
 such as a too-long prompt) goes to the dead-letter destination with its reason. A model error that
-may pass (anything else) is retried in place with backoff; a sink that keeps failing hands its
-batch back to the broker. Each broker counts deliveries; past ``max_deliveries`` a message is
-dead-lettered with its last error, so one bad message never stalls a worker.
+may pass (anything else) is retried in place with backoff. Each broker counts deliveries; past
+``max_deliveries`` a message is dead-lettered with its last error, so one bad message never stalls
+a worker.
+
+Faults outside the model are not the message's fault, so they never count as a delivery:
+
+- A broker or a sink that is down (a restart, an outage) is retried with bounded backoff until it
+  is back, while the worker keeps the leases of every message it holds (received, batched, being
+  written, buffered by a file sink) and stops receiving more. Meanwhile `Health` reports the
+  problem (``/healthz`` 503, ``moorage_stream_healthy`` 0); it clears on the first success.
+- A sink that refuses a batch (a row it cannot store: not an outage) gets ``sink_retries``
+  attempts, then the batch and whatever the sink had buffered go back to the broker.
+- A handle that went stale (RabbitMQ's channel closed under it) is settled by the broker already:
+  the message is queued again and comes back on the new connection.
+- Stop (SIGTERM) ends every retry at once on the receive side; what was received is finished and
+  acknowledged within ``stop_grace_s``, and what is still unsettled then is handed back.
 
 A generated output that the content filter withholds is written with empty text and finish_reason
 "content_filter". With an `AuditWriter`, every processed or dead-lettered message gets a
@@ -39,6 +52,7 @@ from ..observability import metrics
 from ..security.audit import MAX_AUDIT_TEXT, AuditEntry, AuditWriter, sha256_text
 from ..security.policy import Policy
 from .brokers import Broker, Message
+from .health import Health
 from .sinks import Row, Sink
 
 log = logging.getLogger("moorage.streams")
@@ -57,7 +71,9 @@ class WorkerConfig:
     backoff_s: float = 0.2
     max_backoff_s: float = 10.0
     log_interval_s: float = 10.0
-    lease_heartbeat_s: float = 10.0  # renew the leases of messages still being worked on (long generations)
+    lease_heartbeat_s: float = 10.0  # renew the leases of messages held (long generations, sink outages)
+    stop_grace_s: float = 10.0  # after stop: finish and acknowledge within this, then hand the rest back
+    reconnect_backoff_s: float = 1.0  # longest pause between broker retries (cheap; recovery comes sooner)
     default_max_tokens: int = 128
     audit_inputs: bool = False  # keep the raw body in audit rows (default: its sha256 only)
 
@@ -73,6 +89,10 @@ class GiveBack(Exception):
 
 class Skip(Exception):
     """There is nothing left to do for this message (e.g. its job already finished): acknowledge it."""
+
+
+class Stopping(Exception):
+    """The worker was told to stop while this operation was waiting to be retried."""
 
 
 @dataclass(frozen=True)
@@ -264,6 +284,7 @@ class StreamWorker:
         policy: Policy | None = None,
         audit: AuditWriter | None = None,
         codec: Codec | None = None,
+        health: Health | None = None,
     ) -> None:
         self.source = source
         self.sink = sink
@@ -276,40 +297,113 @@ class StreamWorker:
         self.counts = Counts()
         self._queue: asyncio.Queue[InFlight | None] = asyncio.Queue(maxsize=max(1, config.max_in_flight))
         self._unacked: list[Message] = []  # written to a buffering sink, not durable yet
+        self._held: dict[str, Message] = {}  # received and not settled with the broker yet, by broker id
+        self._receiving: InFlight | None = None  # the batch being started, not queued yet
+        self._stop = asyncio.Event()  # set by run(): no more receiving
+        self._abort = asyncio.Event()  # the grace period is over: stop retrying, hand back what is held
         self._source_label = f"{source.scheme}:{source.topic}"
+        self.health = health or Health()
+        self.health.watch(self._source_label)
         self._sink_label = type(sink).__name__
         self._last_log = time.monotonic()
         self._last_counts = Counts()
 
     async def run(self, stop: asyncio.Event) -> Counts:
-        """Work until `stop` is set, then finish and acknowledge what was received."""
+        """Work until `stop` is set, then finish and acknowledge what was received, within
+        ``stop_grace_s``; what is still unsettled then goes back to the broker."""
+        self._stop = stop
         receiver = asyncio.create_task(self._receive_loop(stop), name="moorage-stream-receive")
         writer = asyncio.create_task(self._write_loop(), name="moorage-stream-write")
+        leases = asyncio.create_task(self._keep_leased(), name="moorage-stream-leases")
+        work = asyncio.gather(receiver, writer)
+        reserve_s = min(3.0, self.config.stop_grace_s / 3)  # to hand back, and for the caller to close
+        hand_back_s = reserve_s / 2
+        grace = asyncio.create_task(self._grace_over(stop, self.config.stop_grace_s - reserve_s))
         try:
-            await asyncio.gather(receiver, writer)
+            waiting: set[asyncio.Future[Any]] = {work, grace}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                work.result()  # a crash of either loop is the caller's to see
         finally:
-            receiver.cancel()
-            writer.cancel()
-        await self._flush()
+            self._abort.set()
+            for task in (receiver, writer, leases, grace):
+                task.cancel()
+            await asyncio.gather(receiver, writer, leases, grace, return_exceptions=True)
+            if work.done() and not work.cancelled():
+                work.exception()  # seen (a crash was raised above; a cancel at the deadline is expected)
+            await self._hand_back(hand_back_s)
         log.info("%s: stopped; %s", self._source_label, self.counts)
         return self.counts
+
+    async def _grace_over(self, stop: asyncio.Event, grace_s: float) -> None:
+        await stop.wait()
+        await asyncio.sleep(grace_s)
+        log.warning("%s: still busy %.1fs after stop; handing back what is held", self._source_label, grace_s)
+
+    async def _hand_back(self, timeout_s: float) -> None:
+        """At stop, whatever is not settled goes back to the broker: rows a file sink still buffers
+        are dropped (their messages are delivered again), and each message is retried. A broker that
+        cannot be reached gets them back anyway, when their lease expires or the connection closes."""
+        abandoned: list[InFlight | None] = [self._receiving]
+        while not self._queue.empty():
+            abandoned.append(self._queue.get_nowait())
+        for batch in abandoned:  # never written: the model versions they hold are free again
+            for sv in batch.held() if batch is not None else []:
+                self.pool.release(sv)
+        self._receiving = None
+        self.sink.discard()
+        self._unacked = []
+        held = [m for m in self._held.values() if not self.source.is_stale(m)]
+        self._held.clear()
+        if not held:
+            return
+        log.warning("%s: %d unsettled messages go back to the broker", self._source_label, len(held))
+        try:
+            await asyncio.wait_for(self.source.retry(held, "stopped: the worker stopped first", 0.0), timeout_s)
+        except Exception as exc:  # unreachable: the broker redelivers them on its own
+            log.warning("%s: could not hand back %d messages (%s); the broker redelivers them", self._source_label,
+                        len(held), f"{type(exc).__name__}: {exc}".rstrip(": "))  # fmt: skip
 
     # -- receive side ---------------------------------------------------------------------------
     async def _receive_loop(self, stop: asyncio.Event) -> None:
         try:
             while not stop.is_set():
                 messages = await self._retrying(
-                    "receive", lambda: self.source.receive(self.config.batch_size, self.config.receive_timeout_s)
+                    "receive",
+                    lambda: self.source.receive(self.config.batch_size, self.config.receive_timeout_s),
+                    until=stop,
+                    max_delay=self.config.reconnect_backoff_s,
                 )
+                messages = self._hold(messages)
                 if not messages:
                     continue
                 metrics.STREAM_BATCH_SIZE.labels(self._source_label).observe(len(messages))
-                await self._queue.put(await self._start(messages))
-        finally:
-            await self._queue.put(None)
+                self._receiving = InFlight()  # the writer's once queued; run() releases it if abandoned
+                await self._start(self._receiving, messages)
+                await self._queue.put(self._receiving)
+                self._receiving = None
+        except Stopping:
+            pass
+        await self._queue.put(None)  # the writer finishes what was received (a cancel ends both instead)
 
-    async def _start(self, messages: list[Message]) -> InFlight:
-        batch = InFlight()
+    def _hold(self, messages: list[Message]) -> list[Message]:
+        """Track what was received until it is settled; a message this worker already holds (its
+        lease lapsed during an outage and it claimed it again) is not started twice."""
+        fresh = []
+        for m in messages:
+            held = self._held.get(m.broker_id)
+            if held is not None and held.handle == m.handle and not self.source.is_stale(held):
+                continue
+            self._held[m.broker_id] = m
+            fresh.append(m)
+        return fresh
+
+    def _settled(self, messages: list[Message]) -> None:
+        for m in messages:
+            if self._held.get(m.broker_id) is m:
+                del self._held[m.broker_id]
+
+    async def _start(self, batch: InFlight, messages: list[Message]) -> None:
         now = time.time()
         for m in messages:
             try:
@@ -317,7 +411,6 @@ class StreamWorker:
             except Exception:  # a bug, or a store that failed: this message comes back, the worker goes on
                 log.exception("%s: message %s could not be started", self._source_label, m.broker_id)
                 batch.given_back.append((m, "internal_error: the message could not be started"))
-        return batch
 
     async def _admit(self, batch: InFlight, m: Message, now: float) -> None:
         """Decode one message and submit its work; or file it as dead, skipped or handed back."""
@@ -429,6 +522,12 @@ class StreamWorker:
 
     # -- write side -----------------------------------------------------------------------------
     async def _write_loop(self) -> None:
+        try:
+            await self._write_batches()
+        except Stopping:  # the grace period ended during a retry: run() hands back what is held
+            pass
+
+    async def _write_batches(self) -> None:
         while True:
             try:
                 batch = await asyncio.wait_for(self._queue.get(), timeout=0.2)
@@ -438,6 +537,7 @@ class StreamWorker:
                 self._maybe_log()
                 continue
             if batch is None:
+                await self._flush()
                 return
             try:
                 await self._finish(batch)
@@ -454,7 +554,10 @@ class StreamWorker:
     async def _settle(self, batch: InFlight) -> None:
         done, failed = await self._results(batch)
         if batch.dead:
-            await self._retrying("dead-letter", lambda: self.source.dead_letter(batch.dead))
+            await self._retrying(
+                "dead-letter", lambda: self.source.dead_letter(batch.dead), max_delay=self.config.reconnect_backoff_s
+            )
+            self._settled([m for m, _ in batch.dead])
             self._count("dead_lettered", batch.dead_svs)
             await self._reply([(m, _error_reply(m, reason)) for m, reason in batch.dead])
         give_back: list[tuple[Message, str, ServedVersion | None]] = [(m, why, None) for m, why in batch.given_back]
@@ -471,11 +574,11 @@ class StreamWorker:
         rows = [row for _, row, _ in done]
         started = time.perf_counter()
         try:
-            await self._retrying("sink write", lambda: self.sink.write(rows), attempts=self.config.sink_retries)
-        except Exception as exc:  # the sink is down: the broker keeps these messages for later
-            reason = f"sink_error: {type(exc).__name__}: {exc}"
-            log.error("%s: sink write failed, %d messages go back to the broker: %s", self._sink_label, len(done), exc)
-            await self._retrying("retry", lambda: self.source.retry([r.message for r, _, _ in done], reason))
+            await self._retrying("sink write", lambda: self.sink.write(rows), give_up=self._sink_refuses)
+        except Stopping:
+            raise
+        except Exception as exc:  # the sink refuses this batch (not an outage): it goes back, with the buffer
+            await self._sink_refused(exc, [r.message for r, _, _ in done])
             self._count("retried", [r.sv for r, _, _ in done])
             return
         await self._reply([(r.message, row) for r, row, _ in done])
@@ -488,18 +591,39 @@ class StreamWorker:
         metrics.STREAM_WRITE_SECONDS.labels(self._sink_label).observe(time.perf_counter() - started)
         self._count("processed", [r.sv for r, _, _ in done])
 
-    async def _keep_leased(self, messages: list[Message]) -> None:
-        """While the model works on `messages`, renew their leases so that no other consumer gets them
-        (a long generation outlives a broker's visibility timeout)."""
+    async def _keep_leased(self) -> None:
+        """Renew the lease of every message held, so that no other consumer gets it while it waits for
+        the model (a long generation), in the queue, for a sink that is down, or in a file sink's
+        buffer: each outlives a broker's visibility timeout."""
         while True:
             await asyncio.sleep(self.config.lease_heartbeat_s)
+            held = [m for m in self._held.values() if not self.source.is_stale(m)]
+            if not held:
+                continue
             try:
-                await self.source.extend(messages)
+                await self.source.extend(held)
             except Exception as exc:  # a missed renewal only risks a second delivery
                 log.warning("%s: could not renew leases: %s", self._source_label, exc)
 
     async def _give_back(self, messages: list[Message], reason: str) -> None:
-        await self._retrying("retry", lambda: self.source.retry(messages, reason))
+        await self._retrying(
+            "retry", lambda: self.source.retry(messages, reason), max_delay=self.config.reconnect_backoff_s
+        )
+        self._settled(messages)
+
+    def _sink_refuses(self, exc: Exception, failures: int) -> bool:
+        """An outage is waited out; an error that is not one ends after ``sink_retries`` attempts."""
+        return not self.sink.is_transient(exc) and failures >= self.config.sink_retries
+
+    async def _sink_refused(self, exc: Exception, messages: list[Message]) -> None:
+        """Rows the sink buffered are dropped with the failed batch, and their messages go back to the
+        broker with it: nothing that was handed back is written later as well."""
+        self.sink.discard()
+        back, self._unacked = messages + self._unacked, []
+        reason = f"sink_error: {type(exc).__name__}: {exc}"
+        log.error("%s: the sink refused a batch, %d messages go back to the broker: %s", self._sink_label,
+                  len(back), exc)  # fmt: skip
+        await self._give_back(back, reason)
 
     async def _results(self, batch: InFlight) -> tuple[list[tuple[Request, Row, int]], list[tuple[Request, str]]]:
         """Rows of what succeeded (and of refusals a codec records); other refusals join the dead
@@ -508,11 +632,7 @@ class StreamWorker:
         failed: list[tuple[Request, str]] = []
         pending = list(batch.requests)
         while pending:
-            heartbeat = asyncio.ensure_future(self._keep_leased([r.message for r in pending]))
-            try:
-                await self.service.wait_all([(r.sv, r.futures, self._timeout(r)) for r in pending if r.sv is not None])
-            finally:
-                heartbeat.cancel()
+            await self.service.wait_all([(r.sv, r.futures, self._timeout(r)) for r in pending if r.sv is not None])
             again = []
             for req in pending:
                 exc = _first_error(req.futures)
@@ -538,10 +658,17 @@ class StreamWorker:
 
     async def _flush(self) -> None:
         """Make the sink durable, then acknowledge every message written so far."""
-        await self._retrying("sink flush", self.sink.flush, attempts=self.config.sink_retries)
+        try:
+            await self._retrying("sink flush", self.sink.flush, give_up=self._sink_refuses)
+        except Stopping:
+            raise
+        except Exception as exc:
+            await self._sink_refused(exc, [])
+            return
         if self._unacked:
             acked, self._unacked = self._unacked, []
-            await self._retrying("ack", lambda: self.source.ack(acked))
+            await self._retrying("ack", lambda: self.source.ack(acked), max_delay=self.config.reconnect_backoff_s)
+            self._settled(acked)
             now = time.time()
             hist = metrics.STREAM_LATENCY.labels(self._source_label)
             for m in acked:
@@ -559,21 +686,48 @@ class StreamWorker:
                     log.warning("reply to %s failed: %s", m.reply_to, exc)
 
     # -- helpers --------------------------------------------------------------------------------
-    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], attempts: int | None = None) -> T:
-        """`call()` with exponential backoff on errors (a broker or sink restart is not fatal)."""
-        attempts = attempts or 1_000_000  # broker operations: keep trying until it comes back
-        for attempt in range(1, attempts + 1):
+    async def _retrying(
+        self,
+        what: str,
+        call: Callable[[], Awaitable[T]],
+        give_up: Callable[[Exception, int], bool] | None = None,
+        until: asyncio.Event | None = None,
+        max_delay: float | None = None,
+    ) -> T:
+        """`call()` until it succeeds, with exponential backoff (at most `max_delay`) between tries:
+        a broker or sink restart is waited out. `give_up(exc, failures)` ends it with that error;
+        `until` (default: the end of the grace period after stop) ends it with `Stopping`."""
+        until = until or self._abort
+        failures = 0
+        while True:
             try:
-                return await call()
-            except asyncio.CancelledError:
-                raise
+                result = await call()
             except Exception as exc:
-                if attempt == attempts:
+                failures += 1
+                if give_up is not None and give_up(exc, failures):
+                    self.health.recovered(what)  # refused, not stuck: the caller deals with it
                     raise
-                delay = self._backoff(attempt)
-                log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, exc)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+                if failures > 1:
+                    self.health.failing(what, exc)
+                delay = min(max_delay or self.config.max_backoff_s, self._backoff(failures))
+                if failures & (failures - 1) == 0:  # attempts 1, 2, 4, 8, ...: an outage is a few lines
+                    error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                    log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, failures, delay, error)
+                await self._pause(what, delay, until)
+                continue
+            if failures:
+                self.health.recovered(what)
+                log.info("%s: %s works again after %d failed attempts", self._source_label, what, failures)
+            return result
+
+    @staticmethod
+    async def _pause(what: str, delay: float, until: asyncio.Event) -> None:
+        if not until.is_set():
+            try:
+                await asyncio.wait_for(until.wait(), delay)
+            except TimeoutError:
+                return
+        raise Stopping(f"stopped while retrying {what}")
 
     def _backoff(self, attempt: int) -> float:
         return min(self.config.max_backoff_s, self.config.backoff_s * 2 ** (attempt - 1))

@@ -245,6 +245,12 @@ class Broker(ABC):
         RabbitMQ (unacked messages stay with their consumer) and Kafka (uncommitted offsets stay with
         their partition's owner) need nothing."""
 
+    def is_stale(self, message: Message) -> bool:
+        """Whether this delivery can no longer be settled: the connection it came on is gone, and the
+        broker has already queued the message again (it comes back as a new delivery). Settling a stale
+        delivery is a no-op, never an error."""
+        return False
+
     @abstractmethod
     async def retry(self, messages: Sequence[Message], reason: str, delay_s: float = 1.0) -> None:
         """Deliver these again later (to this or another consumer); their delivery count grows."""

@@ -10,6 +10,11 @@ it publishes the message to the ``dlq`` queue with an ``x-moorage-reason`` heade
 broker's confirm, then acks the original. A connection that drops (a killed worker) returns its
 unacknowledged messages to the queue at once. All consumers of a queue share its work; ``group``
 is not used.
+
+The connection is robust: when RabbitMQ restarts it reconnects (every 5 s), declares the queues again
+and resumes consuming. The deliveries received on the old channel are stale: RabbitMQ queued them
+again when that channel closed, so acking or retrying one is a no-op (`is_stale`) and they come back
+as new deliveries. While the connection is down every call raises `BrokerUnavailable`.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from decimal import Decimal
 
 import aio_pika
+import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, FieldValue
 
 from ...config import redact_url
@@ -57,7 +64,18 @@ class RabbitMQBroker(Broker):
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await conn.close()
+            try:  # a connection that is reconnecting to a server that is gone must not hold up a stop
+                await asyncio.wait_for(conn.close(), 5)
+            except (TimeoutError, *_LOST) as exc:
+                log.warning("RabbitMQ connection did not close cleanly: %s", _why(exc))
+
+    @asynccontextmanager
+    async def _reachable(self, what: str) -> AsyncIterator[None]:
+        """A lost connection or channel, in any of the forms aio-pika reports it, as BrokerUnavailable."""
+        try:
+            yield
+        except _LOST as exc:
+            raise BrokerUnavailable(f"RabbitMQ {what} failed, the connection is down: {_why(exc)}") from None
 
     @property
     def channel(self) -> AbstractChannel:
@@ -86,8 +104,9 @@ class RabbitMQBroker(Broker):
 
     async def publish(self, bodies: Sequence[bytes], topic: str | None = None, headers: dict | None = None) -> None:
         topic = topic or self.topic
-        await self._queue(topic)
-        await self._send(topic, bodies, headers)
+        async with self._reachable("publish"):
+            await self._queue(topic)
+            await self._send(topic, bodies, headers)
 
     async def _send(self, topic: str, bodies: Sequence[bytes], headers: dict | None) -> None:
         headers = dict(headers or {})
@@ -112,18 +131,42 @@ class RabbitMQBroker(Broker):
         await asyncio.gather(*confirms)  # every publish confirmed by the broker
 
     async def receive(self, max_messages: int, timeout_s: float) -> list[Message]:
+        await self._connected(timeout_s)
         if not self._consuming:
-            queue = await self._queue(self.topic)
-            await queue.consume(self._buffer.put, no_ack=False)
+            async with self._reachable("consume"):
+                queue = await self._queue(self.topic)
+                await queue.consume(self._buffer.put, no_ack=False)
             self._consuming = True
-        try:
-            first = await asyncio.wait_for(self._buffer.get(), timeout_s)
-        except TimeoutError:
-            return []
-        raw = [first]
-        while len(raw) < max_messages and not self._buffer.empty():
-            raw.append(self._buffer.get_nowait())
+        raw: list[AbstractIncomingMessage] = []
+        deadline = time.monotonic() + timeout_s
+        while not raw:
+            try:
+                first = await asyncio.wait_for(self._buffer.get(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                await self._connected(0)  # a receive during an outage says so rather than "nothing"
+                return []
+            raw = [first]
+            while len(raw) < max_messages and not self._buffer.empty():
+                raw.append(self._buffer.get_nowait())
+            raw = [m for m in raw if not _stale(m)]  # from a channel that closed: queued again already
         return [self._message(m) for m in raw]
+
+    async def _connected(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for a connection that is being restored; BrokerUnavailable if it is not."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("broker is not connected: use `async with open_broker(url)`")
+        if conn.connected.is_set() and not self.channel.is_closed:
+            return
+        try:
+            await asyncio.wait_for(conn.connected.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        if not conn.connected.is_set() or self.channel.is_closed:
+            raise BrokerUnavailable(f"lost the connection to RabbitMQ at {redact_url(str(self.url))}; reconnecting")
+
+    def is_stale(self, message: Message) -> bool:
+        return _stale(message.handle)
 
     def _message(self, m: AbstractIncomingMessage) -> Message:
         headers = dict(m.headers or {})
@@ -142,21 +185,28 @@ class RabbitMQBroker(Broker):
         )
 
     async def ack(self, messages: Sequence[Message]) -> None:
+        stale = 0
         for m in messages:
             self._last_errors.pop(_key(m.handle), None)
-            if _settle(m.handle):
-                await m.handle.ack()
+            stale += not await _settle(m.handle, m.handle.ack)
+        _log_stale(stale, "acknowledged")
 
     async def retry(self, messages: Sequence[Message], reason: str, delay_s: float = 1.0) -> None:
+        stale = 0
         for m in messages:  # back to the queue; the quorum queue raises x-delivery-count
             if len(self._last_errors) < 100_000:
                 self._last_errors[_key(m.handle)] = reason
-            if _settle(m.handle):
-                await m.handle.nack(requeue=True)
+            stale += not await _settle(m.handle, lambda h=m.handle: h.nack(requeue=True))
+        _log_stale(stale, "retried")
 
     async def dead_letter(self, entries: Sequence[tuple[Message, str]]) -> None:
         if not entries:
             return
+        async with self._reachable("dead-letter"):
+            await self._dead_letter(entries)
+        await self.ack([m for m, _ in entries])
+
+    async def _dead_letter(self, entries: Sequence[tuple[Message, str]]) -> None:
         await self._queue(self.dlq)
         exchange = self.channel.default_exchange
         confirms = [
@@ -177,7 +227,6 @@ class RabbitMQBroker(Broker):
             for m, reason in entries
         ]
         await asyncio.gather(*confirms)
-        await self.ack([m for m, _ in entries])
 
     async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
         """Read the dead-letter queue and put every message back (the listing consumes nothing)."""
@@ -195,12 +244,14 @@ class RabbitMQBroker(Broker):
                 await m.nack(requeue=True)
 
     async def lag(self) -> int | None:
-        declared = await self.channel.declare_queue(self.topic, passive=True)
+        async with self._reachable("queue declare"):
+            declared = await self.channel.declare_queue(self.topic, passive=True)
         return declared.declaration_result.message_count
 
     async def reply(self, message: Message, body: bytes) -> None:
         if message.reply_to:  # the caller's own (exclusive) queue: publish to it, never declare it
-            await self._send(message.reply_to, [body], {"correlation_id": message.correlation_id or ""})
+            async with self._reachable("reply"):
+                await self._send(message.reply_to, [body], {"correlation_id": message.correlation_id or ""})
 
     async def open_replies(self, on_reply: ReplyHandler) -> ReplyInbox:
         queue = await self.channel.declare_queue("", exclusive=True, auto_delete=True)
@@ -222,13 +273,40 @@ class _QueueReplies(ReplyInbox):
         pass
 
 
-def _settle(m: AbstractIncomingMessage) -> bool:
-    """Whether the message can still be acked: a channel that closed has already handed its
-    unacknowledged messages back to the queue (they will be delivered again)."""
-    if m.channel.is_closed:
-        log.warning("channel closed before message %s was settled; RabbitMQ delivers it again", m.message_id)
+_LOST = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError)
+"""How aio-pika says a connection or channel is gone (ChannelInvalidStateError's text is empty)."""
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
+def _stale(m: AbstractIncomingMessage) -> bool:
+    """Whether the message's channel closed: RabbitMQ has handed its unacknowledged messages back to
+    the queue (they will be delivered again), and the handle can settle nothing any more."""
+    try:
+        return m.channel.is_closed  # aio-pika raises ChannelInvalidStateError once it is closed
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return True
+
+
+async def _settle(m: AbstractIncomingMessage, settle) -> bool:
+    """Ack or nack one delivery; False when it was stale (already queued again), before or during."""
+    if _stale(m):
         return False
+    try:
+        await settle()
+    except _LOST as exc:
+        if _stale(m):
+            return False
+        raise BrokerUnavailable(f"RabbitMQ did not take the ack of {m.message_id}: {_why(exc)}") from None
     return True
+
+
+def _log_stale(count: int, what: str) -> None:
+    if count:
+        log.warning("%d deliveries could not be %s: their channel closed and RabbitMQ delivers them again",
+                    count, what)  # fmt: skip
 
 
 def _key(m: AbstractIncomingMessage) -> str:

@@ -173,6 +173,7 @@ def test_a_server_killed_mid_run_leaves_no_job_behind(tmp_path, lock_file):
     registry.close()
     assert [j.status for j in jobs] == [JobStatus.SUCCEEDED] * NUM_JOBS
     assert all(len(j.result["outputs"]) == 1 for j in jobs)  # one result a job, not two
+    assert sum(j.attempts >= 2 for j in jobs) >= running_at_kill  # each left running was run again
     for job in jobs:
         calls = receiver.calls[job.id]
         assert {key for key, _ in calls} == {job.id}, calls  # the same idempotency key on every delivery

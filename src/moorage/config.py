@@ -129,7 +129,12 @@ class StreamSettings(BaseModel):
     max_text_chars: int = Field(20_000, ge=1, description="longer texts are dead-lettered (text_too_long)")
     item_timeout_s: float = Field(600.0, gt=0, description="deadline of one message in the model queue")
     model_retries: int = Field(3, ge=0, description="in-place retries of a transient model error")
-    sink_retries: int = Field(5, ge=1, description="attempts of a sink write before the batch goes back")
+    sink_retries: int = Field(
+        5,
+        ge=1,
+        description="attempts of a sink write that the sink refuses before the batch goes back; an "
+        "unreachable sink (an outage, a full disk) is waited out instead",
+    )
     backoff_s: float = Field(0.2, gt=0, description="first retry delay (doubles each time)")
     max_backoff_s: float = Field(10.0, gt=0, description="longest retry delay")
     log_interval_s: float = Field(10.0, gt=0, description="how often progress and lag are logged")

@@ -28,7 +28,7 @@ from moorage.streams import open_broker
 from moorage.streams.health import Health
 from moorage.streams.runner import StreamJob, run_stream
 
-from tests.services.restartable import postgres_service, rabbitmq_service, redis_service
+from tests.services.restartable import kafka_service, postgres_service, rabbitmq_service, redis_service
 from tests.services.servers import free_port, redis_server
 from tests.support import eventually, wait_until
 
@@ -139,6 +139,15 @@ async def test_rabbitmq_restart_mid_stream_loses_and_duplicates_nothing(settings
     with rabbitmq_service() as rabbit:
         figures = await _restart_mid_stream(rabbit, f"{rabbit.url}?topic=faults&prefetch=64", settings, registry,
                                             emb, tmp_path)  # fmt: skip
+    assert figures["problems"], "the worker said what it was waiting for"
+
+
+async def test_kafka_connection_loss_mid_stream_loses_and_duplicates_nothing(settings, registry, emb, tmp_path):
+    """librdkafka's mock cluster cannot restart: its broker goes down (connections dropped, new ones
+    refused) and comes back with the same topics and offsets, which is what a consumer sees of one."""
+    with kafka_service() as kafka:
+        url = f"{kafka.url}?topic=faults&create=auto&session_timeout_ms=6000"
+        figures = await _restart_mid_stream(kafka, url, settings, registry, emb, tmp_path)
     assert figures["problems"], "the worker said what it was waiting for"
 
 

@@ -160,3 +160,62 @@ def postgres_service(database: str = "moorage") -> Iterator[Service]:
     finally:
         service.stop(kill=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+_KAFKA_MOCK = r"""
+import ctypes, glob, os, sys
+import confluent_kafka
+libs = os.path.join(os.path.dirname(confluent_kafka.__file__), os.pardir, "confluent_kafka.libs")
+rd = ctypes.CDLL(sorted(glob.glob(os.path.join(libs, "librdkafka*.so*")))[0])
+rd.rd_kafka_conf_new.restype = ctypes.c_void_p
+rd.rd_kafka_new.restype = ctypes.c_void_p
+rd.rd_kafka_new.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+rd.rd_kafka_mock_cluster_new.restype = ctypes.c_void_p
+rd.rd_kafka_mock_cluster_new.argtypes = [ctypes.c_void_p, ctypes.c_int]
+rd.rd_kafka_mock_cluster_bootstraps.restype = ctypes.c_char_p
+rd.rd_kafka_mock_cluster_bootstraps.argtypes = [ctypes.c_void_p]
+for name in ("rd_kafka_mock_broker_set_down", "rd_kafka_mock_broker_set_up"):
+    getattr(rd, name).argtypes = [ctypes.c_void_p, ctypes.c_int32]
+errstr = ctypes.create_string_buffer(512)
+rk = rd.rd_kafka_new(0, rd.rd_kafka_conf_new(), errstr, 512)  # a producer handle owns the cluster
+cluster = rd.rd_kafka_mock_cluster_new(rk, 1)
+print("bootstrap=" + rd.rd_kafka_mock_cluster_bootstraps(cluster).decode(), flush=True)
+for line in sys.stdin:  # "down": drop every connection and refuse new ones; "up": accept again
+    fn = rd.rd_kafka_mock_broker_set_down if line.strip() == "down" else rd.rd_kafka_mock_broker_set_up
+    print("err=%d" % fn(cluster, 1), flush=True)
+"""
+
+
+@contextmanager
+def kafka_service() -> Iterator[Service]:
+    """librdkafka's mock cluster (one broker, in a child process). It cannot restart, but `stop()`
+    takes its broker down (every connection dropped, new ones refused) and `start()` brings it up
+    again with the same topics, offsets and address: a connection loss, as a network cut makes it."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _KAFKA_MOCK], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    def command(word: str) -> None:
+        stdin.write(word + "\n")
+        stdin.flush()
+        answer = stdout.readline().strip()
+        if answer != "err=0":
+            raise RuntimeError(f"the Kafka mock did not take {word!r}: {answer!r}")
+
+    try:
+        line = stdout.readline().strip()
+        if not line.startswith("bootstrap="):
+            raise RuntimeError(f"the Kafka mock cluster did not start: {line!r}")
+        first = [True]
+
+        def start() -> None:  # the cluster is up from the start: only a later start() has work to do
+            if not first[0]:
+                command("up")
+            first[0] = False
+
+        yield Service(f"kafka://{line.split('=', 1)[1]}", start, lambda kill: command("down"))
+    finally:
+        _stop(proc)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import json
+import os
 import sqlite3
 
 import pyarrow as pa
@@ -90,6 +92,31 @@ async def test_file_sinks_roll_and_leave_only_whole_files(tmp_path):
     assert [r["id"] for r in lines] == ["0", "1"]
 
 
+async def test_a_failed_file_leaves_no_temp_file_and_writing_again_adds_rows_once(tmp_path, monkeypatch):
+    rows = [{"id": str(i), "model": "m", "version": 1, "task": "embed", "embedding": [0.5, i]} for i in range(6)]
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async with open_sink(f"parquet://{tmp_path}/pq?rows=5") as sink:
+        assert isinstance(sink, FileSink)
+        await sink.write(rows[:3])
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(OSError) as info:
+            await sink.write(rows[3:])  # reaches rows=5: the roll fails
+        assert sink.is_transient(info.value), "a full disk is waited out, not handed back"
+        assert sink.pending == 3, "the failed write's rows left the buffer again; the earlier ones stay"
+        assert not list((tmp_path / "pq").iterdir()), "no temporary file is left behind"
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        await sink.write(rows[3:])  # the worker writes the batch again once the disk has room
+        assert sink.pending == 0
+        await sink.write(rows[:1])
+        assert sink.discard() == 1 and sink.pending == 0  # handed back: never written later as well
+    ids = pq.read_table(sorted((tmp_path / "pq").glob("*.parquet"))).column("id").to_pylist()
+    assert sorted(ids) == [str(i) for i in range(6)]
+
+
 async def test_sql_sink_upserts_by_id_and_counts_replays(tmp_path):
     db = tmp_path / "r.db"
     sink = open_sink(f"sql+sqlite:///{db}?table=out")
@@ -141,9 +168,16 @@ async def test_a_flaky_sink_is_retried_with_backoff_and_loses_nothing(settings, 
     st = settings.model_copy(update={"stream": settings.stream.model_copy(update={"backoff_s": 0.01})})
     stop = asyncio.Event()
     worker = asyncio.create_task(run_stream(st, StreamJob(url, "unused", "emb"), stop, registry=registry))
+
+    def written() -> int:
+        try:  # the file can exist a moment before the sink has created its table
+            return sqlite3.connect(db).execute("SELECT count(*) FROM r").fetchone()[0] if db.exists() else 0
+        except sqlite3.OperationalError:
+            return 0
+
     for _ in range(200):
         await asyncio.sleep(0.05)
-        if db.exists() and sqlite3.connect(db).execute("SELECT count(*) FROM r").fetchone()[0] == 50:
+        if written() == 50:
             break
     stop.set()
     counts = await worker

@@ -108,7 +108,7 @@ class JobError:
         """A `MoorageError` keeps its code and message; anything else is an opaque internal error
         (log its traceback where it is caught: it never reaches the job row)."""
         if isinstance(exc, MoorageError):
-            return cls(exc.code, exc.message)
+            return cls(exc.code, exc.client_message)
         return cls("internal_error", "the job failed")
 
     def as_dict(self) -> dict[str, str]:

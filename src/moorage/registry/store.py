@@ -40,6 +40,7 @@ class NoProgress:
 class StoreError(MoorageError):
     status = 503
     code = "store_unavailable"
+    public = "the artifact store is not available (the server log says why)"  # the message names its URL
 
 
 class ArtifactStore:

@@ -204,7 +204,7 @@ async def _chunks(out: _Chunks, first, events, echo, include_usage, request) -> 
         if include_usage:
             yield _sse({**out.meta, "choices": [], "usage": totals})
     except MoorageError as exc:
-        yield _sse(error_body(exc.message, exc.type, exc.code))
+        yield _sse(error_body(exc.client_message, exc.type, exc.code))
     except Exception as exc:  # a bug or a model failure: logged with its traceback, answered opaquely
         log.error("stream %s failed", out.meta["id"], exc_info=exc)
         yield _sse(error_body("the server failed while generating this response", "server_error", "internal_error"))

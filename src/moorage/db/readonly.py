@@ -6,7 +6,9 @@ SQLite cannot open a WAL database read-only without its ``-shm`` file, and canno
 file in a folder it may not write. When no ``-wal`` file is there, every committed change is in the
 database file itself (the last writer checkpointed it when it closed), so the file is opened
 ``immutable``; when a ``-wal`` is there, a writer still has the database open and keeps its ``-shm``,
-which a read-only connection then shares (``mode=ro``).
+which a read-only connection then shares (``mode=ro``). An immutable connection does not see what a
+writer commits after it opened: right for a command that reads and ends, not for a long-lived
+process beside a writer (which should have a writable home).
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ class CatalogReadOnly(MoorageError):
 def read_only_url(parsed: URL, path: Path) -> URL | None:
     """The URL that opens the SQLite file at `path` read-only, or None when this process may write
     it (and the folder that holds its journal files)."""
-    if not path.exists() or (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+    if not path.exists():
+        if not os.access(path.parent, os.W_OK):
+            raise CatalogReadOnly(f"there is no catalog at {path} and {path.parent} is read-only: nothing to read")
+        return None
+    if os.access(path, os.W_OK) and os.access(path.parent, os.W_OK):
         return None
     wal = Path(f"{path}-wal")
     query = {"uri": "true", "mode": "ro"} | ({} if wal.exists() else {"immutable": "1"})

@@ -295,3 +295,32 @@ def test_the_running_and_waiting_gauges_read_zero_once_every_client_went_away(ge
         await engine.stop()
 
     run(main())
+
+
+def test_the_running_gauge_reads_zero_after_a_failed_step_fails_its_sequences(generator):
+    handler = generator()
+    labels = ("gauge-failure-test", "1")
+    running = ("moorage_running_sequences", labels)
+
+    async def main():
+        engine = GenerationEngine(handler, GenerationConfig(max_num_seqs=4), labels=labels)
+        step = engine._batch.step
+        release = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def fails_once_every_row_runs():  # the decode steps wait until the test has seen 3 rows running
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result(30)
+            raise RuntimeError("kernel failed")
+
+        engine._batch.step = fails_once_every_row_runs
+        engine.start()
+        futures = [engine.submit(_item(f"p{i}", n=50)) for i in range(3)]
+        await eventually(lambda: _gauge(*running) == 3, what="3 running")
+        release.set()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await eventually(lambda: _gauge(*running) == 0, timeout_s=5, what="running gauge at 0")
+        engine._batch.step = step
+        await engine.stop()
+        return results
+
+    assert all(isinstance(r, RuntimeError) for r in run(main()))

@@ -11,7 +11,10 @@ connection, of the first byte of the next request), or it is closed; and a conne
 ``serve.limit_concurrency`` is answered 503 and closed at once instead of being held.
 
 The body is not under this deadline (an upload may take minutes): its size is bounded by the edge
-middleware, its pace only by the request's own deadline.
+middleware, its pace only by the request's own deadline. With TLS (``serve.ssl_certfile``) a
+connection reaches this protocol only once its handshake is done: until then it is neither counted
+nor timed here, and the event loop holds an unfinished handshake up to its default of 60 s (uvicorn
+does not pass ``ssl_handshake_timeout``). Where that matters, terminate TLS in a proxy in front.
 """
 
 from __future__ import annotations

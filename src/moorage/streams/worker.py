@@ -299,7 +299,6 @@ class StreamWorker:
         self._unacked: list[Message] = []  # written to a buffering sink, not durable yet
         self._held: dict[str, Message] = {}  # received and not settled with the broker yet, by broker id
         self._receiving: InFlight | None = None  # the batch being started, not queued yet
-        self._stop = asyncio.Event()  # set by run(): no more receiving
         self._abort = asyncio.Event()  # the grace period is over: stop retrying, hand back what is held
         self._source_label = f"{source.scheme}:{source.topic}"
         self.health = health or Health()
@@ -311,7 +310,6 @@ class StreamWorker:
     async def run(self, stop: asyncio.Event) -> Counts:
         """Work until `stop` is set, then finish and acknowledge what was received, within
         ``stop_grace_s``; what is still unsettled then goes back to the broker."""
-        self._stop = stop
         receiver = asyncio.create_task(self._receive_loop(stop), name="moorage-stream-receive")
         writer = asyncio.create_task(self._write_loop(), name="moorage-stream-write")
         leases = asyncio.create_task(self._keep_leased(), name="moorage-stream-leases")

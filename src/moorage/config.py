@@ -39,6 +39,10 @@ CONFIG_NAMES = ("config.yaml", "config.yml", "config.toml")
 SETTINGS_FILE_ENV = "MOORAGE_SETTINGS_FILE"  # where a worker process finds the settings its parent wrote
 # MOORAGE_* variables that are not settings: which file to read, and scripts/install.sh's torch pin
 NOT_SETTINGS_ENV = frozenset({"MOORAGE_CONFIG", SETTINGS_FILE_ENV, "MOORAGE_TORCH_SPEC"})
+# Kubernetes' service links: a Service named moorage (or moorage-x) gives every pod of its namespace
+# MOORAGE[_X]_SERVICE_HOST, MOORAGE[_X]_SERVICE_PORT[_NAME], MOORAGE[_X]_PORT=tcp://ADDR:PORT and
+# MOORAGE[_X]_PORT_8000_TCP[_PROTO|_PORT|_ADDR]; none has a double underscore
+_SERVICE_LINK = re.compile(r"_SERVICE_(HOST|PORT(_\w+)?)$|_PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?$")
 
 # Settings are read once and never change in a running process: a new value means a new tree
 # (``model_copy(update=...)``), so no part of a process sees settings another part changed.
@@ -372,7 +376,7 @@ def _refuse_unknown_sections(environ: Mapping[str, str]) -> None:
     known = list(Settings.model_fields)
     for name in sorted(environ):
         upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or upper in NOT_SETTINGS_ENV:
+        if not upper.startswith(ENV_PREFIX) or upper in NOT_SETTINGS_ENV or _is_service_link(upper, environ[name]):
             continue
         section, sep, rest = upper.removeprefix(ENV_PREFIX).partition("__")
         if section.lower() in known:
@@ -388,6 +392,14 @@ def _refuse_unknown_sections(environ: Mapping[str, str]) -> None:
             f"environment variable {name} names no setting: {section.lower()!r} is neither a setting nor a section"
             f"{hint} (known: {', '.join(known)}; nested keys take '__', e.g. {ENV_PREFIX}SERVE__PORT)"
         )
+
+
+def _is_service_link(name: str, value: str | None) -> bool:
+    if "__" in name:
+        return False
+    return bool(_SERVICE_LINK.search(name)) or (
+        name.endswith("_PORT") and str(value).startswith(("tcp://", "udp://", "sctp://"))
+    )
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

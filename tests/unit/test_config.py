@@ -160,6 +160,17 @@ def test_variables_that_are_not_settings_are_left_alone(tmp_path):
         "MOORAGE_SETTINGS_FILE": "/somewhere/settings.json",  # a server worker's, read by read_settings_file
         "MOORAGE_TORCH_SPEC": "torch==2.13.0",  # scripts/install.sh's
         "OTHER_SERVR__PORT": "1",
+        # what Kubernetes gives every pod of a namespace with a Service named moorage, and moorage-api
+        "MOORAGE_SERVICE_HOST": "10.0.0.7",
+        "MOORAGE_SERVICE_PORT": "8000",
+        "MOORAGE_SERVICE_PORT_HTTP": "8000",
+        "MOORAGE_PORT": "tcp://10.0.0.7:8000",
+        "MOORAGE_PORT_8000_TCP": "tcp://10.0.0.7:8000",
+        "MOORAGE_PORT_8000_TCP_PROTO": "tcp",
+        "MOORAGE_PORT_8000_TCP_PORT": "8000",
+        "MOORAGE_PORT_8000_TCP_ADDR": "10.0.0.7",
+        "MOORAGE_API_SERVICE_HOST": "10.0.0.8",
+        "MOORAGE_API_PORT": "tcp://10.0.0.8:80",
     }
     assert load_settings(environ=env).serve.port == 1234
 

@@ -115,12 +115,14 @@ class ModelPool:
             self._served[key] = await self._start_version(info)
         self._loaded = True
         self.ready.set()
+        metrics.READY.set(1)
         if self.config.poll_interval_s > 0:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="moorage-alias-watch")
 
     async def stop(self) -> None:
         """Finish what every engine has accepted, then stop them."""
         self._loaded = False
+        metrics.READY.set(0)
         if self._watcher is not None:
             self._watcher.cancel()
         async with self._swap_lock:
@@ -146,6 +148,7 @@ class ModelPool:
 
     def _engine_failed(self, sv: ServedVersion, exc: BaseException) -> None:
         self.engine_failure = f"{sv.info.ref}: {type(exc).__name__}"
+        metrics.READY.set(0)
         self.failed.set()
 
     # -- lookups -----------------------------------------------------------------------------
@@ -239,6 +242,7 @@ class ModelPool:
             new = await self._start_version(info)
         except Exception as exc:
             error = _start_failed(info, exc)
+            metrics.MODEL_LOAD_FAILURES.labels(info.name, str(info.version)).inc()
             self._failures[key] = failure = self._failed(info, failure, error)
             log.warning(
                 "%s: cannot load version %d (attempt %d), still serving version %d; next try in %.0fs: %s",

@@ -47,6 +47,14 @@ MODEL_LOAD_SECONDS = Histogram(
     "moorage_model_load_seconds", "time to load a model version", LABELS, buckets=LATENCY_BUCKETS
 )
 MODEL_SWAPS = Counter("moorage_model_swaps", "served versions replaced by another", ("model",))
+MODEL_LOAD_FAILURES = Counter(
+    "moorage_model_load_failures", "versions that failed to load for a swap (the old one keeps serving)", LABELS
+)
+READY = Gauge(
+    "moorage_ready",
+    "1 while every served model is loaded and every engine alive (/readyz 200), 0 while loading or failed",
+    multiprocess_mode="livemin",
+)
 STREAM_MESSAGES = Counter(
     "moorage_stream_messages",
     "stream messages by outcome: processed, retried (delivered again later), dead_lettered",

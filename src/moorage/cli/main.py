@@ -14,7 +14,7 @@ import typer
 
 from .. import __version__
 from ..errors import MoorageError
-from . import audit, keys, models, serve, stream
+from . import audit, keys, models, report, serve, stream
 from .context import AppState, RichProgress, console, err_console, state
 
 try:  # typer >= 0.22 carries its own copy of click, whose errors are TyperExceptions
@@ -33,6 +33,7 @@ app.add_typer(stream.app, name="stream")
 app.add_typer(keys.app, name="keys")
 app.add_typer(audit.app, name="audit")
 app.command()(serve.serve)
+app.command()(report.report)
 
 
 def _version(value: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,7 +42,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(tmp_path: Path, delay_ms: float = 0.0, **settings: str) -> dict:
+def _env(tmp_path: Path, delay_ms: float = 0.0, dim: int = DIM, **settings: str) -> dict:
     env = {
         **os.environ,
         "MOORAGE_HOME": str(tmp_path / "home"),
@@ -52,8 +53,9 @@ def _env(tmp_path: Path, delay_ms: float = 0.0, **settings: str) -> dict:
     }
     env.pop("MOORAGE_CONFIG", None)
     registry = Registry.from_settings(load_settings(environ={k: v for k, v in env.items() if k.startswith("MOORAGE_")}))
-    registry.register(make_fake_model(tmp_path / "emb", "embed", dim=DIM, delay_ms=delay_ms), "emb", "embed")
+    registry.register(make_fake_model(tmp_path / "emb", "embed", dim=dim, delay_ms=delay_ms), "emb", "embed")
     registry.close()
+    shutil.rmtree(tmp_path / "emb")  # the registry holds its own copy
     return env
 
 
@@ -256,7 +258,7 @@ def test_half_open_connections_are_capped_and_closed_at_the_header_deadline(tmp_
     serve.limit_concurrency they are answered 503 at once; the others are closed once
     serve.header_timeout_s passed without complete headers. Before, all 500 were held open."""
     cap, header_timeout_s = 100, 5.0
-    env = _env(tmp_path, limit_concurrency=str(cap), header_timeout_s=str(header_timeout_s))
+    env = _env(tmp_path, dim=8, limit_concurrency=str(cap), header_timeout_s=str(header_timeout_s))
     proc, url, _ = serve(env)
     wait_until(lambda: _ready(url, proc), timeout_s=180, what="the server is ready")
 

@@ -246,7 +246,7 @@ def test_stop_event_while_the_broker_is_down_ends_the_worker_within_its_grace(se
     assert took <= grace
 
 
-@pytest.mark.parametrize("outage", ["short", "long"])  # longer than the sink's retries; than 3 deliveries
+@pytest.mark.parametrize("outage", ["short", "long"])  # longer than the sink's retries; than 2 deliveries
 async def test_a_postgres_sink_outage_writes_every_row_once_and_dead_letters_nothing(outage, settings, registry, emb,
                                                                                     tmp_path):  # fmt: skip
     """The sink goes away for a moment, or for longer than claim_idle_ms x max_deliveries: the worker
@@ -254,7 +254,7 @@ async def test_a_postgres_sink_outage_writes_every_row_once_and_dead_letters_not
     import psycopg
 
     with redis_server() as redis_url, postgres_service() as pg:
-        url = f"{redis_url}?topic=faults&claim_idle_ms=2000&max_deliveries=3"
+        url = f"{redis_url}?topic=faults&claim_idle_ms=2000&max_deliveries=2"
         await _publish(url, inputs(N))
         sink = "sql+" + pg.url.replace("postgresql://", "postgresql+psycopg://") + "?table=results"
 
@@ -278,7 +278,7 @@ async def test_a_postgres_sink_outage_writes_every_row_once_and_dead_letters_not
             down_at = time.monotonic()
             await eventually(lambda: not health.is_healthy, 30, "the worker to report the sink down")
             # the outage's length is the fault itself, not a synchronisation: short outlasts the sink's
-            # own retries (5 attempts), long outlasts 3 deliveries x claim_idle_ms
+            # own retries (5 attempts), long outlasts max_deliveries (2) x claim_idle_ms
             while time.monotonic() - down_at < (3 if outage == "short" else 12):
                 assert not health.is_healthy
                 await asyncio.sleep(0.25)

@@ -257,6 +257,18 @@ class SecuritySettings(BaseModel):
     max_upload_bytes: int = Field(8 << 30, ge=1024, description="largest model upload over HTTP (413 above)")
 
 
+class ObservabilitySettings(BaseModel):
+    model_config = SECTION_CONFIG
+
+    tracing: bool = Field(False, description="OpenTelemetry spans of every inference call (needs the tracing extra)")
+    otlp_endpoint: str = Field(
+        "http://localhost:4318/v1/traces", description="OTLP/HTTP traces endpoint spans are exported to"
+    )
+    service_name: str = Field("moorage", min_length=1, description="service.name of the exported spans")
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description="share of new traces sampled (parents decide theirs)")
+    log_format: Literal["console", "json"] = Field("console", description="console lines, or one JSON object a line")
+
+
 class Settings(BaseSettings):
     """Everything a moorage process needs to know, validated at start-up."""
 
@@ -273,6 +285,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = Field(default_factory=StreamSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
 
     @field_validator("home")
     @classmethod

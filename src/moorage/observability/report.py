@@ -376,10 +376,21 @@ class Report:
     data: dict[str, Any] = field(default_factory=dict)
 
     def json(self) -> str:
-        return json.dumps(self.data, indent=2, default=_jsonable, allow_nan=False)
+        return json.dumps(_finite(self.data), indent=2, default=_jsonable, allow_nan=False)
 
     def html(self) -> str:
         return render_html(json.loads(self.json()))
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities are not JSON: null, as a reader of the JSON expects for "no value"."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _jsonable(value: Any) -> Any:
@@ -545,7 +556,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:24px auto;max-width:1360px;color:
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
 .grid{display:flex;flex-wrap:wrap;gap:16px}figure.plot{margin:0;border:1px solid #e4e4e4;padding:8px}
 figcaption{font-weight:600;margin-bottom:4px}svg text{font-size:11px;fill:#555}
-rect.bar{fill:#4a7bb7}rect.bar.flagged{fill:#c8402f}rect.window{fill:#f2d98c;opacity:.45}
+rect.bar{fill:#4a7bb7}rect.bar.flagged{fill:#c8402f}rect.window{fill:#f2c14e;opacity:.35}
 line.threshold{stroke:#c8402f;stroke-dasharray:4 3}line.axis{stroke:#999}
 table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}
 td.n{text-align:right;font-variant-numeric:tabular-nums}tr.flagged td{background:#fbe3df}
@@ -581,15 +592,15 @@ def _columns_svg(values: Sequence[float], ticks: Sequence[tuple[float, str]], sh
     parts = [f'<line class="axis" x1="{PAD}" y1="{PAD + inner_h}" x2="{W - PAD}" y2="{PAD + inner_h}"/>',
              f'<text x="{PAD - 4}" y="{PAD + 4}" text-anchor="end">{_fmt(float(top))}</text>',
              f'<text x="{PAD - 4}" y="{PAD + inner_h}" text-anchor="end">0</text>']  # fmt: skip
-    if shade:
-        x0, x1 = PAD + shade[0] * inner_w, PAD + shade[1] * inner_w
-        parts.append(f'<rect class="window" x="{x0:.1f}" y="{PAD}" width="{max(1.0, x1 - x0):.1f}" height="{inner_h}">'
-                     "<title>reference window</title></rect>")  # fmt: skip
     for i, v in enumerate(values):
         h = inner_h * v / top
         x, y, w = PAD + i * step + 0.5, PAD + inner_h - h, max(1.0, step - 1)
         parts.append(f'<rect class="bar" x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}">'
                      f"<title>{_fmt(float(v))}</title></rect>")  # fmt: skip
+    if shade:  # over the bars, translucent
+        x0, x1 = PAD + shade[0] * inner_w, PAD + shade[1] * inner_w
+        parts.append(f'<rect class="window" x="{x0:.1f}" y="{PAD}" width="{max(1.0, x1 - x0):.1f}" height="{inner_h}">'
+                     "<title>reference window</title></rect>")  # fmt: skip
     for frac, text in ticks:
         parts.append(
             f'<text x="{PAD + frac * inner_w:.1f}" y="{H - 8}" text-anchor="middle">{html.escape(text)}</text>'
@@ -667,9 +678,14 @@ def _drift_section(d: dict) -> str:
     return "".join(parts) + "</table>"
 
 
+def _when(ts: float | None) -> str:
+    return "–" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
 def _table(rows: list[dict], css: str) -> str:
     if not rows:
         return '<p class="notes">None.</p>'
+    rows = [{k: _when(v) if k == "ts" else v for k, v in r.items()} for r in rows]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
     body = "".join("<tr>" + "".join(f'<td class="{"n" if isinstance(v, int | float) else ""}">{html.escape(_fmt(v))}'
                                     "</td>" for v in r.values()) + "</tr>" for r in rows)  # fmt: skip

@@ -396,6 +396,17 @@ class StreamWorker:
             fresh.append(m)
         return fresh
 
+    def _without_stale(self, done: list[tuple[Request, Row, int]]) -> list[tuple[Request, Row, int]]:
+        """Rows of deliveries that went stale meanwhile (the broker queued them again: their new
+        delivery writes them) are not written now, which would write each of them twice."""
+        stale = [r.message for r, _, _ in done if self.source.is_stale(r.message)]
+        if not stale:
+            return done
+        log.info("%s: %d results not written: their deliveries went stale and come again", self._source_label,
+                 len(stale))  # fmt: skip
+        self._settled(stale)
+        return [d for d in done if not self.source.is_stale(d[0].message)]
+
     def _settled(self, messages: list[Message]) -> None:
         for m in messages:
             if self._held.get(m.broker_id) is m:
@@ -565,6 +576,7 @@ class StreamWorker:
             await self._give_back([m for m, _ in again], reason)
             self._count("retried", [sv for _, sv in again])
         self._unacked.extend(batch.skipped)
+        done = self._without_stale(done)
         if not done:
             if batch.skipped:
                 await self._flush()

@@ -1,7 +1,8 @@
 """RabbitMQ (aio-pika): a durable quorum queue per topic, manual acks, prefetch, a dead-letter queue.
 
 ``amqp://USER:PASS@HOST:PORT/VHOST?topic=in``. Options: ``prefetch`` (unacknowledged messages this
-consumer may hold, default 256).
+consumer may hold, default 256), ``reconnect_s`` (how often a lost connection is tried again,
+default 1).
 
 The queue is a quorum queue: it counts deliveries (``x-delivery-count``) and, past
 ``max_deliveries`` + 1, dead-letters a message itself (a poison message that crashes every worker
@@ -11,7 +12,7 @@ broker's confirm, then acks the original. A connection that drops (a killed work
 unacknowledged messages to the queue at once. All consumers of a queue share its work; ``group``
 is not used.
 
-The connection is robust: when RabbitMQ restarts it reconnects (every 5 s), declares the queues again
+The connection is robust: when RabbitMQ restarts it reconnects (every ``reconnect_s``), declares the queues again
 and resumes consuming. The deliveries received on the old channel are stale: RabbitMQ queued them
 again when that channel closed, so acking or retrying one is a no-op (`is_stale`) and they come back
 as new deliveries. While the connection is down every call raises `BrokerUnavailable`.
@@ -44,6 +45,7 @@ class RabbitMQBroker(Broker):
     def __init__(self, url: BrokerURL) -> None:
         super().__init__(url)
         self.prefetch = url.int("prefetch", 256)
+        self.reconnect_s = url.number("reconnect_s", 1.0)
         self._conn: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._queues: dict[str, aio_pika.abc.AbstractQueue] = {}
@@ -53,7 +55,7 @@ class RabbitMQBroker(Broker):
 
     async def connect(self) -> None:
         try:
-            self._conn = await aio_pika.connect_robust(self.url.server, timeout=10)
+            self._conn = await aio_pika.connect_robust(self.url.server, timeout=10, reconnect_interval=self.reconnect_s)
         except (OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
             raise BrokerUnavailable(
                 f"cannot reach RabbitMQ at {redact_url(str(self.url))}: {redact_url(str(exc))}"

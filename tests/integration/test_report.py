@@ -272,3 +272,28 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(results, args, says):
     assert done.returncode != 0
     assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.anyio
+async def test_the_catalogs_jobs_table_is_a_source(settings, registry, fake_model, serving, home, tmp_path):
+    """What the jobs wrote: one row per output (a job's timings once), a failed job's error code."""
+    registry.register(fake_model("classify"), "cls", "classify")
+    registry.register(fake_model("generate"), "gen", "generate")
+    limits = settings.security.limits.model_copy(update={"max_tokens": 10**7})  # reaches the model, which refuses
+    settings = settings.model_copy(update={"security": settings.security.model_copy(update={"limits": limits})})
+    async with serving(settings, registry, refs=("cls", "gen")) as (_, c):
+        ids = [(await c.post("/v1/jobs", json={"model": "cls", "inputs": [f"a {i}", f"b {i}", f"c {i}"]})).json()["id"]
+               for i in range(10)]  # fmt: skip
+        bad = await c.post("/v1/jobs", json={"model": "gen", "inputs": ["hi"], "parameters": {"max_new_tokens": 10**6}})
+        ids.append(bad.json()["id"])
+
+        async def finished() -> bool:
+            jobs = [(await c.get(f"/v1/jobs/{i}")).json() for i in ids]
+            return all(j["status"] in ("succeeded", "failed") for j in jobs)
+
+        await eventually(finished, "the jobs")
+    data = report_json(tmp_path, f"sqlite:///{home / 'catalog.db'}", "--table", "jobs")
+    assert data["summary"]["rows"] == 10 * 3 + 1 and data["summary"]["distinct_ids"] == 31
+    assert data["categories"]["error"] == {"context_length_exceeded": 1}
+    assert sum(data["categories"]["label"].values()) == 30
+    assert data["distributions"]["latency_ms"]["rows"] == 11, "a job's latency counts once"

@@ -8,6 +8,9 @@ What it reads (DuckDB does the queries):
   (``label, score, scores`` | ``embedding`` | ``text, finish_reason, prompt_tokens,
   completion_tokens, filtered``). Hidden ``.*.tmp`` files (a write in progress) are skipped.
 - a SQL sink's table (any SQLAlchemy URL): the common columns, the task's fields in ``output``.
+- the catalog's ``jobs`` table (what the jobs wrote): one row per output of a finished job, the
+  job's timings (started to finished; created to started as the queue wait) on its first output
+  only, so each job counts once in latency; a failed job is one row with its error code.
 - optionally the dead letters, which live on the broker, not in the sink: an export of
   ``moorage stream dead-letters --source URL --json`` (JSONL, or Parquet with the same fields).
 
@@ -145,7 +148,12 @@ def _file_view(con: Any, name: str, location: str) -> None:
     if jsonl:
         parts.append(f"SELECT * FROM read_json({jsonl!r}, format = 'newline_delimited', union_by_name = true)")
     con.sql(f"CREATE VIEW raw_{name} AS " + " UNION ALL BY NAME ".join(parts))
-    columns = _columns(con, f"raw_{name}")
+    _flat_view(con, name, f"raw_{name}")
+
+
+def _flat_view(con: Any, name: str, relation: str) -> None:
+    """Rows with the worker's flat columns (a file sink's, or job outputs made flat)."""
+    columns = _columns(con, relation)
 
     def col(key: str, kind: str) -> str:
         return f'CAST("{key}" AS {kind})' if key in columns else f"CAST(NULL AS {kind})"
@@ -153,7 +161,7 @@ def _file_view(con: Any, name: str, location: str) -> None:
     emb = "sqrt(list_inner_product(embedding::DOUBLE[], embedding::DOUBLE[]))" if "embedding" in columns else "NULL"
     text = col("text", "VARCHAR")
     error = "CAST(error.code AS VARCHAR)" if "error" in columns else "CAST(NULL AS VARCHAR)"
-    _normal_view(con, name, f"raw_{name}", col, emb, text, error)
+    _normal_view(con, name, relation, col, emb, text, error)
 
 
 def _sql_view(con: Any, name: str, url: str, table: str) -> None:
@@ -186,6 +194,12 @@ def _sql_view(con: Any, name: str, url: str, table: str) -> None:
         engine.dispose()
     if not rows:
         raise BadRequest(f"table {table!r} has no rows", code="report_empty_source")
+    if {"status", "request", "result"} <= set(keys):  # the catalog's jobs table
+        flat = _job_rows(keys, rows)
+        names = dict.fromkeys(k for r in flat for k in r)  # every row's keys (from_pylist takes the first's)
+        con.register(f"arrow_{name}", pa.table({k: [r.get(k) for r in flat] for k in names}))
+        _flat_view(con, name, f"arrow_{name}")
+        return
     data = {k: [r[i] for r in rows] for i, k in enumerate(keys)}
     for key in ("output", "result", "error", "request"):  # JSON columns: text for DuckDB's json functions
         if key in data:
@@ -206,6 +220,50 @@ def _sql_view(con: Any, name: str, url: str, table: str) -> None:
     text = col("text", "VARCHAR")
     error = "CAST(json_extract_string(output, '$.error.code') AS VARCHAR)"
     _normal_view(con, name, f"raw_{name}", col, emb, text, error)
+
+
+def _job_rows(keys: list[str], rows: Sequence[Any]) -> list[dict]:
+    """Job rows as flat rows: one per output (the job's timings on its first output only, so each
+    job counts once in latency), or one with the error of a failed job. Unfinished jobs are left out."""
+    out: list[dict] = []
+    for values in rows:
+        job = dict(zip(keys, values))
+        if job["status"] not in ("succeeded", "failed"):
+            continue
+        result, error = _json(job["result"]) or {}, _json(job["error"])
+        created, started, finished = (_epoch(job.get(k)) for k in ("created_at", "started_at", "finished_at"))
+        timing = {
+            "latency_ms": (finished - started) * 1000 if finished and started else None,
+            "published_at": created,
+            "received_at": started,
+            "completed_at": finished,
+            "attempts": job.get("attempts"),
+        }
+        base = {"model": result.get("model", job["model"]), "version": result.get("version"),
+                "task": result.get("task")}  # fmt: skip
+        outputs = result.get("outputs") or [{}]
+        for i, output in enumerate(outputs):
+            row = {"id": job["id"] if i == 0 else f"{job['id']}/{i}", **base, **output}
+            row.update(timing if i == 0 else {"completed_at": finished})
+            if "scores" in row:
+                row["scores"] = json.dumps(row["scores"])
+            if error:
+                row["error"] = {"code": error.get("code")}
+            out.append(row)
+    if not out:
+        raise BadRequest("the jobs table has no finished jobs", code="report_empty_source")
+    return out
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _epoch(value: Any) -> float | None:
+    if value is None:
+        return None
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _normal_view(con: Any, name: str, raw: str, col: Callable[[str, str], str], emb: str, text: str,

@@ -264,10 +264,13 @@ def test_a_sql_sink_table_is_a_source(results):
         (["sqlite:///absent.db", "--table", "results"], "no such SQLite file"),
         (["results", "--reference", "first:150%"], "0 < N < 100"),
         (["results", "--format", "pdf"], "use html or json"),
+        (["corrupt"], "cannot read the rows"),
     ],
 )
 def test_bad_input_is_one_line_and_a_non_zero_exit(results, args, says):
     (results / "empty").mkdir(exist_ok=True)
+    (results / "corrupt").mkdir(exist_ok=True)
+    (results / "corrupt" / "part-0.parquet").write_bytes(b"PAR1 not really parquet")
     done = moorage("report", *args, cwd=results)
     assert done.returncode != 0
     assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -97,3 +97,13 @@ def test_bad_windows_say_how_to_write_one(spec):
             rpt._percent(spec, "first:")
         else:
             rpt._range(spec)
+
+
+def test_without_duckdb_the_message_names_the_extra(monkeypatch):
+    import sys
+
+    from moorage.errors import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "duckdb", None)  # import duckdb raises ImportError
+    with pytest.raises(MissingDependency, match=r"pip install 'moorage\[report\]'"):
+        rpt.build(rpt.Source("anywhere"))

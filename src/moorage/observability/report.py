@@ -473,11 +473,15 @@ def build(source: Source, options: ReportOptions = ReportOptions(), step: Step =
     con = duckdb.connect()
     con.sql(f"SET threads = {max(1, min(8, os.cpu_count() or 1))}")
     step("reading rows")
-    _load(con, "rows", source)
-    if options.reference_source is not None:
-        _load(con, "ref", options.reference_source)
-    if options.dead_letters:
-        _dead_letter_view(con, options.dead_letters)
+    try:
+        _load(con, "rows", source)
+        if options.reference_source is not None:
+            _load(con, "ref", options.reference_source)
+        if options.dead_letters:
+            _dead_letter_view(con, options.dead_letters)
+    except duckdb.Error as exc:  # a corrupt file, a column of the wrong type: the user's to see, in one line
+        message = str(exc).strip().splitlines()[0]
+        raise BadRequest(f"cannot read the rows: {message}", code="report_unreadable") from None
     step("summarising")
     data: dict[str, Any] = {"source": str(source), "generated_at": time.time(), "summary": _summary(con)}
     data["throughput"] = _throughput(con, data["summary"])

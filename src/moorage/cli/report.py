@@ -29,7 +29,9 @@ def report(
     source: Annotated[
         str, typer.Argument(help="a file sink's folder (Parquet/JSONL), or a SQLAlchemy URL with --table")
     ],
-    table: Annotated[Optional[str], typer.Option(help="a URL source's table: a SQL sink's, or the catalog's jobs")] = None,
+    table: Annotated[
+        Optional[str], typer.Option(help="a URL source's table: a SQL sink's, or the catalog's jobs")
+    ] = None,
     output: Annotated[
         Optional[Path],
         typer.Option("--output", "-o", help="where to write (default: moorage-report.html; JSON goes to stdout)"),

@@ -79,7 +79,10 @@ def variable(name: str, source: str, label: str, include_all: bool = True) -> di
     }
 
 
-def dashboard(uid: str, title: str, panels: list[dict[str, Any]], variables: list[dict[str, Any]]) -> dict[str, Any]:
+def dashboard(
+    uid: str, title: str, panels: list[dict[str, Any]], variables: list[dict[str, Any]], marks: bool = True
+) -> dict[str, Any]:
+    """`marks`: a vertical line on every graph where a model swapped versions."""
     for i, p in enumerate(panels):
         p["id"] = i + 1
         p["gridPos"] = {"x": (i % 2) * WIDTH, "y": (i // 2) * HEIGHT, "w": WIDTH, "h": HEIGHT}
@@ -95,7 +98,7 @@ def dashboard(uid: str, title: str, panels: list[dict[str, Any]], variables: lis
         "refresh": "30s",
         "timezone": "utc",
         "templating": {"list": [datasource, *variables]},
-        "annotations": {"list": []},
+        "annotations": {"list": [SWAP_MARKS] if marks else []},
         "panels": panels,
     }
 
@@ -105,6 +108,15 @@ def rated(by: str, metric: str, selector: str) -> str:
     return f"sum by ({by}) (rate({metric}{{{selector}}}[$__rate_interval]))"
 
 
+SWAP_MARKS = {
+    "name": "Model swaps",
+    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+    "enable": True,
+    "iconColor": "purple",
+    "expr": 'sum by (model) (changes(moorage_model_swaps_total{model=~"$model"}[1m])) > 0',
+    "titleFormat": "{{model}} swapped version",
+    "step": "1m",
+}
 INSTANCE_VAR = variable(
     "instance", 'label_values(moorage_process_resident_memory_bytes{job=~"moorage.*"}, instance)', "Instance"
 )
@@ -247,7 +259,7 @@ def streams() -> dict[str, Any]:
             "ops",
         ),
     ]
-    return dashboard("moorage-streams", "moorage / streams", panels, [source_var, INSTANCE_VAR])
+    return dashboard("moorage-streams", "moorage / streams", panels, [source_var, INSTANCE_VAR], marks=False)
 
 
 def swaps() -> dict[str, Any]:
@@ -333,6 +345,8 @@ def expressions(board: dict[str, Any]) -> Iterable[tuple[str, str]]:
     for p in board["panels"]:
         for t in p.get("targets", []):
             yield f"{board['uid']}: panel {p['title']!r}", t["expr"]
+    for a in board["annotations"]["list"]:
+        yield f"{board['uid']}: annotation {a['name']!r}", a["expr"]
     for v in board["templating"]["list"]:
         if v["type"] == "query":
             source = re.fullmatch(r"label_values\((.*),\s*\w+\)", v["query"]["query"])

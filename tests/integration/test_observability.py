@@ -278,3 +278,13 @@ def test_prometheus_scrapes_both_and_evaluates_the_rules(stack):
         )
 
     wait_until(every_rule_evaluated, 60, "every shipped rule evaluated without an error")
+
+    def firing() -> list[dict]:
+        alerts = httpx.get(prom_url + "/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+        return [a["labels"] for a in alerts if a["state"] == "firing"]
+
+    # emb:3 did not load: the one alert without a `for` fires on the real server's counter
+    wait_until(lambda: firing() != [], 60, "an alert fires")
+    assert [(a["alertname"], a["model"], a["version"], a["job"]) for a in firing()] == [
+        ("MoorageModelLoadFailed", "emb", "3", "moorage-serve")
+    ]

@@ -8,7 +8,7 @@ input with a `Result`, and `encode_result` is the one place a result becomes JSO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -34,6 +34,22 @@ class FinishReason(StrEnum):
     CONTENT_FILTER = "content_filter"  # the model's output filter withheld the text
 
 
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """When an input passed each stage of its engine (``time.perf_counter()`` seconds): queued,
+    taken into a batch or a running row (`started`), the model working on it, and answered.
+    Generation also notes its first token. Tracing turns these into child spans after the fact, so
+    the engines' loops carry no tracing code."""
+
+    queued: float
+    started: float
+    model_started: float
+    model_finished: float
+    finished: float
+    batch_size: int
+    first_token: float | None = None
+
+
 @dataclass(frozen=True)
 class Result:
     """One input's answer from either engine.
@@ -47,6 +63,7 @@ class Result:
     completion_tokens: int = 0
     finish_reason: str | None = None
     filtered: bool = False  # the content filter withheld this output
+    timings: Timings | None = field(default=None, compare=False, repr=False)
 
     @property
     def total_tokens(self) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import DeadlineExceeded, EngineFailed, MoorageError, NotReady, Overloaded
 from ..observability import metrics
 from ..runtime import TaskHandler
-from .contract import Result
+from .contract import Result, Timings
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Pending:
     future: asyncio.Future
     enqueued: float
     deadline: float
+    taken: float = 0.0  # when a batch took it
 
 
 def next_batch(queue: Sequence[Pending], now: float, max_batch_size: int, max_wait_s: float) -> tuple[list, float]:
@@ -211,6 +212,7 @@ class DynamicBatcher:
                 self._queue = [p for p in self._queue if id(p) not in taken]
                 self._stats.queue_depth.set(len(self._queue))
                 for p in batch:
+                    p.taken = now
                     self._stats.queue_wait.observe(now - p.enqueued)
                 return batch
             if self._closing:
@@ -247,17 +249,24 @@ class DynamicBatcher:
             if all(p.future.done() for p in batch):
                 return
             self._stats.batch_size.observe(len(batch))
-            outputs = await loop.run_in_executor(self._compute, self._predict, features)
+            outputs, model_started, model_finished = await loop.run_in_executor(self._compute, self._timed, features)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"handler returned {len(outputs)} outputs for {len(batch)} inputs")
             counts = self.handler.token_counts(features, [p.item for p in batch])
+            finished = time.perf_counter()
             for p, out, tokens in zip(batch, outputs, counts):
                 if not p.future.done():
-                    p.future.set_result(Result(out, tokens))
+                    timings = Timings(p.enqueued, p.taken, model_started, model_finished, finished, len(batch))
+                    p.future.set_result(Result(out, tokens, timings=timings))
         except Exception as exc:
             self._fail(batch, exc)
         finally:
             self._slot.release()
+
+    def _timed(self, features: Any) -> tuple[list[Any], float, float]:
+        started = time.perf_counter()
+        outputs = self._predict(features)
+        return outputs, started, time.perf_counter()
 
     def _predict(self, features: Any) -> list[Any]:
         return self.handler.postprocess(self.handler.predict(features))

@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import BadRequest, DeadlineExceeded, EngineFailed, MoorageError, NotReady, Overloaded
 from ..observability import metrics
 from ..runtime.base import GenerateInput, Generation, NewSequence, StepGenerator, TextStream
-from .contract import Result
+from .contract import Result, Timings
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ class TokenEvent:
     error: BaseException | None = None
 
 
-def as_result(g: Generation) -> Result:
-    return Result(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason)
+def as_result(g: Generation, timings: Timings | None = None) -> Result:
+    return Result(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason, timings=timings)
 
 
 @dataclass(eq=False)
@@ -72,6 +72,14 @@ class Sequence:
     stream: TextStream | None = None
     cancelled: bool = False
     last_token_at: float | None = None
+    admitted_at: float = 0.0
+    first_token_at: float = 0.0
+    batch_size: int = 0  # rows running when it was admitted
+
+    def timings(self, finished: float) -> Timings:
+        return Timings(
+            self.arrival, self.admitted_at, self.admitted_at, finished, finished, self.batch_size, self.first_token_at
+        )
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -327,7 +335,9 @@ class GenerationEngine:
         admitted = self.scheduler.schedule()
         if admitted:
             self._set_gauges()
+            rows = len(self.scheduler.running)
             for seq in admitted:
+                seq.admitted_at, seq.batch_size = now, rows
                 self._stats.queue_wait.observe(now - seq.arrival)
                 self._stats.prompt.inc(seq.num_prompt_tokens)
             tokens = self._batch.add([NewSequence(s.seq_id, s.prompt_ids, s.item.params) for s in admitted])
@@ -347,6 +357,7 @@ class GenerationEngine:
         events = []
         for seq, token in zip(stepped, tokens):
             if seq.last_token_at is None:
+                seq.first_token_at = now
                 self._stats.ttft.observe(now - seq.arrival)
             else:
                 self._stats.itl.observe(now - seq.last_token_at)
@@ -357,7 +368,7 @@ class GenerationEngine:
             text = stream.push(token)
             if stream.result is not None:
                 finished.add(seq)
-                events.append((seq, TokenEvent(text, as_result(stream.result))))
+                events.append((seq, TokenEvent(text, as_result(stream.result, seq.timings(now)))))
             elif text and seq.events is not None:  # nobody reads the deltas of an unstreamed sequence
                 events.append((seq, TokenEvent(text)))
         _emit_all(events)

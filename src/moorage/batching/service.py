@@ -5,6 +5,11 @@ An edge parses its wire format into a model reference, inputs and parameters, an
 inputs and generation parameters (one model, one set of limits), the model's security policy on
 inputs and outputs, submission to the model's engine, and a wait bounded by the request's deadline
 plus a grace, so that no caller waits forever even if an engine hangs.
+
+With tracing on, each call (`run`, `stream`, or the futures a stream worker hands `observe`) is
+recorded as one span once it has ended, named after its GenAI operation and model, with the
+engines' timings of its inputs as child spans (`moorage.observability.tracing`). With tracing off
+this costs one check per call.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DeadlineExceeded, Overloaded, PayloadTooLarge
+from ..observability import semconv, tracing
 from ..runtime.base import GenerateInput
 from .contract import (
     FinishReason,
@@ -63,6 +69,7 @@ class Call:
     task: Task
     items: list[Any]
     policy: Policy | None = None
+    n: int = 1  # choices per input (the items hold each input n times)
 
 
 class InferenceService:
@@ -99,7 +106,7 @@ class InferenceService:
                 for item in items
                 for j in range(n)
             ]
-        return Call(task, items, policy)
+        return Call(task, items, policy, max(n, 1) if params is not None else 1)
 
     # -- whole results --------------------------------------------------------------------------
     async def infer(
@@ -121,6 +128,18 @@ class InferenceService:
 
     async def run(self, sv: ServedVersion, call: Call, timeout_s: float | None = None) -> list[Result]:
         """Run a prepared call on a held version: all or nothing, none computed after a cancel."""
+        trace = tracing.begin()
+        if trace is None:
+            return await self._run(sv, call, timeout_s)
+        try:
+            results = await self._run(sv, call, timeout_s)
+        except BaseException as exc:
+            _record(trace, sv, call, [], exc)
+            raise
+        _record(trace, sv, call, results)
+        return results
+
+    async def _run(self, sv: ServedVersion, call: Call, timeout_s: float | None) -> list[Result]:
         if len(call.items) > sv.engine.capacity:
             raise PayloadTooLarge(
                 f"this call holds {len(call.items)} inputs; the model takes at most {sv.engine.capacity} at once",
@@ -178,12 +197,19 @@ class InferenceService:
                 )
 
     # -- streamed generation ------------------------------------------------------------------------
-    async def stream(
+    def stream(
         self, sv: ServedVersion, call: Call, timeout_s: float | None = None
     ) -> AsyncGenerator[tuple[int, TokenEvent], None]:
         """(choice index, event) of every item of a generation call, interleaved as tokens arrive.
         Text passes the output policy's stream filter; a withheld choice ends with finish_reason
         `content_filter`. The first error ends the stream (the caller renders it)."""
+        trace = tracing.begin()
+        events = self._stream(sv, call, timeout_s)
+        return events if trace is None else self._traced(trace, sv, call, events)
+
+    async def _stream(
+        self, sv: ServedVersion, call: Call, timeout_s: float | None
+    ) -> AsyncGenerator[tuple[int, TokenEvent], None]:
         engine = sv.engine
         if not isinstance(engine, GenerationEngine):
             raise TypeError("stream() needs a generation model")  # the edges check the task first
@@ -225,6 +251,25 @@ class InferenceService:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    @staticmethod
+    async def _traced(
+        trace: tracing.Trace, sv: ServedVersion, call: Call, events: AsyncGenerator[tuple[int, TokenEvent], None]
+    ) -> AsyncGenerator[tuple[int, TokenEvent], None]:
+        """`events`, recorded as the call's span once they end (done, failed or closed early)."""
+        results: dict[int, Result] = {}
+        error: BaseException | None = None
+        try:
+            async for index, event in events:
+                if event.result is not None:
+                    results[index] = event.result
+                yield index, event
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            await events.aclose()
+            _record(trace, sv, call, [results[i] for i in sorted(results)], error, stream=True)
+
     async def wait_all(self, calls: list[tuple[ServedVersion, list[asyncio.Future], float | None]]) -> None:
         """Wait until every future of every (version, futures, timeout_s) call is resolved. The futures
         of a call whose engine shows no progress past its deadline plus the grace are cancelled (their
@@ -243,6 +288,28 @@ class InferenceService:
                             f.cancel()
 
     @staticmethod
+    def observe(sv: ServedVersion, call: Call, futures: Sequence[asyncio.Future], parent: str | None = None) -> None:
+        """Trace a call whose futures its caller submitted and awaits itself (a stream worker): its span
+        is recorded once every future is resolved, as a child of `parent` (a traceparent, e.g. a
+        message's or a job's). Nothing when tracing is off."""
+        trace = tracing.begin(parent)
+        if trace is None or not futures:
+            return
+        left = len(futures)
+
+        def settled(_: asyncio.Future) -> None:
+            nonlocal left
+            left -= 1
+            if left:
+                return
+            error = next((_failure(f) for f in futures if _failure(f) is not None), None)
+            results = [f.result() for f in futures] if error is None else []
+            _record(trace, sv, call, results, error, kind="CONSUMER")
+
+        for f in futures:
+            f.add_done_callback(settled)
+
+    @staticmethod
     def outcome(sv: ServedVersion, results: list[Result]) -> Outcome:
         return Outcome(sv.name, sv.version, sv.task, results)
 
@@ -251,6 +318,66 @@ class InferenceService:
         """Hold the served version of `model` (a hot swap lets held calls finish on it)."""
         async with self.pool.use(model, task) as sv:
             yield sv
+
+
+def _failure(f: asyncio.Future) -> BaseException | None:
+    return asyncio.CancelledError() if f.cancelled() else f.exception()
+
+
+def _record(
+    trace: tracing.Trace,
+    sv: ServedVersion,
+    call: Call,
+    results: Sequence[Result],
+    error: BaseException | None = None,
+    *,
+    stream: bool = False,
+    kind: str = "SERVER",
+) -> None:
+    """The call's span: ``"{operation} {model}"`` with the GenAI attributes of its request and results."""
+    operation = _operation(call)
+    attributes: dict[str, Any] = {
+        semconv.OPERATION_NAME: operation,
+        semconv.PROVIDER_NAME: semconv.PROVIDER,
+        semconv.REQUEST_MODEL: sv.name,
+        semconv.RESPONSE_MODEL: f"{sv.name}:{sv.version}",
+        semconv.MODEL_VERSION: sv.version,
+        semconv.INPUT_COUNT: len(call.items) // call.n,
+    }
+    first = call.items[0] if call.items else None
+    if isinstance(first, GenerateInput):
+        params = first.params
+        attributes |= {
+            semconv.REQUEST_MAX_TOKENS: params.max_new_tokens,
+            semconv.REQUEST_TEMPERATURE: params.temperature,
+            semconv.REQUEST_TOP_P: params.top_p,
+            semconv.REQUEST_STREAM: stream,
+        }
+        if params.seed is not None:
+            attributes[semconv.REQUEST_SEED] = params.seed
+        if params.stop:
+            attributes[semconv.REQUEST_STOP_SEQUENCES] = list(params.stop)
+        if call.n > 1:
+            attributes[semconv.REQUEST_CHOICE_COUNT] = call.n
+    if results:
+        # a prompt counts once however many choices it has, as OpenAI's usage counts it
+        attributes[semconv.USAGE_INPUT_TOKENS] = sum(r.prompt_tokens for r in results[:: call.n])
+        if isinstance(first, GenerateInput):
+            attributes[semconv.USAGE_OUTPUT_TOKENS] = sum(r.completion_tokens for r in results)
+            attributes[semconv.RESPONSE_FINISH_REASONS] = [r.finish_reason or "" for r in results]
+    if isinstance(error, GeneratorExit | asyncio.CancelledError):
+        error = asyncio.CancelledError()  # the caller went away: error.type "CancelledError"
+    timings = [r.timings for r in results]
+    tracing.record(trace, f"{operation} {sv.name}", attributes, timings, error, kind=kind)
+
+
+def _operation(call: Call) -> str:
+    if call.task == Task.EMBED:
+        return semconv.OP_EMBEDDINGS
+    if call.task == Task.CLASSIFY:
+        return semconv.OP_CLASSIFY
+    first = call.items[0] if call.items else None
+    return semconv.OP_CHAT if getattr(first, "messages", None) is not None else semconv.OP_TEXT_COMPLETION
 
 
 def _progressing(engine: Any, started: float, bound: float) -> bool:

@@ -14,7 +14,7 @@ from .. import __version__
 from ..batching import InferenceService, ModelPool
 from ..batching.settings import serving_pool_config
 from ..config import Settings
-from ..observability import metrics
+from ..observability import metrics, tracing
 from ..registry import Registry
 from ..runtime import Runtime
 from . import admin, health, inference, jobs, openai
@@ -36,6 +36,7 @@ def create_app(
     `load_before_serving` start-up ends only once the models are loaded (or failed to load, which
     ``/readyz`` then says): for a worker of several behind one socket, which should take no
     connection it cannot serve."""
+    tracing.configure(settings.observability)  # off: nothing of OpenTelemetry is imported
     registry = registry or Registry.from_settings(settings)
     runtime = Runtime(registry, settings.runtime)
     pool = ModelPool(registry, runtime, list(models or settings.serve.models), serving_pool_config(settings))
@@ -58,6 +59,7 @@ def create_app(
             await pool.stop()
             await guard.stop()
             metrics.mark_process_dead(os.getpid())  # with several workers: drop this one's live gauges
+            tracing.flush()
             log.info("stopped: every accepted request was answered")
 
     guard = Guard(settings, registry)

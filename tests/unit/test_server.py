@@ -136,6 +136,7 @@ def test_an_unexpected_error_is_an_opaque_500(settings, models, caplog, serving)
         "type": "server_error",
         "code": "internal_error",
         "param": None,
+        "request_id": r.headers["x-request-id"],
     }
     assert "secret" not in r.text
     assert "ZeroDivisionError" in caplog.text

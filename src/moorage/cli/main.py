@@ -14,6 +14,7 @@ import typer
 
 from .. import __version__
 from ..errors import MoorageError
+from ..observability.logging import setup_logging
 from . import audit, keys, models, report, serve, stream
 from .context import AppState, RichProgress, console, err_console, state
 
@@ -55,9 +56,7 @@ def root(
     registry = {k: v for k, v in {"catalog_url": catalog_url, "store_url": store_url}.items() if v}
     overrides = {"home": home, "log_level": "DEBUG" if verbose else None, "registry": registry or None}
     ctx.obj = AppState(config_file=config, overrides=overrides)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging("DEBUG" if verbose else "WARNING")  # `serve` and `stream run` redo it with their settings
 
 
 @app.command()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import faulthandler
-import logging
 import os
 import re
 import tempfile
@@ -14,6 +13,7 @@ import typer
 
 from ..config import SETTINGS_FILE_ENV, Settings, read_settings_file, write_settings_file
 from ..errors import MissingDependency, MoorageError
+from ..observability.logging import setup_logging
 from .context import console, state
 
 
@@ -63,7 +63,7 @@ def serve(
                 f"{serve_settings.workers}x its limit; set security.limits.redis_url to share them",
                 highlight=False,
             )
-    logging.getLogger("moorage").setLevel(settings.log_level)
+    _setup_logging(settings)
     from ..server.connections import bounded_protocol
 
     options: dict[str, Any] = {
@@ -72,6 +72,7 @@ def serve(
         "timeout_graceful_shutdown": int(serve_settings.graceful_timeout_s),
         "log_level": settings.log_level.lower(),
         "access_log": settings.log_level == "DEBUG",
+        "log_config": None,  # uvicorn's loggers reach the one handler of `setup_logging` (JSON included)
         "limit_concurrency": serve_settings.limit_concurrency,
         "timeout_keep_alive": serve_settings.keep_alive_timeout_s,
         # uvicorn has no deadline for a request's headers, no bound on their size with httptools, and no
@@ -134,11 +135,17 @@ def worker_app():
     settings = read_settings_file()  # the file that SETTINGS_FILE_ENV names
     metrics.merge_processes(settings.serve.metrics_dir)
     _forget_killed_workers(settings.serve.metrics_dir)
-    logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(settings)
     # The workers share one listening socket and uvicorn accepts on it once the app has started: a
     # worker that started before its models loaded would take connections only to answer them 503
     # while the other workers could serve them.
     return create_app(settings, load_before_serving=True)
+
+
+def _setup_logging(settings: Settings) -> None:
+    """Libraries log their warnings; moorage and uvicorn log at ``log_level``."""
+    root_level = "DEBUG" if settings.log_level == "DEBUG" else "WARNING"
+    setup_logging(root_level, settings.observability.log_format, moorage_level=settings.log_level)
 
 
 def _forget_killed_workers(metrics_dir: Path | None) -> None:

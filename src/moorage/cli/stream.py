@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import MoorageError
+from ..observability.logging import setup_logging
 from .context import console, err_console, state
 
 app = typer.Typer(help="Stream inference: broker -> model -> sink, at least once.", no_args_is_help=True)
@@ -47,7 +48,8 @@ def run(
     open_sink(sink)
     info = st.registry.resolve(model)
     console.print(f"stream {model} -> {info.name}:{info.version} ({info.task}), {workers} worker(s)", highlight=False)
-    logging.getLogger("moorage").setLevel(settings.log_level)
+    root_level = "DEBUG" if settings.log_level == "DEBUG" else "WARNING"
+    setup_logging(root_level, settings.observability.log_format, moorage_level=settings.log_level)
     logging.getLogger("moorage.streams").setLevel(logging.INFO)
     job = StreamJob(source=source, sink=sink, model=model)
     if workers == 1:

@@ -1,4 +1,11 @@
-"""A pure-ASGI middleware at the edge: bounds the request body and counts every request.
+"""A pure-ASGI middleware at the edge: names, bounds and counts every request.
+
+Each request gets an id: the caller's ``X-Request-ID`` if it is a sane one (1 to 128 letters, digits
+and ``._:-``), else a new one. It is echoed in the response's ``X-Request-ID`` header, held in
+`moorage.observability.logging.request_id` while the request is handled (every log line and every
+error body carries it), and recorded on the request's spans. With tracing on, the W3C
+``traceparent`` header becomes the parent of the request's spans. An exception that no route or
+handler answered becomes the opaque 500 here, so that it too carries the header and the id.
 
 Routes name the model version they served in ``request.state.labels``; when the response has been
 sent (streams included) the request is counted by status and its latency observed.
@@ -6,13 +13,19 @@ sent (streams included) the request is counted by status and its latency observe
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import BadRequest, MoorageError, PayloadTooLarge
-from ..observability import metrics
-from .errors import error_response
+from ..observability import metrics, tracing
+from ..observability.logging import request_id
+from .errors import error_response, unexpected_response
+
+REQUEST_ID_HEADER = b"x-request-id"
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 class EdgeMiddleware:
@@ -25,7 +38,22 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        headers = dict(scope.get("headers") or ())
+        rid = new_request_id(headers.get(REQUEST_ID_HEADER))
+        token = request_id.set(rid)
+        parent = tracing.incoming.set(
+            tracing.valid_traceparent(headers.get(b"traceparent", b"").decode("latin-1"))
+            if tracing.is_enabled()
+            else None
+        )
+        try:
+            await self._handle(scope, receive, _with_request_id(send, rid), headers)
+        finally:
+            tracing.incoming.reset(parent)
+            request_id.reset(token)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes]) -> None:
+        declared = headers.get(b"content-length")
         if declared is not None and not declared.isdigit():
             await reject(scope, receive, send, BadRequest("the Content-Length header is not a number"))
             return
@@ -47,7 +75,7 @@ class EdgeMiddleware:
 
         send_tracked, status = track_status(send)
         try:
-            await self.app(scope, receive, send_tracked)
+            await self._answered(scope, receive, send_tracked)
         finally:
             labels = state.get("labels")
             if labels is None and scope["path"].startswith("/v1/"):
@@ -55,6 +83,40 @@ class EdgeMiddleware:
             if labels is not None:
                 metrics.REQUESTS.labels(*labels, str(status[0])).inc()
                 metrics.REQUEST_LATENCY.labels(*labels).observe(time.perf_counter() - started)
+
+    async def _answered(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app's answer, or the opaque 500 of an exception raised before the response started."""
+        started = False
+
+        async def watching(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching)
+        except Exception as exc:
+            if started:  # a response is under way: the server closes the connection
+                raise
+            await unexpected_response(scope["method"], scope["path"], exc)(scope, receive, watching)
+
+
+def new_request_id(offered: bytes | None) -> str:
+    """The caller's request id if it is a sane one, else a new random one."""
+    if offered is not None and _SANE_REQUEST_ID.fullmatch(offered):
+        return offered.decode("ascii")
+    return uuid.uuid4().hex
+
+
+def _with_request_id(send: Send, rid: str) -> Send:
+    header = (REQUEST_ID_HEADER, rid.encode("ascii"))
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        await send(message)
+
+    return sending
 
 
 def is_upload(path: str) -> bool:

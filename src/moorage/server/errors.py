@@ -1,4 +1,6 @@
-"""One error vocabulary over HTTP: every failure becomes ``{"error": {"message", "type", "code"}}``.
+"""One error vocabulary over HTTP: every failure becomes ``{"error": {"message", "type", "code"}}``,
+with the request's id in ``error.request_id`` (the ``X-Request-ID`` response header's value), so a
+user's report of an error finds its log lines.
 
 `MoorageError` carries its status and code; pydantic validation errors become 422 naming the
 field; Starlette's own HTTP errors (unknown route, wrong method) keep their status; anything else
@@ -17,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from ..errors import MoorageError, Overloaded
+from ..observability.logging import request_id
 from .common import ClientGone
 
 log = logging.getLogger("moorage.server")
@@ -29,10 +32,11 @@ class _ErrorDetail(BaseModel):
     type: str
     code: str
     param: str | None = None
+    request_id: str | None = None
 
 
 class ErrorBody(BaseModel):
-    """Every error: ``{"error": {"message", "type", "code", "param"}}`` (OpenAI's shape)."""
+    """Every error: ``{"error": {"message", "type", "code", "param", "request_id"}}`` (OpenAI's shape)."""
 
     error: _ErrorDetail
 
@@ -57,7 +61,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "code": code, "param": param}}
+    """The error object; ``request_id`` is the id of the request being handled (None outside one)."""
+    return {"error": {"message": message, "type": type_, "code": code, "param": param, "request_id": request_id.get()}}
 
 
 def error_response(exc: MoorageError) -> JSONResponse:
@@ -99,7 +104,12 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return unexpected_response(request.method, request.url.path, exc)
+
+
+def unexpected_response(method: str, path: str, exc: BaseException) -> JSONResponse:
+    """The opaque 500 of an exception no handler knows; its traceback goes to the log only."""
+    log.error("unexpected error on %s %s", method, path, exc_info=exc)
     return JSONResponse(error_body("internal server error", "server_error", "internal_error"), status_code=500)
 
 

@@ -288,13 +288,16 @@ class InferenceService:
                             f.cancel()
 
     @staticmethod
-    def observe(sv: ServedVersion, call: Call, futures: Sequence[asyncio.Future], parent: str | None = None) -> None:
-        """Trace a call whose futures its caller submitted and awaits itself (a stream worker): its span
-        is recorded once every future is resolved, as a child of `parent` (a traceparent, e.g. a
-        message's or a job's). Nothing when tracing is off."""
+    def observe(
+        sv: ServedVersion, items: Sequence[Any], futures: Sequence[asyncio.Future], parent: str | None = None
+    ) -> None:
+        """Trace a call whose prepared `items` its caller submitted and awaits itself (a stream worker):
+        its span is recorded once every future is resolved, as a child of `parent` (a traceparent, e.g.
+        a message's or a job's). Nothing when tracing is off."""
         trace = tracing.begin(parent)
         if trace is None or not futures:
             return
+        call = Call(Task(sv.task), list(items))
         left = len(futures)
 
         def settled(_: asyncio.Future) -> None:

@@ -55,6 +55,9 @@ CALLBACK_PENDING = "pending"  # finished, callback not delivered yet (a runner h
 DEFAULT_LEASE_S = 20.0
 
 
+TRACEPARENT_KEY = "traceparent"  # in a job's request column: the trace of the request that created it
+
+
 class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -140,6 +143,14 @@ class Job:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    @property
+    def traceparent(self) -> str | None:
+        """The W3C traceparent of the request that created the job, if it was traced: the job's run
+        continues that trace, on whichever server runs it. Kept in the request column (a key the
+        predict request has no field for), so no migration was needed."""
+        value = self.request.get(TRACEPARENT_KEY)
+        return value if isinstance(value, str) else None
+
     def public(self) -> dict[str, Any]:
         """What the job's caller sees, in ``GET /v1/jobs/{id}`` and in the callback's body (JSON-ready;
         times in seconds since the epoch). Never the request, the owner or the callback URL."""
@@ -214,15 +225,18 @@ class JobStore:
         callback_url: str | None = None,
         owner: str | None = None,
         job_id: str | None = None,
+        traceparent: str | None = None,
     ) -> Job:
         """Insert a queued job and return it. `request` is the JSON-ready request the runner will
-        execute; `job_id` defaults to `new_job_id()`. Commit the row before publishing the job's
-        message, so that whichever replica receives the message finds the row."""
+        execute; `job_id` defaults to `new_job_id()`; `traceparent`: the trace its run continues.
+        Commit the row before publishing the job's message, so that whichever replica receives the
+        message finds the row."""
+        request = dict(request) | ({TRACEPARENT_KEY: traceparent} if traceparent else {})
         row = {
             "id": job_id or new_job_id(),
             "model": model,
             "status": JobStatus.QUEUED.value,
-            "request": dict(request),
+            "request": request,
             "result": None,
             "error": None,
             "callback_url": callback_url,

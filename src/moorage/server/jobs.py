@@ -37,6 +37,7 @@ from ..db import Catalog
 from ..errors import NotFound
 from ..jobs import JobError, JobStatus, JobStore, new_job_id, new_runner_id
 from ..jobs.liveness import RunnerLock
+from ..observability import semconv, tracing
 from ..refs import parse_ref
 from ..security.egress import check_callback_url
 from ..streams.brokers import Broker, open_broker
@@ -76,13 +77,18 @@ async def create_job(body: JobRequest, request: Request) -> Response:
     if body.callback_url:  # a refused callback: 400 now, not a silent failure later
         await asyncio.to_thread(check_callback_url, body.callback_url, settings.jobs.callback_allow)
     runner: JobRunner = request.app.state.jobs
+    job_id = new_job_id()
+    # traced: a span for the creation, which the job's run (on whichever server) continues
+    attributes = {semconv.REQUEST_MODEL: sv.name, semconv.JOB_ID: job_id}
+    traceparent = tracing.link_point(f"create_job {sv.name}", attributes)
     job = await asyncio.to_thread(
         runner.store.create,
         body.model,
         body.model_dump(mode="json", exclude={"model", "callback_url"}),
         callback_url=body.callback_url,
         owner=principal(request).key_id,
-        job_id=new_job_id(),
+        job_id=job_id,
+        traceparent=traceparent,
     )
     try:
         await runner.enqueue(job.id)

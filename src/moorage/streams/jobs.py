@@ -142,6 +142,7 @@ class JobCodec:
             policy=self.policy_for(job.model),
             timeout_s=request.get("timeout_s"),
             context=job,
+            traceparent=job.traceparent,
         )
 
     def row(self, req: Request, results: list[Result]) -> Row:

@@ -11,6 +11,7 @@ from ..batching import InferenceService, ModelPool
 from ..batching.settings import from_settings, stream_pool_config
 from ..config import Settings
 from ..errors import EngineFailed
+from ..observability import tracing
 from ..refs import parse_ref
 from ..registry import Registry
 from ..runtime import Runtime
@@ -47,6 +48,7 @@ async def run_stream(
     """One worker until `stop` is set (or SIGTERM/SIGINT when run as a program); `health` says
     whether it is making progress."""
     registry = registry or Registry.from_settings(settings)
+    tracing.configure(settings.observability)  # off: nothing of OpenTelemetry is imported
     pool = ModelPool(registry, Runtime(registry, settings.runtime), [job.model], stream_pool_config(settings))
     security = settings.security
     policy = Policy.for_model(security, parse_ref(job.model).name)  # the model's filters and limits, as over HTTP

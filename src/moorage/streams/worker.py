@@ -48,7 +48,7 @@ import orjson
 
 from ..batching import InferenceService, Result, ServedVersion, Task, encode_result
 from ..errors import DeadlineExceeded, ModelNotFound, MoorageError
-from ..observability import metrics
+from ..observability import metrics, tracing
 from ..security.audit import MAX_AUDIT_TEXT, AuditEntry, AuditWriter, sha256_text
 from ..security.policy import Policy
 from .brokers import Broker, Message
@@ -106,6 +106,7 @@ class Work:
     policy: Policy | None = None
     timeout_s: float | None = None
     context: Any = None  # the codec's own (e.g. the job row)
+    traceparent: str | None = None  # the trace this work continues (a job's creation, a message's producer)
 
 
 @dataclass
@@ -168,6 +169,7 @@ class Envelope:
     id: str
     input: Any  # a text, or {"messages": [...]} for a chat generation
     parameters: Any = None
+    traceparent: str | None = None  # W3C, from the message's headers or its body
 
 
 def decode(message: Message, task: str, config: WorkerConfig) -> Envelope:
@@ -189,11 +191,19 @@ def decode(message: Message, task: str, config: WorkerConfig) -> Envelope:
     size = len(text) if isinstance(text, str) else len(orjson.dumps(messages))
     if size > config.max_text_chars:
         raise Poison(f"text_too_long: {size} characters; the limit is {config.max_text_chars} (stream.max_text_chars)")
+    traceparent = _traceparent(message, body) if tracing.is_enabled() else None
     if messages is not None:
         if not isinstance(messages, list) or not messages:
             raise Poison("invalid_messages: 'messages' must be a non-empty list of {role, content} objects")
-        return Envelope(str(msg_id), {"messages": messages}, body.get("parameters"))
-    return Envelope(str(msg_id), text, body.get("parameters"))
+        return Envelope(str(msg_id), {"messages": messages}, body.get("parameters"), traceparent)
+    return Envelope(str(msg_id), text, body.get("parameters"), traceparent)
+
+
+def _traceparent(message: Message, body: dict) -> str | None:
+    """A message's W3C trace context: its ``traceparent`` header, else a ``traceparent`` body field
+    (for brokers or producers without headers); a malformed one is ignored."""
+    value = message.headers.get("traceparent") or body.get("traceparent")
+    return tracing.valid_traceparent(value if isinstance(value, str) else None)
 
 
 class MessageCodec:
@@ -206,7 +216,14 @@ class MessageCodec:
     async def decode(self, message: Message) -> Work:
         task = self.service.pool.lookup(self.model).task
         envelope = decode(message, task, self.config)
-        return Work(envelope.id, self.model, [envelope.input], envelope.parameters, self.policy)
+        return Work(
+            envelope.id,
+            self.model,
+            [envelope.input],
+            envelope.parameters,
+            self.policy,
+            traceparent=envelope.traceparent,
+        )
 
     def row(self, req: Request, results: list[Result]) -> Row:
         sv = req.sv
@@ -528,6 +545,7 @@ class StreamWorker:
                 failed.set_exception(exc)
                 futures.append(failed)
         req.futures = futures
+        self.service.observe(req.sv, req.items, futures, req.work.traceparent)  # with tracing on: its span
 
     # -- write side -----------------------------------------------------------------------------
     async def _write_loop(self) -> None:

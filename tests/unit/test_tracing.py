@@ -239,6 +239,7 @@ def test_a_stream_message_with_a_traceparent_continues_its_trace(settings, regis
 
     from moorage.streams import open_broker
     from moorage.streams.runner import StreamJob, run_stream
+
     from tests.support import eventually
 
     registry.register(fake_model("embed"), "emb", "embed")

@@ -16,11 +16,11 @@ import os
 import sys
 import time
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 request_id: ContextVar[str | None] = ContextVar("moorage_request_id", default=None)
 
-CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"
+CONSOLE_FORMAT = "%(levelname)s %(name)s: %(message)s"  # what ConsoleFormatter writes
 
 _MARK = "_moorage_handler"
 
@@ -31,14 +31,19 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+def _logger_name(record: logging.LogRecord) -> str:
+    # uvicorn logs its server messages (start, stop, errors) as "uvicorn.error": they are not errors
+    return "uvicorn" if record.name == "uvicorn.error" else record.name
+
+
 class ConsoleFormatter(logging.Formatter):
     """``LEVEL logger: message``, then `` [request_id=...]`` on the lines of a request."""
 
     def __init__(self) -> None:
         super().__init__(CONSOLE_FORMAT)
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        line = f"{record.levelname} {_logger_name(record)}: {record.message}"
         rid = getattr(record, "request_id", None)
         return f"{line} [request_id={rid}]" if rid else line
 
@@ -51,7 +56,7 @@ class JsonFormatter(logging.Formatter):
         entry: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
-            "logger": record.name,
+            "logger": _logger_name(record),
             "message": record.getMessage(),
         }
         rid = getattr(record, "request_id", None)
@@ -68,14 +73,15 @@ def setup_logging(
     level: str = "WARNING",
     log_format: Literal["console", "json"] = "console",
     moorage_level: str | None = None,
+    stream: TextIO | None = None,
 ) -> None:
-    """Log to stderr at `level` (moorage's own loggers at `moorage_level` if given) in `log_format`.
+    """Log to `stream` (stderr) at `level` (moorage's own loggers at `moorage_level` if given) in `log_format`.
     Called again (the CLI first, then `serve` once its settings are known), it replaces its own
     handler and nothing else."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, _MARK, False)]:
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     setattr(handler, _MARK, True)
     handler.setFormatter(JsonFormatter() if log_format == "json" else ConsoleFormatter())
     handler.addFilter(_RequestIdFilter())
@@ -99,12 +105,15 @@ def quiet_libraries() -> None:
         ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
     ):
         os.environ.setdefault(name, value)
+    quiet_bars = os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    if "huggingface_hub" in sys.modules:
+        if os.environ["TRANSFORMERS_VERBOSITY"] == "error":
+            hf_logging.set_verbosity_error()
+        if quiet_bars:
+            hf_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules and quiet_bars:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()

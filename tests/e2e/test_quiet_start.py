@@ -1,0 +1,65 @@
+"""`moorage serve` starts quietly: no progress bars ("Loading weights") and no deprecation or future
+warnings from the model libraries on stderr, for the fake model and for a real (tiny, random,
+local) transformers model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+NOISE = ("Loading weights", "it/s]", "s/it]", "DeprecationWarning", "FutureWarning")
+
+
+@pytest.fixture
+def tiny_lm(tmp_path):
+    """A tiny random Llama with MiniLM's tokenizer (from the demo package: nothing is downloaded)."""
+    from moorage.demo.assets import minilm_folder
+
+    folder = tmp_path / "lm"
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_folder()), local_files_only=True)
+    tok.save_pretrained(folder)
+    config = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        eos_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_the_tiny_model_shows_a_progress_bar_when_loaded_without_moorage(tiny_lm, cli_env):
+    """The control: transformers on its own draws the bar this test looks for."""
+    script = f"import transformers; transformers.AutoModelForCausalLM.from_pretrained({str(tiny_lm)!r})"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Loading weights" in out.stderr
+
+
+def test_serve_start_up_has_no_progress_bars_or_library_warnings(cli, server, fake_model, tiny_lm, tmp_path):
+    cli("models", "register", str(fake_model("embed")), "--name", "emb", "--task", "embed", check=True)
+    cli("models", "register", str(tiny_lm), "--name", "lm", "--task", "generate", check=True)
+    proc, url = server("-m", "emb", "-m", "lm")
+    import httpx
+
+    body = {"model": "lm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+    proc.terminate()
+    proc.wait(timeout=60)
+    (log,) = tmp_path.glob("serve-*.log")
+    output = log.read_text()
+    assert "ready: serving emb" in output
+    noisy = [line for line in output.splitlines() if any(n in line for n in NOISE)]
+    assert noisy == [], textwrap.indent("\n".join(noisy), "  ")

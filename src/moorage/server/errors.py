@@ -61,8 +61,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, Any]:
-    """The error object; ``request_id`` is the id of the request being handled (None outside one)."""
-    return {"error": {"message": message, "type": type_, "code": code, "param": param, "request_id": request_id.get()}}
+    """The error object, with the id of the request being handled (none outside a request)."""
+    error = {"message": message, "type": type_, "code": code, "param": param}
+    rid = request_id.get()
+    return {"error": error | {"request_id": rid}} if rid is not None else {"error": error}
 
 
 def error_response(exc: MoorageError) -> JSONResponse:

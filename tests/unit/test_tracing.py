@@ -266,3 +266,50 @@ def test_a_stream_message_with_a_traceparent_continues_its_trace(settings, regis
     assert format(span.parent.span_id, "016x") == PARENT_ID
     assert span.attributes[semconv.USAGE_INPUT_TOKENS] > 0
     assert _by_name(spans)[semconv.SPAN_MODEL_CALL]
+
+
+def test_configured_tracing_exports_over_otlp_http(tmp_path):
+    """The production path: settings turn tracing on, spans reach an OTLP/HTTP receiver (a local one,
+    decoding the protobuf body) when the batch processor flushes; settings off turn it off again."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from moorage.config import ObservabilitySettings
+
+    received: list[ExportTraceServiceRequest] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(ExportTraceServiceRequest.FromString(body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_port}/v1/traces"
+        tracing.configure(ObservabilitySettings(tracing=True, otlp_endpoint=endpoint, service_name="svc-test"))
+        assert tracing.is_enabled()
+        traceparent = tracing.link_point("create_job gen", {semconv.REQUEST_MODEL: "gen"}, parent=TRACEPARENT)
+        tracing.flush()
+        tracing.configure(ObservabilitySettings(tracing=False))
+        assert not tracing.is_enabled()
+    finally:
+        server.shutdown()
+    assert traceparent is not None and traceparent.startswith(f"00-{TRACE_ID}-")
+    (resource_spans,) = [rs for r in received for rs in r.resource_spans]
+    service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}["service.name"]
+    (span,) = [s for ss in resource_spans.scope_spans for s in ss.spans]
+    assert (service, span.name, span.trace_id.hex(), span.parent_span_id.hex()) == (
+        "svc-test",
+        "create_job gen",
+        TRACE_ID,
+        PARENT_ID,
+    )

@@ -48,9 +48,7 @@ def run(
     open_sink(sink)
     info = st.registry.resolve(model)
     console.print(f"stream {model} -> {info.name}:{info.version} ({info.task}), {workers} worker(s)", highlight=False)
-    root_level = "DEBUG" if settings.log_level == "DEBUG" else "WARNING"
-    setup_logging(root_level, settings.observability.log_format, moorage_level=settings.log_level)
-    logging.getLogger("moorage.streams").setLevel(logging.INFO)
+    _setup_logging(settings)
     job = StreamJob(source=source, sink=sink, model=model)
     if workers == 1:
         counts = run_forever(settings, job)
@@ -59,10 +57,22 @@ def run(
     _run_processes(settings, job, workers)
 
 
-def _run_processes(settings, job, workers: int) -> None:
-    """N worker processes (each loads the model), one consumer group; SIGTERM stops them all."""
+def _setup_logging(settings) -> None:
+    root_level = "DEBUG" if settings.log_level == "DEBUG" else "WARNING"
+    setup_logging(root_level, settings.observability.log_format, moorage_level=settings.log_level)
+    logging.getLogger("moorage.streams").setLevel(logging.INFO)
+
+
+def _worker_process(settings, job, name: str) -> None:
+    """A spawned worker process: a fresh interpreter, so the same logging setup as its parent first."""
     from ..streams.runner import run_forever
 
+    _setup_logging(settings)
+    run_forever(settings, job, name)
+
+
+def _run_processes(settings, job, workers: int) -> None:
+    """N worker processes (each loads the model), one consumer group; SIGTERM stops them all."""
     spawn = multiprocessing.get_context("spawn")
     procs = []
     base_port = settings.stream.metrics_port
@@ -72,7 +82,7 @@ def _run_processes(settings, job, workers: int) -> None:
             mine = settings.model_copy(
                 update={"stream": settings.stream.model_copy(update={"metrics_port": base_port + i})}
             )
-        p = spawn.Process(target=run_forever, args=(mine, job, f"w{i}"), name=f"moorage-stream-{i}")
+        p = spawn.Process(target=_worker_process, args=(mine, job, f"w{i}"), name=f"moorage-stream-{i}")
         p.start()
         procs.append(p)
 

@@ -41,15 +41,15 @@ class EdgeMiddleware:
         headers = dict(scope.get("headers") or ())
         rid = new_request_id(headers.get(REQUEST_ID_HEADER))
         token = request_id.set(rid)
-        parent = tracing.incoming.set(
-            tracing.valid_traceparent(headers.get(b"traceparent", b"").decode("latin-1"))
-            if tracing.is_enabled()
-            else None
-        )
+        parent = None
+        if tracing.is_enabled():  # off: not even the header is read
+            traceparent = headers.get(b"traceparent", b"").decode("latin-1")
+            parent = tracing.incoming.set(tracing.valid_traceparent(traceparent))
         try:
             await self._handle(scope, receive, _with_request_id(send, rid), headers)
         finally:
-            tracing.incoming.reset(parent)
+            if parent is not None:
+                tracing.incoming.reset(parent)
             request_id.reset(token)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes]) -> None:

@@ -156,3 +156,11 @@ def test_the_libraries_are_told_to_draw_no_progress_bars(monkeypatch):
     mlog.quiet_libraries()
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     assert os.environ["TRANSFORMERS_VERBOSITY"] == "info"
+
+
+def test_only_a_command_that_asks_turns_every_tqdm_bar_off(monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    mlog.quiet_libraries()
+    assert "TQDM_DISABLE" not in os.environ  # training's bars stay
+    mlog.quiet_libraries(every_tqdm_bar=True)
+    assert os.environ["TQDM_DISABLE"] == "1"

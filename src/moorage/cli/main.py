@@ -14,7 +14,7 @@ import typer
 
 from .. import __version__
 from ..errors import MoorageError
-from ..observability.logging import setup_logging
+from ..observability.logging import quiet_libraries, setup_logging
 from . import audit, keys, models, report, serve, stream
 from .context import AppState, RichProgress, console, err_console, state
 
@@ -93,6 +93,7 @@ def demo(ctx: typer.Context) -> None:
     """Register the demo models (MiniLM embeddings, SmolLM2 chat) and the BBC News dataset."""
     from ..demo.run import run_demo
 
+    quiet_libraries(every_tqdm_bar=True)  # the GGUF conversion's bar; moorage draws its own (rich)
     run_demo(state(ctx), RichProgress, console)
 
 

@@ -92,8 +92,11 @@ def setup_logging(
     quiet_libraries()
 
 
-def quiet_libraries() -> None:
-    """No progress bars or advisories from the model libraries.
+def quiet_libraries(every_tqdm_bar: bool = False) -> None:
+    """No progress bars or advisories from the model libraries. `every_tqdm_bar`: also the bars
+    libraries draw with tqdm directly, past their own switches (transformers' GGUF conversion,
+    which `moorage demo` runs): tqdm reads ``TQDM_DISABLE`` when imported, so only a command that
+    draws no tqdm bar a user wants (training does) asks for it.
 
     The switches are the libraries' own: huggingface_hub reads ``HF_HUB_DISABLE_PROGRESS_BARS`` when
     it is imported, and transformers takes its progress-bar default and verbosity from it and from
@@ -103,6 +106,7 @@ def quiet_libraries() -> None:
         ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
         ("TRANSFORMERS_VERBOSITY", "error"),
         ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+        *([("TQDM_DISABLE", "1")] if every_tqdm_bar else []),
     ):
         os.environ.setdefault(name, value)
     quiet_bars = os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"

@@ -4,9 +4,11 @@ local) transformers model."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -63,3 +65,46 @@ def test_serve_start_up_has_no_progress_bars_or_library_warnings(cli, server, fa
     assert "ready: serving emb" in output
     noisy = [line for line in output.splitlines() if any(n in line for n in NOISE)]
     assert noisy == [], textwrap.indent("\n".join(noisy), "  ")
+
+
+def test_serve_logs_json_lines_and_answers_the_callers_request_id(cli, cli_env, fake_model, tmp_path):
+    """observability.log_format=json: every stderr line of `moorage serve` (uvicorn's included) is one
+    JSON object; the caller's request id comes back in the error body."""
+    import httpx
+
+    from tests.e2e.conftest import free_port
+
+    cli("models", "register", str(fake_model("embed")), "--name", "emb", "--task", "embed", check=True)
+    port = free_port()
+    env = {**cli_env, "MOORAGE_OBSERVABILITY__LOG_FORMAT": "json"}
+    with open(tmp_path / "stderr.log", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moorage", "serve", "-m", "emb", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            with httpx.Client(base_url=url, timeout=5) as client:
+                for _ in range(600):  # up to ~2 minutes: a bounded wait for the models to load
+                    if proc.poll() is not None:
+                        raise AssertionError((tmp_path / "stderr.log").read_text())
+                    try:
+                        if client.get("/readyz").status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(0.2)  # the polling interval of a bounded wait, as the server fixture's
+                r = client.post(
+                    "/v1/embeddings", json={"model": "nope", "input": "x"}, headers={"X-Request-ID": "e2e-7"}
+                )
+            assert r.status_code == 404 and r.json()["error"]["request_id"] == "e2e-7"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    entries = [json.loads(line) for line in (tmp_path / "stderr.log").read_text().splitlines() if line.strip()]
+    loggers = {e["logger"] for e in entries}
+    assert {"uvicorn", "moorage.server"} <= loggers
+    assert any(e["message"].startswith("ready: serving emb") for e in entries)
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)

@@ -10,6 +10,7 @@ The worker acknowledges a message only once the sink says its row is durable (`p
 `write`, or after `flush`). Files are rolled and each is written atomically (a temporary name,
 then a rename; object stores publish an object in one PUT), so a reader never sees half a file.
 The SQL sink is idempotent: a replayed message overwrites its own row and counts the extra write.
+A table an older moorage created gets the newer nullable columns added when the sink opens.
 Files and topics are at-least-once: after a crash a row may appear twice; dedupe by ``id``. A
 file that cannot be written (a full disk) leaves no temporary file, and its rows leave the buffer
 or are written again once, never both.
@@ -36,7 +37,7 @@ from .brokers.base import SCHEMES, Broker, BrokerUnavailable, open_broker, redac
 
 Row = dict[str, Any]
 COMMON_COLUMNS = ("id", "model", "version", "task", "tokens", "latency_ms", "published_at", "received_at",
-                  "completed_at", "attempts")  # fmt: skip
+                  "completed_at", "attempts", "queue_ms", "ttft_ms", "input_sha256")  # fmt: skip
 
 
 class Sink(ABC):
@@ -231,6 +232,9 @@ class SQLSink(Sink):
             sa.Column("received_at", sa.Float),
             sa.Column("completed_at", sa.Float),
             sa.Column("attempts", sa.Integer),
+            sa.Column("queue_ms", sa.Float),
+            sa.Column("ttft_ms", sa.Float),
+            sa.Column("input_sha256", sa.String(64)),
             sa.Column("writes", sa.Integer, nullable=False, server_default="1"),
         )
         self._meta = meta
@@ -245,6 +249,26 @@ class SQLSink(Sink):
             self._meta.create_all(self.engine)
         except sa.exc.OperationalError:  # another worker created it between the check and the CREATE
             self._meta.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A table an older moorage created lacks the newer nullable columns (``create_all`` alters
+        no existing table): add them. Two workers may race to add one; the loser's error is ignored
+        once the column is there."""
+        import sqlalchemy as sa
+
+        existing = {c["name"] for c in sa.inspect(self.engine).get_columns(self.table.name)}
+        for column in self.table.columns:
+            if column.name in existing or not column.nullable:  # a NOT NULL one the old table has always had
+                continue
+            kind = column.type.compile(dialect=self.engine.dialect)
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.text(f'ALTER TABLE "{self.table.name}" ADD COLUMN "{column.name}" {kind}'))
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError):  # "duplicate column": another worker won
+                columns = {c["name"] for c in sa.inspect(self.engine).get_columns(self.table.name)}
+                if column.name not in columns:
+                    raise
 
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.dispose)

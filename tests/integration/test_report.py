@@ -71,8 +71,9 @@ async def stream(settings, registry, broker: str, sink: str, model: str, bodies:
 
 
 def synthetic(like: pa.Table, n: int, start: float, seed: int, shifted_from: int | None = None) -> pa.Table:
-    """`n` classifier rows in exactly `like`'s schema; from row `shifted_from` on, more positives with
-    higher scores and three times the latency (what a drifting input mix looks like)."""
+    """`n` classifier rows in exactly `like`'s schema (an older moorage's: without `NEW_COLUMNS`); from
+    row `shifted_from` on, more positives with higher scores and three times the latency (what a
+    drifting input mix looks like)."""
     rng = np.random.default_rng(seed)
     shifted = np.zeros(n, bool) if shifted_from is None else np.arange(n) >= shifted_from
     positive = rng.random(n) < np.where(shifted, 0.85, 0.5)
@@ -98,8 +99,11 @@ def synthetic(like: pa.Table, n: int, start: float, seed: int, shifted_from: int
         "completed_at": completed.tolist(),
         "attempts": np.where(rng.random(n) < 0.02, 2, 1).tolist(),
     }
-    assert set(columns) == set(like.column_names), "synthetic rows have the worker's columns, no more, no fewer"
+    assert set(columns) == set(like.column_names), "synthetic rows have the old worker's columns, no more, no fewer"
     return pa.table({k: columns[k] for k in like.column_names}).cast(like.schema)
+
+
+NEW_COLUMNS = ("queue_ms", "ttft_ms", "input_sha256")  # what an older moorage's rows lack
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +118,8 @@ def results(tmp_path_factory):
     registry.register(make_fake_model(root / "gen-model", "generate"), "gen", task="generate")
     folder, db = root / "results", root / "results.db"
     broker = f"sqlite:///{root}/queue.db?topic=clf&visibility_timeout=2"
-    texts = [f"review {i}: {'great' if i % 3 else 'awful'} product " * (1 + i % 4) for i in range(NUM_REAL)]
+    texts = [f"review {j}: {'great' if j % 3 else 'awful'} product " * (1 + j % 4) for j in
+             (i % 150 for i in range(NUM_REAL))]  # fmt: skip
     bodies = [json.dumps({"id": f"real-{i}", "text": t}).encode() for i, t in enumerate(texts)]
 
     async def real_runs() -> list:
@@ -138,8 +143,10 @@ def results(tmp_path_factory):
     dead = asyncio.run(real_runs())
     registry.close()
     real = pq.read_table(folder)  # the worker's own schema
+    assert set(NEW_COLUMNS) <= set(real.column_names)
     start = float(pc_max(real["completed_at"])) + 1.0
-    pq.write_table(synthetic(real, NUM_SYNTHETIC, start, seed=1), folder / "part-synthetic-000.parquet")
+    old = real.drop_columns(list(NEW_COLUMNS))  # a folder mixing files of an older moorage and of this one
+    pq.write_table(synthetic(old, NUM_SYNTHETIC, start, seed=1), folder / "part-synthetic-000.parquet")
     # the dead letters as `moorage stream dead-letters --json` exports them
     listed = moorage("stream", "dead-letters", "--source", broker, "--json", cwd=root)
     assert listed.returncode == 0, listed.stderr
@@ -180,6 +187,10 @@ def test_the_html_report_renders_every_plot_and_fetches_nothing(results):
     assert set(data["categories"]["label"]) == {"negative", "positive"}
     expected = {"throughput", "latency_ms", "queue_ms", "tokens", "score", "label", "version", "attempts",
                 "dead_letter", "drift"}  # fmt: skip
+    # texts i and i + 150 are equal: the most frequent inputs are the real rows' (the synthetic have no hash)
+    assert [r["rows"] for r in data["frequent_inputs"]] == [2] * 10
+    assert all(len(r["input"]) == 12 for r in data["frequent_inputs"])
+    assert "ttft_ms" not in data["distributions"], "classifier rows have no time to first token"
     manager, browser = chromium()
     try:
         page = browser.new_page()
@@ -202,6 +213,7 @@ def test_the_html_report_renders_every_plot_and_fetches_nothing(results):
             assert page.locator(f'figure[data-plot="{name}"] rect.bar').count() == len(hist["counts"])
         assert page.locator('figure[data-plot="throughput"] rect.window').count() == 1
         assert page.locator("table.slowest tr").count() == 11
+        assert page.locator("table.frequent-inputs tr").count() == 11
         assert requests == [out.as_uri()], "the page fetched nothing but itself"
     finally:
         browser.close()
@@ -251,6 +263,11 @@ def test_a_sql_sink_table_is_a_source(results):
     assert data["summary"]["rows"] == 60 and data["summary"]["tasks"] == "generate"
     assert sum(data["categories"]["finish_reason"].values()) == 60
     assert data["summary"]["tokens_out"] > 0 and "completion_tokens" in data["distributions"]
+    assert data["distributions"]["ttft_ms"]["rows"] == 60 and data["distributions"]["ttft_ms"]["p50"] > 0
+    assert len(data["frequent_inputs"]) == 0 and all(len(r["input"]) == 12 for r in data["slowest"])  # unique
+    out = results / "sql.html"
+    assert moorage("report", "sqlite:///results.db", "--table", "results", "-o", str(out), cwd=results).returncode == 0
+    assert 'data-plot="ttft_ms"' in out.read_text(), "the time to first token is plotted"
     same = report_json(results, "sql+sqlite:///results.db?table=results")  # the sink's own URL
     assert same["summary"] == data["summary"]
 
@@ -301,3 +318,4 @@ async def test_the_catalogs_jobs_table_is_a_source(settings, registry, fake_mode
     assert data["categories"].get("error") == {"context_length_exceeded": 1}, seen
     assert sum(data["categories"]["label"].values()) == 30
     assert data["distributions"]["latency_ms"]["rows"] == 11, "a job's latency counts once"
+    assert data["frequent_inputs"] is None and "input" not in data["slowest"][0], "job rows have no input hash"

@@ -182,3 +182,63 @@ def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(broker_url,
 async def _publish(url: str, messages: list[bytes]) -> None:
     async with open_broker(url) as b:
         await b.publish(messages)
+
+
+async def test_rows_carry_engine_timings_and_the_input_hash_and_an_old_table_gains_the_columns(
+    settings, registry, fake_model, tmp_path
+):
+    """A generation row has a time to first token within its latency and the sha256 of its input;
+    an embedding row has no time to first token. A SQL table an older moorage created (without the
+    newer columns) gets them added when the sink opens, and keeps its rows."""
+    import hashlib
+
+    import sqlalchemy as sa
+
+    registry.register(fake_model("generate"), "gen", task="generate")
+    registry.register(fake_model("embed"), "emb", task="embed")
+    db = tmp_path / "out.db"
+    with sqlite3.connect(db) as conn:  # the column set of moorage before queue_ms, ttft_ms, input_sha256
+        conn.execute("CREATE TABLE results (id VARCHAR(512) PRIMARY KEY, model VARCHAR(200) NOT NULL, "
+                     "version INTEGER NOT NULL, task VARCHAR(20) NOT NULL, output JSON NOT NULL, tokens INTEGER, "
+                     "latency_ms FLOAT, published_at FLOAT, received_at FLOAT, completed_at FLOAT, "
+                     "attempts INTEGER, writes INTEGER DEFAULT '1' NOT NULL)")  # fmt: skip
+        conn.execute("INSERT INTO results (id, model, version, task, output) VALUES ('old', 'gen', 1, 'gen', '{}')")
+    texts = {f"g-{i}": f"tell me about {i % 3}" for i in range(12)}
+    bodies = [json.dumps({"id": k, "text": t, "parameters": {"max_new_tokens": 5}}).encode() for k, t in texts.items()]
+    queue = f"sqlite:///{tmp_path}/queue.db"
+    folder = tmp_path / "emb-rows"
+
+    def file_rows() -> list[dict]:
+        return [json.loads(line) for p in folder.glob("*.jsonl") for line in p.read_text().splitlines()]
+
+    runs = [(f"{queue}?topic=gen&visibility_timeout=2", f"sql+sqlite:///{db}?table=results", "gen", bodies,
+             lambda: len(sink_rows(db)) >= 13),
+            (f"{queue}?topic=emb&visibility_timeout=2", f"jsonl://{folder}?rows=1&seconds=0.1", "emb", inputs(5),
+             lambda: len(file_rows()) >= 5)]  # fmt: skip
+    for url, sink, model, messages, done in runs:
+        async with open_broker(url) as b:
+            await b.publish(messages)
+        stop = asyncio.Event()
+        worker = asyncio.create_task(run_stream(stream_settings(settings), StreamJob(url, sink, model), stop,
+                                                registry=registry))  # fmt: skip
+        try:
+            await drain(url, done)
+        finally:
+            stop.set()
+            await worker
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        got = {r.id: r for r in conn.execute(sa.text("SELECT * FROM results"))}
+    engine.dispose()
+    assert got["old"].ttft_ms is None and got["old"].input_sha256 is None, "the old row is kept, the new columns NULL"
+    for key, text in texts.items():
+        row = got[key]
+        assert 0 < row.ttft_ms <= row.latency_ms, (row.ttft_ms, row.latency_ms)
+        assert row.queue_ms is not None and 0 <= row.queue_ms <= row.latency_ms
+        assert row.input_sha256 == hashlib.sha256(text.encode()).hexdigest()
+    assert len({got[k].input_sha256 for k in texts}) == 3, "equal texts hash equal, whatever their ids"
+    rows = file_rows()
+    assert len(rows) == 5
+    for row in rows:
+        assert row["ttft_ms"] is None and row["queue_ms"] >= 0
+        assert row["input_sha256"] == hashlib.sha256(f"message number {row['id'].split('-')[1]}".encode()).hexdigest()

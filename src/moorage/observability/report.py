@@ -14,9 +14,13 @@ What it reads (DuckDB does the queries):
 - optionally the dead letters, which live on the broker, not in the sink: an export of
   ``moorage stream dead-letters --source URL --json`` (JSONL, or Parquet with the same fields).
 
-Rows carry no input text (only the message id) and no time to first token; the report says so
-rather than inventing them: "slowest inputs" are message ids, "most frequent" are outputs (an md5
-of the text, or the label), and a ``ttft_ms`` column is plotted only if rows have one.
+Rows carry no input text. A stream worker's rows carry ``input_sha256`` (the sha256 of the input)
+and, for generation, ``ttft_ms`` (arrival in the engine to the first token); rows of an older
+moorage or of jobs have neither, and the report says so rather than inventing them. The slowest
+rows and the most frequent inputs are named by a shortened ``input_sha256`` where rows have one
+(message ids, and the most frequent outputs: an md5 of the text, or the label, in any case), and
+the time to first token is plotted where rows have one. Queue wait is publish to receive (the
+broker's); the rows' ``queue_ms`` (the wait inside the engine) is not plotted.
 
 Drift compares a current window against a reference window (the first N % of rows by completion
 time, a time range, or another source) per feature: PSI over reference deciles (categories for
@@ -52,6 +56,7 @@ NUMERIC_FEATURES = ("latency_ms", "queue_ms", "tokens", "prompt_tokens", "comple
                     "score", "emb_norm", "ttft_ms")  # fmt: skip
 CATEGORICAL_FEATURES = ("label", "finish_reason")
 MIN_DRIFT_ROWS = 20
+SHORT_HASH = 12  # hex digits of input_sha256 shown (48 bits: no collision among a report's inputs)
 Step = Callable[[str], None]
 
 
@@ -276,6 +281,7 @@ def _normal_view(con: Any, name: str, raw: str, col: Callable[[str, str], str], 
             {col("latency_ms", "DOUBLE")} AS latency_ms,
             ({col("received_at", "DOUBLE")} - {col("published_at", "DOUBLE")}) * 1000 AS queue_ms,
             {col("ttft_ms", "DOUBLE")} AS ttft_ms, {col("attempts", "INTEGER")} AS attempts,
+            {col("input_sha256", "VARCHAR")} AS input_sha256,
             {col("tokens", "BIGINT")} AS tokens, {col("prompt_tokens", "BIGINT")} AS prompt_tokens,
             {col("completion_tokens", "BIGINT")} AS completion_tokens,
             {col("finish_reason", "VARCHAR")} AS finish_reason, {col("filtered", "BOOLEAN")} AS filtered,
@@ -489,8 +495,15 @@ def build(source: Source, options: ReportOptions = ReportOptions(), step: Step =
     arrays = con.sql("SELECT " + ", ".join(NUMERIC_FEATURES) + " FROM rows").fetchnumpy()
     data["distributions"] = {n: h for n in NUMERIC_FEATURES if (h := _histogram(arrays[n], options.bins))}
     data["categories"] = _categories(con, options.dead_letters is not None)
-    slowest = "SELECT id, model, version, latency_ms, attempts, ts FROM rows WHERE latency_ms IS NOT NULL"
+    hashed = con.sql("SELECT count(input_sha256) FROM rows").fetchall()[0][0] > 0
+    short = f"left(input_sha256, {SHORT_HASH})"
+    slowest = (f"SELECT id, {short + ' AS input, ' if hashed else ''}model, version, latency_ms, attempts, ts "
+               f"FROM rows WHERE latency_ms IS NOT NULL")  # fmt: skip
     data["slowest"] = _rows_of(con, f"{slowest} ORDER BY latency_ms DESC LIMIT {options.top}")
+    data["frequent_inputs"] = _rows_of(con, f"SELECT {short} AS input, count(*) AS rows, avg(latency_ms) AS "
+                                            f"mean_latency_ms, max(latency_ms) AS max_latency_ms FROM rows WHERE "
+                                            f"input_sha256 IS NOT NULL GROUP BY input_sha256 HAVING count(*) > 1 "
+                                            f"ORDER BY 2 DESC, 1 LIMIT {options.top}") if hashed else None  # fmt: skip
     data["frequent_outputs"] = _rows_of(con, f"SELECT out_key AS output, count(*) AS rows, avg(latency_ms) AS "
                                              f"mean_latency_ms FROM rows WHERE out_key IS NOT NULL GROUP BY 1 "
                                              f"HAVING count(*) > 1 ORDER BY 2 DESC, 1 LIMIT {options.top}")  # fmt: skip
@@ -585,9 +598,16 @@ def _categories(con: Any, has_dead: bool) -> dict:
 def _notes(data: dict) -> list[str]:
     notes = []
     if "ttft_ms" not in data["distributions"]:
-        notes.append("No time to first token: the rows do not record one (only latency_ms, receive to write).")
-    notes.append("Rows keep no input text: the slowest inputs are named by message id, the most frequent "
-                 "outputs by an md5 of the text (or the label).")  # fmt: skip
+        notes.append("No time to first token: the rows record none (only generation rows of a stream worker do; "
+                     "latency_ms is receive to write).")  # fmt: skip
+    if data["frequent_inputs"] is None:
+        notes.append("Rows keep no input text and these have no input_sha256 (written by an older moorage, or "
+                     "jobs): the slowest inputs are named by message id, the most frequent outputs by an md5 of "
+                     "the text (or the label).")  # fmt: skip
+    else:
+        notes.append(f"Rows keep no input text: inputs are named by the first {SHORT_HASH} hex digits of their "
+                     "sha256 (input_sha256); rows without one (an older moorage's) are left out of the most "
+                     "frequent inputs.")  # fmt: skip
     if "dead_letter" not in data["categories"]:
         notes.append("Dead letters live on the broker, not in the sink: pass --dead-letters with an export of "
                      "`moorage stream dead-letters --source URL --json` to include them.")  # fmt: skip
@@ -772,6 +792,9 @@ def render_html(data: dict) -> str:
     for name, counts in data["categories"].items():
         svg, n = _hbars_svg([(k, float(v), False) for k, v in counts.items()])
         plots.append(_figure(name, LABELS.get(name, name), svg, n))
+    frequent_inputs = ""
+    if data["frequent_inputs"] is not None:
+        frequent_inputs = f"<h2>Most frequent inputs</h2>{_table(data['frequent_inputs'], 'frequent-inputs')}"
     stamp = datetime.fromtimestamp(data["generated_at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in data["notes"])
     return f"""<!doctype html>
@@ -783,7 +806,7 @@ def render_html(data: dict) -> str:
 <h2>Drift</h2>{_drift_section(data["drift"])}
 <h2>Plots</h2><div class="grid">{"".join(plots)}</div>
 <h2>Slowest rows</h2>{_table(data["slowest"], "slowest")}
-<h2>Most frequent outputs</h2>{_table(data["frequent_outputs"], "frequent")}
+{frequent_inputs}<h2>Most frequent outputs</h2>{_table(data["frequent_outputs"], "frequent")}
 <h2>Ids written more than once</h2>{_table(data["duplicate_ids"], "duplicates")}
 <h2>Notes</h2><ul class="notes">{notes}</ul>
 </body></html>

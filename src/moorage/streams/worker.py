@@ -235,6 +235,8 @@ class MessageCodec:
             "task": str(sv.task),
             **encode_result(sv.task, results[0]),
             **timings(req),
+            **engine_timings(sv.task, results[0]),
+            "input_sha256": input_sha256(req.work.inputs[0]),
         }
 
     def rejected(self, req: Request, exc: MoorageError) -> Row | None:
@@ -253,6 +255,29 @@ def timings(req: Request) -> Row:
         "completed_at": completed,
         "attempts": req.message.attempts,
     }
+
+
+def engine_timings(task: str, result: Result) -> Row:
+    """From the engine's `Timings`: ``queue_ms``, the input's wait in the engine before its batch (or
+    its generation row) started, and ``ttft_ms``, arrival in the engine to the first token (generation
+    only). None where the engine noted no timings, or no first token."""
+    t = result.timings
+    if t is None:
+        return {"queue_ms": None, "ttft_ms": None}
+    ttft = None
+    if task == Task.GENERATE and t.first_token is not None and t.first_token >= t.queued:
+        ttft = round((t.first_token - t.queued) * 1000, 3)
+    return {"queue_ms": round(max(0.0, t.started - t.queued) * 1000, 3), "ttft_ms": ttft}
+
+
+def input_sha256(value: Any) -> str:
+    """The sha256 (hex, `sha256_text`) of a stream message's input: of the text's UTF-8, or for a chat
+    input of its ``messages`` as compact JSON with sorted keys. Equal inputs hash equal whatever the
+    message id; the audit rows' ``input_sha256`` is of the whole message body (id included)."""
+    if isinstance(value, str):
+        return sha256_text(value)
+    return sha256_text(orjson.dumps(value.get("messages") if isinstance(value, dict) else value,
+                                    option=orjson.OPT_SORT_KEYS))  # fmt: skip
 
 
 def _unprefixed(message: str) -> str:

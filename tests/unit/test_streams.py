@@ -130,6 +130,40 @@ async def test_sql_sink_upserts_by_id_and_counts_replays(tmp_path):
     assert json.loads(got[0][3]) == {"label": "x", "score": 0.5}
 
 
+async def test_sql_sink_tolerates_a_worker_that_added_the_new_columns_first(tmp_path, monkeypatch):
+    """Two workers open an older table at once: both see the columns missing, one adds them, the
+    other's ALTER fails with "duplicate column", which is ignored since the column is there."""
+    import sqlalchemy as sa
+
+    db = tmp_path / "r.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE out (id VARCHAR(512) PRIMARY KEY, model VARCHAR(200) NOT NULL, version INTEGER "
+                     "NOT NULL, task VARCHAR(20) NOT NULL, output JSON NOT NULL, tokens INTEGER, latency_ms FLOAT, "
+                     "published_at FLOAT, received_at FLOAT, completed_at FLOAT, attempts INTEGER, "
+                     "writes INTEGER DEFAULT '1' NOT NULL)")  # fmt: skip
+    old = [r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(out)")]
+    async with open_sink(f"sql+sqlite:///{db}?table=out"):  # the first worker adds them
+        pass
+    real_inspect, calls = sa.inspect, []
+
+    class Stale:  # what the second worker saw before the first one's ALTERs
+        def __init__(self, engine) -> None:
+            self.real = real_inspect(engine)
+
+        def get_columns(self, table):
+            calls.append(table)
+            columns = self.real.get_columns(table)
+            return [c for c in columns if c["name"] in old] if len(calls) == 1 else columns
+
+    monkeypatch.setattr(sa, "inspect", Stale)
+    row = {"id": "a", "model": "m", "version": 1, "task": "generate", "text": "x", "ttft_ms": 2.0}
+    async with open_sink(f"sql+sqlite:///{db}?table=out") as sink:
+        await sink.write([row])
+    assert len(calls) == 4, "one look, then one after each of the three failed ALTERs"
+    got = sqlite3.connect(db).execute("SELECT ttft_ms, queue_ms, input_sha256 FROM out").fetchall()
+    assert got == [(2.0, None, None)]
+
+
 def test_producer_reads_jsonl_csv_parquet_with_stable_ids(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"text": "a"}\n{"id": "x", "text": "b", "lang": "en"}\nnot json\n')
     with open(tmp_path / "in.csv", "w", newline="") as f:

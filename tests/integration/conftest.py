@@ -6,15 +6,8 @@ standalone server, which speaks the S3 HTTP protocol to s3fs/botocore like any S
 
 from __future__ import annotations
 
-import glob
-import os
-import pwd
-import shutil
 import socket
-import subprocess
-import tempfile
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -25,42 +18,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pg_bin(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name)]
-    if not found[-1]:
-        pytest.fail(f"PostgreSQL's {name} is not installed: run scripts/test.sh (it installs postgresql)")
-    return found[-1]
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
     """A throw-away PostgreSQL cluster; yields an admin URL without a database name."""
-    root = Path(tempfile.mkdtemp(prefix="moorage-pg-"))
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        user = pwd.getpwnam("postgres")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        os.chown(sock, user.pw_uid, user.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    subprocess.run(
-        [*as_user, _pg_bin("initdb"), "-D", str(data), "-U", "moorage", "-A", "trust", "--no-sync"],
-        check=True,
-        capture_output=True,
-    )
-    opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(
-        [*as_user, _pg_bin("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql://moorage@127.0.0.1:{port}"
-    finally:
-        subprocess.run([*as_user, _pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+    from tests.services.restartable import postgres_service
+
+    with postgres_service() as service:
+        yield service.url.rsplit("/", 1)[0]
 
 
 @pytest.fixture

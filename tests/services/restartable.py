@@ -85,7 +85,7 @@ def rabbitmq_service() -> Iterator[Service]:
     (root / "rabbitmq.conf").write_text("loopback_users = none\n")
     env = {
         **os.environ,
-        "HOME": str(root),
+        "HOME": str(root),  # the Erlang cookie goes here, not into the user's home
         "RABBITMQ_NODENAME": f"moorage{port}@localhost",
         "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
         "RABBITMQ_NODE_PORT": str(port),

@@ -78,38 +78,10 @@ def redis_server():
 
 @contextmanager
 def rabbitmq_server():
-    program = need(RABBITMQ_SERVER)
-    root = Path(tempfile.mkdtemp(prefix="moorage-rabbitmq-"))
-    port, dist, epmd = free_port(), free_port(), free_port()
-    (root / "enabled_plugins").write_text("[].\n")
-    (root / "rabbitmq.conf").write_text("loopback_users = none\n")
-    env = {
-        **os.environ,
-        "HOME": str(root),  # the Erlang cookie goes here, not into the user's home
-        "RABBITMQ_NODENAME": f"moorage{port}@localhost",
-        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_DIST_PORT": str(dist),
-        "ERL_EPMD_PORT": str(epmd),
-        "ERL_EPMD_ADDRESS": "127.0.0.1",
-        "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(root / "log"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
-        "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq"),
-        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-    }
-    out = root / "out.log"
-    with open(out, "wb") as log:
-        proc = subprocess.Popen([program], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-    try:
-        wait_port(port, 60, proc, out)
-        yield f"amqp://guest:guest@127.0.0.1:{port}/"
-    finally:
-        _stop(proc, 20)
-        # epmd daemonises itself: stop it once the node is gone
-        subprocess.run([need("epmd"), "-kill"], env=env, capture_output=True, timeout=10)
-        shutil.rmtree(root, ignore_errors=True)
+    from tests.services.restartable import rabbitmq_service  # it builds on this module's helpers
+
+    with rabbitmq_service() as service:
+        yield service.url
 
 
 @contextmanager

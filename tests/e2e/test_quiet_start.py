@@ -45,7 +45,16 @@ def tiny_lm(tmp_path):
 def test_the_tiny_model_shows_a_progress_bar_when_loaded_without_moorage(tiny_lm, cli_env):
     """The control: transformers on its own draws the bar this test looks for."""
     script = f"import transformers; transformers.AutoModelForCausalLM.from_pretrained({str(tiny_lm)!r})"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env, timeout=120)
+    # without moorage: none of the switches it sets (an in-process test may have set them in this
+    # process's environment, which cli_env copies)
+    switches = (
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+        "TRANSFORMERS_VERBOSITY",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS",
+        "TQDM_DISABLE",
+    )
+    env = {k: v for k, v in cli_env.items() if k not in switches}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Loading weights" in out.stderr
 

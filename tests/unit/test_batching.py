@@ -193,7 +193,8 @@ def test_new_sequences_join_between_steps_and_cancel_frees_the_row(generator):
         long_stream = engine.stream(_item("a long one", n=200))
         await anext(long_stream)
         short = await engine.submit(_item("short", n=3))  # joins while the long one runs
-        long_was_running = len(engine.scheduler.running) == 1
+        after_short = await anext(long_stream)  # the long one still produces after the short one ended
+        long_was_running = after_short.result is None and after_short.error is None
         await long_stream.aclose()  # the client goes away
         await eventually(lambda: not engine.scheduler.running)
         await engine.stop()

@@ -87,6 +87,14 @@ def setup_logging(
     handler.addFilter(_RequestIdFilter())
     root.addHandler(handler)
     root.setLevel(level)
+    # uvicorn's own logging config (a server started with it earlier in the process) gives its
+    # loggers handlers and levels of their own and stops them propagating: their lines would
+    # bypass this handler and level
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        server_log = logging.getLogger(name)
+        server_log.handlers.clear()
+        server_log.setLevel(logging.NOTSET)
+        server_log.propagate, server_log.disabled = True, False
     if moorage_level is not None:
         logging.getLogger("moorage").setLevel(moorage_level)
     quiet_libraries()

@@ -88,12 +88,12 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(level)
     # uvicorn's own logging config (a server started with it earlier in the process) gives its
-    # loggers handlers and levels of their own and stops them propagating: their lines would
-    # bypass this handler and level
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    # server loggers handlers and levels of their own and stops them propagating: their lines would
+    # bypass this handler. They log at moorage's level. (uvicorn.access is uvicorn's to switch.)
+    for name in ("uvicorn", "uvicorn.error"):
         server_log = logging.getLogger(name)
         server_log.handlers.clear()
-        server_log.setLevel(logging.NOTSET)
+        server_log.setLevel(moorage_level or logging.NOTSET)
         server_log.propagate, server_log.disabled = True, False
     if moorage_level is not None:
         logging.getLogger("moorage").setLevel(moorage_level)

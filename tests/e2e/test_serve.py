@@ -5,29 +5,13 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 from openai import OpenAI
 
 from moorage.runtime import make_fake_model
 
-from tests.support import wait_until
-
-
-def _workers(pid: int) -> set[int]:
-    """The live worker processes of a `serve --workers N` parent (its children, minus helpers that
-    are not serving: uvicorn's children are the workers; a multiprocessing resource tracker may be one)."""
-    workers = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_text(errors="replace")
-            except OSError:  # it ended meanwhile
-                continue
-            if "resource_tracker" not in cmdline:
-                workers.add(int(child))
-    return workers
+from tests.support import serve_workers, wait_until
 
 
 def _gauge(url: str, name: str) -> float:
@@ -119,8 +103,8 @@ def test_with_several_workers_a_worker_whose_engine_died_is_replaced(cli, server
     started again, loads the model anew, and the server is ready on every connection again."""
     _register(cli, tmp_path, "gen", "generate", crash_after_steps=3)
     proc, url = server("-m", "gen", "--workers", "2")
-    wait_until(lambda: len(_workers(proc.pid)) == 2, what="two worker processes")
-    before = _workers(proc.pid)
+    wait_until(lambda: len(serve_workers(proc.pid)) == 2, what="two worker processes")
+    before = serve_workers(proc.pid)
     body = {"model": "gen", "prompt": "go", "max_tokens": 50}
     codes = set()
     for _ in range(20):  # new connections reach both workers; each dies at its first long request
@@ -140,7 +124,7 @@ def test_with_several_workers_a_worker_whose_engine_died_is_replaced(cli, server
         ready_in_a_row = ready_in_a_row + 1 if ok else 0
         return ready_in_a_row >= 10
 
-    wait_until(lambda: len(_workers(proc.pid)) == 2 and _workers(proc.pid) != before, what="a new worker")
+    wait_until(lambda: len(serve_workers(proc.pid)) == 2 and serve_workers(proc.pid) != before, what="a new worker")
     wait_until(all_ready, timeout_s=120, what="both workers ready again")
     assert proc.poll() is None  # the server itself kept running
     short = httpx.post(url + "/v1/completions", json={"model": "gen", "prompt": "go", "max_tokens": 2}, timeout=60)

@@ -28,7 +28,7 @@ from moorage.config import load_settings
 from moorage.registry import Registry
 from moorage.runtime import make_fake_model
 
-from tests.support import wait_until
+from tests.support import serve_workers, wait_until
 
 pytestmark = pytest.mark.faults
 # Weights of 128 MiB: checksumming and loading them keeps a new worker busy long enough that one which
@@ -85,21 +85,6 @@ def serve(tmp_path):
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-
-
-def _workers(pid: int) -> set[int]:
-    """The worker processes of a `serve --workers N` parent: its children but multiprocessing's
-    resource tracker."""
-    workers = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_text(errors="replace")
-            except OSError:  # it ended meanwhile
-                continue
-            if "resource_tracker" not in cmdline:
-                workers.add(int(child))
-    return workers
 
 
 def _is_gone(pid: int) -> bool:
@@ -194,8 +179,8 @@ def test_a_worker_sigkilled_under_load_fails_only_its_in_flight_requests(tmp_pat
     wait_until(lambda: _ready(url, proc), timeout_s=180, what="the server is ready")
     with Load(url, num_threads=4) as load:
         wait_until(lambda: load.count() >= 50, timeout_s=180, what="50 requests answered")
-        assert len(_workers(proc.pid)) == 2
-        before = _workers(proc.pid)
+        assert len(serve_workers(proc.pid)) == 2
+        before = serve_workers(proc.pid)
         victim = min(before)
         counted = load.count()
         wait_until(lambda: load.count() >= counted + 20, what="20 more requests")  # it serves at full pace
@@ -204,7 +189,7 @@ def test_a_worker_sigkilled_under_load_fails_only_its_in_flight_requests(tmp_pat
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: _is_gone(victim), what="the killed worker gone")
         gone_at = time.monotonic()
-        wait_until(lambda: len(_workers(proc.pid) - before) == 1, timeout_s=60, what="a new worker started")
+        wait_until(lambda: len(serve_workers(proc.pid) - before) == 1, timeout_s=60, what="a new worker started")
         replaced_at = time.monotonic()
         # the new worker loads its model, then takes its share: 200 answers more, the last ones from
         # both workers

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# README command 2: install the services the tests start (PostgreSQL, Redis, RabbitMQ, Prometheus and
-# Chromium from Debian's packages; the Kafka-protocol broker comes with confluent-kafka) and every
-# extra, run the checks (scripts/check.sh: ruff, mypy, import contracts), then run the whole test
-# suite. Extra pytest arguments are passed through.
+# README command 2: install the services the tests start (PostgreSQL, Redis, RabbitMQ, Prometheus,
+# Chromium and Java for Spark from Debian's packages; the Kafka-protocol broker comes with
+# confluent-kafka) and every extra, run the checks (scripts/check.sh: ruff, mypy, import contracts),
+# then run the whole test suite. Extra pytest arguments are passed through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,7 @@ command -v redis-server > /dev/null || need_pkgs+=(redis-server)
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_pkgs+=(rabbitmq-server)
 command -v promtool > /dev/null || need_pkgs+=(prometheus)  # the alert rules' tests and a real scraper
 command -v chromium > /dev/null || need_pkgs+=(chromium fonts-dejavu-core)  # pages a person looks at (the report)
+command -v java > /dev/null || need_pkgs+=(openjdk-17-jre-headless)  # PySpark's JVM (the Spark jobs)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     echo "installing Debian packages: ${need_pkgs[*]}"

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import Unprocessable
-from ..runtime.base import Classification, GenerateInput, GenerationParams
+from ..runtime.base import Classification, GenerateInput, GenerationParams, TokenLogprob
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 MIN_SAMPLING_TEMPERATURE = 1e-3  # below this, sampling is greedy (dividing logits by ~0 overflows)
@@ -64,6 +64,7 @@ class Result:
     finish_reason: str | None = None
     filtered: bool = False  # the content filter withheld this output
     timings: Timings | None = field(default=None, compare=False, repr=False)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # generation, when the parameters asked for them
 
     @property
     def total_tokens(self) -> int:

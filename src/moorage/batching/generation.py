@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import BadRequest, DeadlineExceeded, EngineFailed, MoorageError, NotReady, Overloaded
 from ..observability import metrics
-from ..runtime.base import GenerateInput, Generation, NewSequence, StepGenerator, TextStream
+from ..runtime.base import GenerateInput, Generation, NewSequence, StepGenerator, TextStream, TokenLogprob
 from .contract import Result, Timings
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,13 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """New text of one sequence; `result` is set on its last event, `error` on a failed one."""
+    """New text of one sequence; `result` is set on its last event, `error` on a failed one.
+    `logprobs` holds those of the tokens decoded since the previous event (when asked for)."""
 
     text: str
     result: Result | None = None
     error: BaseException | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 def as_result(g: Generation, timings: Timings | None = None) -> Result:

@@ -17,21 +17,55 @@ from .detokenize import Detokenizer, WindowDetokenizer
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What a generation's text must match, enforced while decoding (each row its own).
+
+    `kind` is "json_object" (any JSON object; `spec` empty), "json_schema" (`spec`: the schema as
+    canonical JSON text), "regex" (`spec`: the pattern) or "choice" (`spec`: a JSON array of the
+    allowed strings). Hashable, so compiled grammars are cached per constraint."""
+
+    kind: str
+    spec: str = ""
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    constraint: Constraint | None = None
+    logprobs: int | None = None  # None: none; k >= 0: each chosen token's logprob and its k best alternatives
 
 
 @dataclass(frozen=True)
 class GenerateInput:
-    """A raw prompt, or chat messages that the tokenizer's chat template turns into one."""
+    """A raw prompt, or chat messages that the tokenizer's chat template turns into one; `tools`
+    (function definitions, OpenAI's shape) go to the chat template with them."""
 
     prompt: str | None = None
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
+    tools: tuple[dict[str, Any], ...] | None = None
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str  # the token's own text (may be part of a character)
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model, from the step that chose it, and the
+    most likely alternatives at that step (best first)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -40,6 +74,7 @@ class Generation:
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None  # when the parameters asked for them
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Adapters to distributed engines (Spark UDF, Spark data sources and sinks)."""

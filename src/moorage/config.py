@@ -121,6 +121,12 @@ class ServeSettings(BaseModel):
         description="with several workers: an empty folder where each worker writes the metrics /metrics merges "
         "(default: a private temporary folder, removed at exit)",
     )
+    ignore_unsupported: list[str] = Field(
+        default_factory=list,
+        description="request fields the OpenAI routes accept and ignore although they do not implement them "
+        "(e.g. frequency_penalty for a client that always sends one); any other unsupported field answers 400 "
+        "unsupported_parameter naming it",
+    )
 
 
 class StreamSettings(BaseModel):

@@ -102,20 +102,47 @@ class GenerationParameters(BaseModel):
         )
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object as text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatTurn(BaseModel):
+    """One chat message. An assistant turn that called tools has `tool_calls` (its content may be
+    null: it becomes empty text); a `tool` turn answers the call named by `tool_call_id`."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str
+    content: str = ""
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _no_content(cls, value: Any) -> Any:
+        return "" if value is None else value
 
 
 class PromptInput(BaseModel):
-    """One generation input: a raw prompt, or chat messages (exactly one of them)."""
+    """One generation input: a raw prompt, or chat messages (exactly one of them), and the tools
+    (function definitions, OpenAI's shape) the chat template shows the model."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str | None = None
     messages: list[ChatTurn] | None = Field(None, min_length=1)
+    tools: list[dict[str, Any]] | None = None
 
 
 def parse_parameters(task: Task, parameters: dict | GenerationParameters | None) -> GenerationParameters | None:
@@ -154,8 +181,9 @@ def parse_inputs(
             raise Unprocessable(f"{field}.{i}.{first_error(exc)}", code="invalid_input") from None
         if (parsed.prompt is None) == (parsed.messages is None):
             raise Unprocessable(f"{field}.{i}: give a prompt or messages", code="invalid_input")
-        messages = None if parsed.messages is None else tuple(m.model_dump() for m in parsed.messages)
-        items.append(GenerateInput(prompt=parsed.prompt, messages=messages, params=runtime_params))
+        messages = None if parsed.messages is None else tuple(m.model_dump(exclude_none=True) for m in parsed.messages)
+        tools = tuple(parsed.tools) if parsed.tools else None
+        items.append(GenerateInput(prompt=parsed.prompt, messages=messages, params=runtime_params, tools=tools))
     return items
 
 

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import to_json, to_jsonable_python
 from pydantic_settings import (
     BaseSettings,
@@ -275,6 +284,42 @@ class ObservabilitySettings(BaseModel):
     log_format: Literal["console", "json"] = Field("console", description="console lines, or one JSON object a line")
 
 
+class CacheSettings(BaseModel):
+    """The response cache: repeated deterministic requests (embed and classify always; generation when
+    greedy or seeded) answered from a cache keyed by the model version and the whole request."""
+
+    model_config = SECTION_CONFIG
+
+    enabled: bool = Field(False, description="answer repeated deterministic requests from the cache")
+    models: list[str] = Field(
+        default_factory=lambda: ["*"], description="model names whose responses are cached ('*': every model)"
+    )
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: an LRU in each process; redis: one cache shared by every process"
+    )
+    redis_url: str | None = Field(None, description="redis://HOST:PORT/DB of the redis backend")
+    max_entries: int = Field(10_000, ge=1, description="memory backend: entries kept, least recently used out")
+    max_entry_bytes: int = Field(1 << 20, ge=1, description="larger responses are not cached")
+    ttl_s: float = Field(3600.0, gt=0, description="an entry is dropped this long after it was stored")
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not name or any(c in name for c in "@:/ "):
+                raise ValueError(
+                    f"{name!r} is not a model name: give names ('smollm2', not 'smollm2@production') or '*'; "
+                    "each version is cached apart, so an alias move never serves the old version's answers"
+                )
+        return names
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> CacheSettings:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("backend 'redis' needs redis_url: set cache.redis_url to redis://HOST:PORT/DB")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything a moorage process needs to know, validated at start-up."""
 
@@ -292,6 +337,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
 
     @field_validator("home")
     @classmethod

@@ -83,6 +83,23 @@ SECURITY_REJECTIONS = Counter(
 CONTENT_FILTERED = Counter(
     "moorage_content_filtered", "inputs refused and outputs withheld by content filters", ("model", "direction")
 )
+RESPONSE_CACHE_REQUESTS = Counter(
+    "moorage_response_cache_requests",
+    "inputs looked up in the response cache: hit, miss, or skip (not deterministic: sampled without a seed)",
+    ("model", "result"),
+)
+RESPONSE_CACHE_ENTRIES = Gauge(
+    "moorage_response_cache_entries", "entries in the in-memory response cache", ("model",), multiprocess_mode="livesum"
+)
+RESPONSE_CACHE_BYTES = Gauge(
+    "moorage_response_cache_bytes",
+    "bytes of the in-memory response cache's entries",
+    ("model",),
+    multiprocess_mode="livesum",
+)
+RESPONSE_CACHE_ERRORS = Counter(
+    "moorage_response_cache_errors", "response cache backend failures; those requests ran without it", ("backend",)
+)
 PROCESS_CPU = Gauge("moorage_process_cpu_seconds", "CPU time of the server process", multiprocess_mode="all")
 PROCESS_MEMORY = Gauge("moorage_process_max_resident_memory_bytes", "peak RSS of the process", multiprocess_mode="all")
 PROCESS_RSS = Gauge("moorage_process_resident_memory_bytes", "RSS of the process", multiprocess_mode="all")

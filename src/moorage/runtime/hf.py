@@ -7,6 +7,7 @@ pickle files at registration and the loader refuses them again before this modul
 from __future__ import annotations
 
 import inspect
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -152,14 +153,25 @@ class CausalGenerator(StepGenerator):
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         self.special_ids = special_token_ids(self.tokenizer)
 
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the chat template has its own format for tool definitions (it reads `tools`)."""
+        return "tools" in (self.tokenizer.chat_template or "")
+
     def render(self, item: GenerateInput) -> str:
-        """The prompt text: chat messages go through the tokenizer's chat template when it has one."""
+        """The prompt text: chat messages go through the tokenizer's chat template when it has one,
+        with the tools when the template shows them (a caller renders tools itself for one that does not)."""
         if item.messages is None:
             return item.prompt or ""
+        if item.tools and not self.takes_tools:
+            raise BadRequest("tools: this model's chat template has no format for tools", code="tools_unsupported")
         if self.tokenizer.chat_template:
             try:
                 return self.tokenizer.apply_chat_template(
-                    [dict(m) for m in item.messages], add_generation_prompt=True, tokenize=False
+                    [_template_message(m) for m in item.messages],
+                    tools=list(item.tools) if item.tools else None,
+                    add_generation_prompt=True,
+                    tokenize=False,
                 )
             except Exception as exc:  # the template refuses these messages (e.g. roles out of order)
                 raise BadRequest(
@@ -210,6 +222,24 @@ class CausalGenerator(StepGenerator):
                 stream.finish("stop")
             results.append(stream.result)
         return [r for r in results if r is not None]
+
+
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as chat templates take it: tool call arguments as a mapping, not OpenAI's JSON text."""
+    if not message.get("tool_calls"):
+        return dict(message)
+    calls = [
+        {**call, "function": {**call["function"], "arguments": _arguments(call["function"]["arguments"])}}
+        for call in message["tool_calls"]
+    ]
+    return {**message, "tool_calls": calls}
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # not JSON: the template shows it as it was sent
 
 
 class _DecodeBatch:

@@ -65,6 +65,7 @@ class Result:
     filtered: bool = False  # the content filter withheld this output
     timings: Timings | None = field(default=None, compare=False, repr=False)
     logprobs: tuple[TokenLogprob, ...] | None = None  # generation, when the parameters asked for them
+    cached: bool = False  # answered from the response cache (its token counts are the computed ones)
 
     @property
     def total_tokens(self) -> int:

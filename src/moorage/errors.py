@@ -18,12 +18,15 @@ class MoorageError(Exception):
     # What a network client is told instead of `message`, for an error whose message may name
     # infrastructure (a database URL, host, port, user or driver): the message goes to the log only.
     public: str | None = None
+    param: str | None = None  # the request field at fault, when one is (OpenAI clients read error.param)
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if param is not None:
+            self.param = param
 
     @property
     def client_message(self) -> str:

@@ -76,7 +76,8 @@ def error_response(exc: MoorageError) -> JSONResponse:
 
     if exc.public is not None and exc.message != exc.public:
         log.warning("answered %d %s to a client; the error was: %s", exc.status, exc.code, exc.message)
-    return JSONResponse(error_body(exc.client_message, exc.type, exc.code), status_code=exc.status, headers=headers)
+    body = error_body(exc.client_message, exc.type, exc.code, exc.param)
+    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 async def _moorage_error(request: Request, exc: MoorageError) -> JSONResponse:

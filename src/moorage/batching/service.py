@@ -10,6 +10,10 @@ With tracing on, each call (`run`, `stream`, or the futures a stream worker hand
 recorded as one span once it has ended, named after its GenAI operation and model, with the
 engines' timings of its inputs as child spans (`moorage.observability.tracing`). With tracing off
 this costs one check per call.
+
+With a `ResponseCache`, each input of a cached model is looked up after the input policy and before
+the engine, and a computed result fills the cache (`moorage.batching.cache`); a hit is screened by
+the output policy like a computed result, and a streamed hit is one event with the whole text.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import DeadlineExceeded, Overloaded, PayloadTooLarge
 from ..observability import semconv, tracing
 from ..runtime.base import GenerateInput
+from .cache import ResponseCache
 from .contract import (
     FinishReason,
     GenerationParameters,
@@ -73,10 +78,22 @@ class Call:
 
 
 class InferenceService:
-    def __init__(self, pool: ModelPool, default_max_tokens: int = 256, grace_s: float = GRACE_S) -> None:
+    def __init__(
+        self,
+        pool: ModelPool,
+        default_max_tokens: int = 256,
+        grace_s: float = GRACE_S,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self.pool = pool
         self.default_max_tokens = default_max_tokens
         self.grace_s = grace_s
+        self.cache = cache
+
+    async def close(self) -> None:
+        """Let go of the response cache's connections (the service is not used afterwards)."""
+        if self.cache is not None:
+            await self.cache.close()
 
     # -- validation: the same rules for every edge ------------------------------------------------
     def prepare(
@@ -161,6 +178,9 @@ class InferenceService:
         self, sv: ServedVersion, item: Any, timeout_s: float | None = None, policy: Policy | None = None
     ) -> asyncio.Future[Result]:
         """One input on a held version: a future of its result with the output policy applied."""
+        key = self._cache_key(sv, item)
+        if key is not None:
+            return asyncio.ensure_future(self._cached(sv, item, key, timeout_s, policy))
         inner = sv.engine.submit(item, timeout_s)
         if policy is None or Task(sv.task) != Task.GENERATE:
             return inner
@@ -179,6 +199,45 @@ class InferenceService:
         inner.add_done_callback(settle)
         outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
         return outer
+
+    def _cache_key(self, sv: ServedVersion, item: Any) -> str | None:
+        if self.cache is None:
+            return None
+        self.cache.follow(self.pool.served().values())  # entries of versions served no more are dropped
+        return self.cache.key(sv, item)
+
+    async def _cached(
+        self, sv: ServedVersion, item: Any, key: str, timeout_s: float | None, policy: Policy | None
+    ) -> Result:
+        """The cached result of `item`, else the engine's, which then fills the cache; either passes the
+        output policy in force now."""
+        assert self.cache is not None
+        result = await self.cache.get(sv, key)
+        if result is None:
+            result = await sv.engine.submit(item, timeout_s)
+            await self.cache.put(key, result)
+        if policy is None or Task(sv.task) != Task.GENERATE:
+            return result
+        return _screen_output(policy, result)
+
+    async def _item_events(
+        self, engine: GenerationEngine, sv: ServedVersion, item: GenerateInput, timeout_s: float | None
+    ) -> AsyncGenerator[TokenEvent, None]:
+        """The events of one generation: one event with the whole text when the cache has it, else the
+        engine's, whose result then fills the cache."""
+        key = self._cache_key(sv, item)
+        hit = None if key is None or self.cache is None else await self.cache.get(sv, key)
+        if hit is not None:
+            yield TokenEvent(hit.output, hit, logprobs=hit.logprobs or ())
+            return
+        events = engine.stream(item, timeout_s)
+        try:
+            async for event in events:
+                if key is not None and self.cache is not None and event.result is not None:
+                    await self.cache.put(key, event.result)
+                yield event
+        finally:
+            await events.aclose()
 
     async def _bounded(self, sv: ServedVersion, futures: list[asyncio.Future], timeout_s: float | None) -> None:
         """Wait for `futures`; fail fast on the first error; give up once the engine has shown no
@@ -219,7 +278,7 @@ class InferenceService:
 
         async def pump(index: int, item: GenerateInput) -> None:
             try:
-                events = engine.stream(item, timeout_s)
+                events = self._item_events(engine, sv, item, timeout_s)
                 try:
                     async for event in events:
                         queue.put_nowait((index, event, None))

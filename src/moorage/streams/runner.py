@@ -8,6 +8,7 @@ import signal
 from dataclasses import dataclass
 
 from ..batching import InferenceService, ModelPool
+from ..batching.cache import ResponseCache
 from ..batching.settings import from_settings, stream_pool_config
 from ..config import Settings
 from ..errors import EngineFailed
@@ -58,7 +59,8 @@ async def run_stream(
     await pool.start()
     try:
         async with open_broker(job.source) as source, open_sink(job.sink, name_prefix=name) as sink:
-            service = InferenceService(pool, settings.stream.default_max_tokens)
+            cache = ResponseCache.from_settings(settings.cache)  # shared with the server over Redis, if so set
+            service = InferenceService(pool, settings.stream.default_max_tokens, cache=cache)
             config = worker_config(settings)
             worker = StreamWorker(source, sink, service, job.model, config, policy, audit, health=health)
             if audit is not None:
@@ -68,6 +70,7 @@ async def run_stream(
                 counts = await worker.run(stop)
             finally:
                 watchdog.cancel()
+                await service.close()
                 if audit is not None:
                     await audit.stop()
     finally:

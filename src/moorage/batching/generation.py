@@ -30,6 +30,8 @@ from ..observability import metrics
 from ..runtime.base import GenerateInput, Generation, NewSequence, StepGenerator, TextStream, TokenLogprob
 from .contract import Result, Timings
 
+JSON_KINDS = ("json_object", "json_schema")  # constraints whose text is JSON once complete
+
 log = logging.getLogger(__name__)
 
 
@@ -57,8 +59,17 @@ class TokenEvent:
     logprobs: tuple[TokenLogprob, ...] = ()
 
 
-def as_result(g: Generation, timings: Timings | None = None) -> Result:
-    return Result(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason, timings=timings)
+def as_result(g: Generation, timings: Timings | None = None, item: GenerateInput | None = None) -> Result:
+    constraint = item.params.constraint if item is not None else None
+    return Result(
+        g.text,
+        g.prompt_tokens,
+        g.completion_tokens,
+        g.finish_reason,
+        timings=timings,
+        logprobs=g.logprobs,
+        is_json=constraint is not None and constraint.kind in JSON_KINDS,
+    )
 
 
 @dataclass(eq=False)
@@ -305,7 +316,8 @@ class GenerationEngine:
                 self._fail_running(exc)
 
     def _prepared(self, arrived: list[Sequence]) -> list[Sequence]:
-        """Tokenise new prompts here, off the event loop; refuse those that cannot fit the context."""
+        """Tokenise new prompts and compile their constraints here, off the event loop; refuse those
+        that cannot fit the context or whose constraint cannot be compiled (only that sequence fails)."""
         ready = []
         for seq in arrived:
             if seq.cancelled:
@@ -320,10 +332,12 @@ class GenerationEngine:
                         f" {self.handler.max_context} tokens",
                         code="context_length_exceeded",
                     )
+                if seq.item.params.constraint is not None:
+                    self.handler.compile_constraint(seq.item.params.constraint)
                 seq.stream = TextStream(self.handler, seq.item.params, len(seq.prompt_ids))
             except Exception as exc:
                 if not isinstance(exc, MoorageError):
-                    log.error("could not tokenise a prompt", exc_info=exc)
+                    log.error("could not prepare a sequence", exc_info=exc)
                 seq.emit(TokenEvent("", error=exc))
                 continue
             ready.append(seq)
@@ -351,13 +365,13 @@ class GenerationEngine:
         else:
             return
         self._stats.batch.observe(len(stepped))
-        self._deliver(stepped, tokens)
+        self._deliver(stepped, tokens, self._batch.logprobs)
 
-    def _deliver(self, stepped: list[Sequence], tokens: list[int]) -> None:
+    def _deliver(self, stepped: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
         now = time.perf_counter()
         finished = set()
         events = []
-        for seq, token in zip(stepped, tokens):
+        for seq, token, logprob in zip(stepped, tokens, logprobs):
             if seq.last_token_at is None:
                 seq.first_token_at = now
                 self._stats.ttft.observe(now - seq.arrival)
@@ -367,12 +381,13 @@ class GenerationEngine:
             self._stats.tokens.inc()
             stream = seq.stream
             assert stream is not None  # set when the sequence was admitted
-            text = stream.push(token)
+            text = stream.push(token, logprob)
             if stream.result is not None:
                 finished.add(seq)
-                events.append((seq, TokenEvent(text, as_result(stream.result, seq.timings(now)))))
+                result = as_result(stream.result, seq.timings(now), seq.item)
+                events.append((seq, TokenEvent(text, result, logprobs=stream.take_logprobs())))
             elif text and seq.events is not None:  # nobody reads the deltas of an unstreamed sequence
-                events.append((seq, TokenEvent(text)))
+                events.append((seq, TokenEvent(text, logprobs=stream.take_logprobs())))
         _emit_all(events)
         self._remove(finished)
 

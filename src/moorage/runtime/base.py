@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from ..config import RuntimeSettings
+from ..errors import Unprocessable
 from ..registry.manifest import Manifest
 from .detokenize import Detokenizer, WindowDetokenizer
 
@@ -127,9 +128,12 @@ class DecodeBatch(Protocol):
 
     `add` prefills new sequences and returns the first token of each; `step` decodes one token for
     every running sequence, in the order of `seq_ids`; `remove` drops finished or cancelled rows.
+    `logprobs` holds, per row of the last `add` or `step`, the returned token's logprobs (None for
+    rows whose parameters did not ask for them).
     """
 
     seq_ids: list[int]
+    logprobs: list[TokenLogprob | None]
 
     def add(self, seqs: list[NewSequence]) -> list[int]: ...
 
@@ -158,17 +162,27 @@ class StepGenerator(TaskHandler):
     def new_batch(self) -> DecodeBatch:
         raise NotImplementedError
 
+    def compile_constraint(self, constraint: Constraint) -> None:
+        """Get a constraint ready for this model's decode batches (compiled once, then cached); 422
+        `invalid_parameters` when it cannot be. The engine calls it before a sequence is admitted."""
+        raise Unprocessable(
+            "parameters: this model cannot enforce a response format or guided decoding", code="invalid_parameters"
+        )
+
     def predict(self, batch: list[Any]) -> list[Generation]:
         """Whole generations through the step API: the same loop the continuous batcher streams."""
         items = as_generate_inputs(batch)
         decode = self.new_batch()
+        for item in items:
+            if item.params.constraint is not None:
+                self.compile_constraint(item.params.constraint)
         seqs = [NewSequence(i, self.encode_prompt(item), item.params) for i, item in enumerate(items)]
         streams = {s.seq_id: TextStream(self, s.params, len(s.prompt_ids)) for s in seqs}
         step_tokens = decode.add(seqs)
         while True:
             finished = set()
-            for seq_id, token in zip(list(decode.seq_ids), step_tokens):
-                streams[seq_id].push(token)
+            for seq_id, token, logprob in zip(list(decode.seq_ids), step_tokens, decode.logprobs):
+                streams[seq_id].push(token, logprob)
                 if streams[seq_id].result is not None:
                     finished.add(seq_id)
             decode.remove(finished)
@@ -185,6 +199,10 @@ class TextStream:
     work per token does not grow with the length of the sequence: the generator's detokeniser
     decodes a short window, and stop strings are looked for only where a new one could end (the
     text held back, at most the longest stop string less one character, and the new text).
+
+    With `params.logprobs` set, `push` takes each token's logprobs too: `take_logprobs()` answers
+    those pushed since it was last called (the engine sends them with the next event) and the
+    result carries them all, one per completion token (an end-of-sequence token has none).
     """
 
     def __init__(self, generator: StepGenerator, params: GenerationParams, prompt_tokens: int) -> None:
@@ -198,21 +216,33 @@ class TextStream:
         self._holdback = max((len(s) for s in self._stop), default=1) - 1
         self._shown: list[str] = []  # the chunks push returned
         self._held = ""  # decoded text not shown yet: it may be the start of a stop string
+        self._logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self._taken = 0  # logprobs handed out by take_logprobs
 
     @property
     def text(self) -> str:
         """All the text so far (shown and held back)."""
         return "".join(self._shown) + self._held
 
-    def push(self, token: int) -> str:
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> str:
         if token in self.generator.eos_token_ids:
             return self._finish("stop")
         self.num_tokens += 1
+        if self._logprobs is not None and logprob is not None:
+            self._logprobs.append(logprob)
         if self._take(self._detokenizer.push(token)):
             return self._finish("stop", flush=False)
         if self.num_tokens >= self.params.max_new_tokens:
             return self._finish("length")
         return self._show(len(self._held) - self._holdback)
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The logprobs pushed since the last call."""
+        if not self._logprobs:
+            return ()
+        new = tuple(self._logprobs[self._taken :])
+        self._taken = len(self._logprobs)
+        return new
 
     def finish(self, reason: str) -> str:
         """End the sequence early (cancelled, context full)."""
@@ -232,7 +262,8 @@ class TextStream:
         if flush and self._take(self._detokenizer.flush()):
             reason = "stop"
         delta = self._show(len(self._held))
-        self.result = Generation("".join(self._shown), reason, self.prompt_tokens, self.num_tokens)
+        logprobs = None if self._logprobs is None else tuple(self._logprobs)
+        self.result = Generation("".join(self._shown), reason, self.prompt_tokens, self.num_tokens, logprobs)
         return delta
 
     def _show(self, end: int) -> str:

@@ -16,7 +16,16 @@ import numpy as np
 
 from ..config import RuntimeSettings
 from ..registry.manifest import Manifest
-from .base import Classification, GenerateInput, GenerationParams, NewSequence, StepGenerator, TaskHandler
+from .base import (
+    Classification,
+    GenerateInput,
+    GenerationParams,
+    NewSequence,
+    StepGenerator,
+    TaskHandler,
+    TokenLogprob,
+    TopLogprob,
+)
 
 VOCAB = ("the", "model", "serves", "tokens", "fast", "and", "safe", "moorage", "batch", "ready")
 
@@ -108,7 +117,8 @@ class FakeClassifier(_FakeBase):
 
 
 class FakeGenerator(_FakeBase, StepGenerator):
-    """Words from a ten-word vocabulary, chosen from the prompt's embedding; no end-of-sequence token."""
+    """Words from a ten-word vocabulary, chosen from the prompt's embedding; no end-of-sequence token.
+    Logprobs are those of its scores' softmax; it enforces no constraint (422, as the base says)."""
 
     num_steps = 0  # decode steps taken, over every batch
 
@@ -129,6 +139,7 @@ class _FakeDecodeBatch:
         self.seq_ids: list[int] = []
         self.rows: dict[int, tuple[np.ndarray, GenerationParams, np.random.Generator]] = {}
         self.steps: dict[int, int] = {}
+        self.logprobs: list[TokenLogprob | None] = []
 
     def add(self, seqs: list[NewSequence]) -> list[int]:
         self.model._work(len(seqs))
@@ -138,7 +149,7 @@ class _FakeDecodeBatch:
             self.rows[seq.seq_id] = (vec, seq.params, np.random.default_rng(seq.params.seed))
             self.steps[seq.seq_id] = 0
             self.seq_ids.append(seq.seq_id)
-        return [self._next(s.seq_id) for s in seqs]
+        return self._tokens([s.seq_id for s in seqs])
 
     def step(self) -> list[int]:
         self.model._work(len(self.seq_ids))
@@ -146,23 +157,38 @@ class _FakeDecodeBatch:
         crash_after = self.model.config.get("crash_after_steps")
         if crash_after is not None and self.model.num_steps > crash_after:
             raise SystemExit("the fake model ends its engine thread")
-        return [self._next(seq_id) for seq_id in self.seq_ids]
+        return self._tokens(self.seq_ids)
+
+    def _tokens(self, seq_ids: list[int]) -> list[int]:
+        chosen = [self._next(seq_id) for seq_id in seq_ids]
+        self.logprobs = [lp for _, lp in chosen]
+        return [token for token, _ in chosen]
 
     def remove(self, seq_ids: set[int]) -> None:
         self.seq_ids = [s for s in self.seq_ids if s not in seq_ids]
         for seq_id in seq_ids:
             self.rows.pop(seq_id, None)
 
-    def _next(self, seq_id: int) -> int:
+    def _next(self, seq_id: int) -> tuple[int, TokenLogprob | None]:
         vec, params, rng = self.rows[seq_id]
         step = self.steps[seq_id]
         self.steps[seq_id] = step + 1
         scores = (vec + 0.1 * step) @ self.model.head[:, : len(VOCAB)]
         scores = scores + np.roll(scores, step)
         if params.temperature <= 0:
-            return int(np.argmax(scores))
-        probs = np.exp((scores - scores.max()) / params.temperature)
-        return int(rng.choice(len(VOCAB), p=probs / probs.sum()))
+            token = int(np.argmax(scores))
+        else:
+            probs = np.exp((scores - scores.max()) / params.temperature)
+            token = int(rng.choice(len(VOCAB), p=probs / probs.sum()))
+        return token, None if params.logprobs is None else _logprob(scores, token, params.logprobs)
+
+
+def _logprob(scores: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """The token's logprob under the softmax of the scores (before temperature), and the k best."""
+    logprobs = scores - scores.max() - np.log(np.exp(scores - scores.max()).sum())
+    best = np.argsort(-logprobs, kind="stable")[:k]
+    top = tuple(TopLogprob(int(t), VOCAB[t], float(logprobs[t])) for t in best)
+    return TokenLogprob(token, VOCAB[token], float(logprobs[token]), top)
 
 
 if __name__ == "__main__":  # python -m moorage.runtime.fake DIR TASK: a model folder for trying things

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RuntimeSettings
-from ..errors import BadRequest, require
+from ..errors import BadRequest, Unprocessable, require
 from ..registry.manifest import Manifest
 from .base import (
     Classification,
+    Constraint,
     GenerateInput,
     Generation,
     GenerationParams,
@@ -24,6 +25,8 @@ from .base import (
     StepGenerator,
     TaskHandler,
     TextStream,
+    TokenLogprob,
+    TopLogprob,
 )
 from .detokenize import Detokenizer, detokenizer_for, special_token_ids
 
@@ -152,6 +155,8 @@ class CausalGenerator(StepGenerator):
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         self.special_ids = special_token_ids(self.tokenizer)
+        self.vocab_size = int(self.model.config.vocab_size)
+        self._grammars: Any = None  # constraints.Grammars, made on the first constrained request
 
     @property
     def takes_tools(self) -> bool:
@@ -191,7 +196,22 @@ class CausalGenerator(StepGenerator):
         return detokenizer_for(self.tokenizer, self.special_ids)
 
     def new_batch(self) -> _DecodeBatch:
-        return _DecodeBatch(self.model, self.torch, self.tokenizer.pad_token_id)
+        return _DecodeBatch(self.model, self.torch, self.tokenizer.pad_token_id, self.grammars, self.token_text)
+
+    def grammars(self) -> Any:
+        """The constraints compiled for this tokenizer (the tokenizer's grammar tables are built once)."""
+        if self._grammars is None:
+            from .constraints import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+        return self._grammars
+
+    def compile_constraint(self, constraint: Constraint) -> None:
+        self.grammars().compile(constraint)
+
+    def token_text(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text (a token may hold part of a character: then the replacement mark)."""
+        return [self.tokenizer.decode([t]) for t in token_ids]
 
     def generate_static(self, items: list[GenerateInput]) -> list[Generation]:
         """transformers' own static batched `generate` (one params group): the baseline benchmarks compare to."""
@@ -250,14 +270,19 @@ class _DecodeBatch:
     dropped, then columns that are padding in every row are trimmed. A decode step writes one
     column of the cache in place and runs the one-token attention of `decoding()` under `attend`,
     the mask of real tokens over the buffers (padding and free columns left out).
+
+    A row with a constraint has a grammar matcher: its logits are masked to the tokens the grammar
+    allows before its token is chosen, and the matcher then accepts that token. Rows without one
+    pay nothing for it, nor for logprobs unless they asked.
     """
 
-    def __init__(self, model, torch, pad_id: int) -> None:
+    def __init__(self, model, torch, pad_id: int, grammars: Any = None, token_text: Any = None) -> None:
         from transformers.cache_utils import Cache
 
         from . import decoding
 
         self.model, self.torch, self.pad_id = model, torch, pad_id
+        self.grammars, self.token_text = grammars, token_text  # () -> constraints.Grammars; ids -> texts
         self.new_cache, self.kv = Cache, decoding
         # transformers 5 renames `past_key_values` to `cache` (the old name warns, then goes away)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -269,6 +294,8 @@ class _DecodeBatch:
         self.seq_ids: list[int] = []
         self.params: list[GenerationParams] = []
         self.generators: list[Any] = []
+        self.matchers: list[Any] = []  # per row: its constraint's RowMatcher, or None
+        self.logprobs: list[TokenLogprob | None] = []  # per row of the last add or step
         self.ends: list[int] = []  # per row: the step at which its max_new_tokens run out
         self.num_steps = 0
         self.cache: Any = None
@@ -308,10 +335,12 @@ class _DecodeBatch:
             )
         new_params = [s.params for s in seqs]
         new_gens = [self._generator(p) for p in new_params]
-        tokens = self._sample(out.logits[:, -1], new_params, new_gens)
+        new_matchers = [self._matcher(p) for p in new_params]
+        tokens = self._sample(out.logits[:, -1], new_params, new_gens, new_matchers)
         self.seq_ids += [s.seq_id for s in seqs]
         self.params += new_params
         self.generators += new_gens
+        self.matchers += new_matchers
         self.ends += [self.num_steps + p.max_new_tokens for p in new_params]
         self._merge(cache, mask.bool(), mask.sum(-1), tokens)
         return tokens.tolist()
@@ -335,7 +364,7 @@ class _DecodeBatch:
         self.length += 1
         self.num_steps += 1
         self.positions = self.positions + 1
-        self.last = self._sample(out.logits[:, -1], self.params, self.generators)
+        self.last = self._sample(out.logits[:, -1], self.params, self.generators, self.matchers)
         return self.last.tolist()
 
     def remove(self, seq_ids: set[int]) -> None:
@@ -345,6 +374,7 @@ class _DecodeBatch:
         self.seq_ids = [self.seq_ids[r] for r in keep]
         self.params = [self.params[r] for r in keep]
         self.generators = [self.generators[r] for r in keep]
+        self.matchers = [self.matchers[r] for r in keep]
         self.ends = [self.ends[r] for r in keep]
         if not keep:
             self.cache = self.attend = self.positions = self.last = None
@@ -415,17 +445,71 @@ class _DecodeBatch:
             return None
         return self.torch.Generator().manual_seed(params.seed)
 
-    def _sample(self, logits, params: list[GenerationParams], generators: list[Any]):
-        """Greedy rows take the argmax; sampling rows apply temperature and nucleus (top-p) filtering."""
-        torch = self.torch
+    def _matcher(self, params: GenerationParams):
+        if params.constraint is None:
+            return None
+        if self.grammars is None:
+            raise Unprocessable("parameters: this model cannot enforce constraints", code="invalid_parameters")
+        return self.grammars().matcher(params.constraint)
+
+    def _sample(self, logits, params: list[GenerationParams], generators: list[Any], matchers: list[Any]):
+        """Greedy rows take the argmax; sampling rows apply temperature and nucleus (top-p) filtering;
+        constrained rows choose among the tokens their grammar allows. Sets `self.logprobs`."""
         tokens = logits.max(dim=-1).indices.cpu()  # argmax's first maximum, a few times faster on CPUs
+        constrained = [row for row, m in enumerate(matchers) if m is not None]
+        masked = self._masked(logits, constrained, matchers)
+        if masked is not None:
+            tokens[constrained] = masked.max(dim=-1).indices.cpu()
+        where = {row: i for i, row in enumerate(constrained)}
         for row, (p, gen) in enumerate(zip(params, generators)):
-            if p.temperature <= 0:
-                continue
-            probs = torch.softmax(logits[row].float().cpu() / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                outside = sorted_probs.cumsum(-1) - sorted_probs > p.top_p
-                probs[order[outside]] = 0.0
-            tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
+            if p.temperature > 0:
+                row_logits = masked[where[row]] if row in where else logits[row].float()
+                tokens[row] = self._draw(row_logits.cpu(), p, gen)
+        for row in constrained:
+            matchers[row].accept(int(tokens[row]))
+        self.logprobs = self._logprobs(logits, params, tokens)
         return tokens
+
+    def _masked(self, logits, rows: list[int], matchers: list[Any]):
+        """Float32 copies of these rows' logits with every token their grammar refuses at -inf."""
+        if not rows:
+            return None
+        from .constraints import allocate_bitmask, apply_bitmask
+
+        masked = logits[rows].float()
+        bitmask = allocate_bitmask(len(rows), masked.shape[-1])
+        for i, row in enumerate(rows):
+            matchers[row].fill(bitmask, i)
+        apply_bitmask(masked, bitmask)
+        return masked
+
+    def _draw(self, logits, p: GenerationParams, gen):
+        torch = self.torch
+        probs = torch.softmax(logits / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > p.top_p
+            probs[order[outside]] = 0.0
+        return torch.multinomial(probs, 1, generator=gen)[0]
+
+    def _logprobs(self, logits, params: list[GenerationParams], tokens) -> list[TokenLogprob | None]:
+        """The chosen tokens' logprobs and the k best alternatives, for the rows that asked: the
+        model's own distribution at this step (log-softmax of its logits, before temperature, top-p
+        and a grammar's mask, as vLLM reports them), so a greedy row's token is its best."""
+        out: list[TokenLogprob | None] = [None] * len(params)
+        rows = [row for row, p in enumerate(params) if p.logprobs is not None]
+        if not rows:
+            return out
+        torch = self.torch
+        logprobs = torch.log_softmax(logits[rows].float(), dim=-1).cpu()
+        chosen = tokens[rows]
+        chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        k = max(params[row].logprobs or 0 for row in rows)
+        top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], chosen[:, None][:, :0])
+        for i, row in enumerate(rows):
+            n = params[row].logprobs or 0
+            ids = top_ids[i, :n].tolist()
+            texts = self.token_text([int(chosen[i]), *ids]) if self.token_text else [""] * (n + 1)
+            top = tuple(TopLogprob(t, text, lp) for t, text, lp in zip(ids, texts[1:], top_lp[i, :n].tolist()))
+            out[row] = TokenLogprob(int(chosen[i]), texts[0], chosen_lp[i], top)
+        return out

@@ -1,0 +1,398 @@
+"""OpenAI's Responses API, ``POST /v1/responses``, over the same engine as chat completions.
+
+Text input or input messages (plus `instructions`) become one chat call through
+`InferenceService`; the answer is a response object with one assistant message, or, with
+``stream: true``, the Responses API's typed server-sent events, numbered by `sequence_number`.
+Nothing is stored (``store`` defaults to false here), so ``store: true`` and
+``previous_response_id`` are refused. Every field of the Responses API that moorage does not
+implement answers 400 ``unsupported_parameter`` naming it, unless it holds its neutral value (e.g.
+``tools: []``): nothing a client asks for is silently ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from starlette.responses import Response
+
+from ..batching import Result, Task, TokenEvent
+from ..batching.contract import FinishReason
+from ..errors import BadRequest, MoorageError, Unprocessable
+from .common import FastJSON, mark, service_of, unless_disconnected
+from .openai import _SSE
+from .security import authorize_model, usage
+
+log = logging.getLogger("moorage.server")
+
+router = APIRouter(tags=["openai"])
+
+MetadataKey = Annotated[str, StringConstraints(max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+# ---- the request ---------------------------------------------------------------------------------
+class ContentPart(BaseModel):
+    """A part of a message's content: ``input_text`` (or ``output_text``, an earlier response's
+    output passed back); other part types (images, files, audio) answer 400 unsupported_parameter."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = Field(description="input_text or output_text")
+    text: str | None = None
+
+
+class InputItem(BaseModel):
+    """An input item: a message (``type`` "message", the default). Other item types (function calls
+    and their outputs, reasoning, item references) answer 400 unsupported_parameter."""
+
+    model_config = ConfigDict(extra="ignore")  # an output item passed back carries its id and status
+
+    type: str = Field("message", description="message")
+    role: Literal["system", "developer", "user", "assistant"] | None = None
+    content: str | list[ContentPart] | None = None
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = Field(None, description="json_schema: the schema's name")
+    json_schema: dict[str, Any] | None = Field(None, alias="schema", description="json_schema: the JSON Schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: TextFormat = Field(default_factory=TextFormat)
+    verbosity: str | None = Field(None, description="only the neutral value, medium")
+
+
+class ResponsesRequest(BaseModel):
+    """The fields of ``POST /v1/responses`` that moorage implements. The Responses API's other fields
+    are accepted only at their neutral value (null, ``tools: []``, ``background: false`` ...);
+    anything else answers 400 unsupported_parameter with ``error.param`` naming the field."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    input: str | list[InputItem] = Field(description="text, or input messages (at least one)")
+    instructions: str | None = Field(None, description="a system message put before the input")
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="default 1")
+    seed: int | None = Field(None, description="moorage's extension: makes sampling repeatable")
+    stream: bool | None = False
+    store: bool | None = Field(False, description="responses are not stored: only false")
+    text: TextConfig | None = None
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value: str | list[InputItem]) -> str | list[InputItem]:
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one input item")
+        return value
+
+
+# Fields the Responses API defines that moorage does not implement, with the values that ask for
+# nothing (null always does). Any other field or value answers 400 unsupported_parameter.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "background": (False,),
+    "include": ([],),
+    "tools": ([],),
+    "tool_choice": ("auto", "none"),
+    "parallel_tool_calls": (True, False),  # without tools there is nothing to run in parallel
+    "max_tool_calls": (),
+    "truncation": ("disabled",),
+    "service_tier": ("auto", "default"),
+    "reasoning": ({},),
+    "top_logprobs": (0,),
+    "stream_options": ({}, {"include_obfuscation": False}, {"include_obfuscation": True}),
+    "prompt_cache_retention": ("in_memory",),
+    "previous_response_id": (),
+    "conversation": (),
+    "prompt": (),
+    "context_management": (),
+    "moderation": (),
+    "image": (),
+    "access_programs": (),
+    "background_options": (),
+    "prompt_cache_options": (),
+}
+
+
+def _unsupported(param: str, what: str) -> BadRequest:
+    return BadRequest(
+        f"{param}: {what} (remove it, or list it in serve.ignore_unsupported to have it ignored)",
+        code="unsupported_parameter",
+        param=param,
+    )
+
+
+def refuse_unsupported(body: ResponsesRequest, ignored: frozenset[str] = frozenset()) -> None:
+    """400 `unsupported_parameter` for the first field that asks for something moorage does not do
+    (fields in `ignored`, the server's ``serve.ignore_unsupported``, are let through)."""
+    if body.store:
+        raise BadRequest(
+            "store: true is not supported: responses are not stored here", code="unsupported_parameter", param="store"
+        )
+    if body.text is not None and body.text.verbosity not in (None, "medium"):
+        raise _unsupported("text.verbosity", "this server does not implement verbosity")
+    for name, value in (body.model_extra or {}).items():
+        if value is None or name in ignored:
+            continue
+        if name not in _NEUTRAL:
+            raise _unsupported(name, "this server does not implement this parameter")
+        if value not in _NEUTRAL[name]:
+            raise _unsupported(name, f"this server does not implement {_short(value)}, only its neutral value")
+    for i, item in enumerate(body.input if isinstance(body.input, list) else ()):
+        _refuse_item(i, item)
+
+
+def _refuse_item(i: int, item: InputItem) -> None:
+    if item.type != "message":
+        raise _unsupported(f"input.{i}.type", f"this server does not implement input items of type {item.type!r}")
+    for j, part in enumerate(item.content if isinstance(item.content, list) else ()):
+        if part.type not in ("input_text", "output_text"):
+            raise _unsupported(f"input.{i}.content.{j}.type", f"this server takes text parts, not {part.type!r}")
+
+
+def _short(value: Any) -> str:
+    text = orjson.dumps(value).decode()
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def messages_of(body: ResponsesRequest) -> list[dict[str, str]]:
+    """The chat messages of a request: `instructions` as a system message, then the input."""
+    messages = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
+    if isinstance(body.input, str):
+        return [*messages, {"role": "user", "content": body.input}]
+    for i, item in enumerate(body.input):
+        if item.role is None or item.content is None:
+            raise Unprocessable(f"input.{i}: a message needs a role and content", param=f"input.{i}")
+        if isinstance(item.content, str):
+            messages.append({"role": item.role, "content": item.content})
+            continue
+        for j, part in enumerate(item.content):
+            if part.text is None:
+                where = f"input.{i}.content.{j}.text"
+                raise Unprocessable(f"{where}: a text part needs its text", param=where)
+        messages.append({"role": item.role, "content": "".join(part.text or "" for part in item.content)})
+    return messages
+
+
+def parameters_of(body: ResponsesRequest) -> dict[str, Any]:
+    """The Responses API's sampling fields under the one parameter model's names."""
+    params: dict[str, Any] = {
+        "max_new_tokens": body.max_output_tokens,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "seed": body.seed,
+    }
+    fmt = body.text.format if body.text else None
+    if fmt is not None and fmt.type == "json_object":
+        params["response_format"] = {"type": "json_object"}
+    elif fmt is not None and fmt.type == "json_schema":
+        schema = {"name": fmt.name or "response", "schema": fmt.json_schema or {}, "strict": bool(fmt.strict)}
+        params["response_format"] = {"type": "json_schema", "json_schema": schema}
+    return params
+
+
+# ---- the route -----------------------------------------------------------------------------------
+@router.post("/v1/responses")
+async def create_response(body: ResponsesRequest, request: Request) -> Response:
+    """Create a model response (OpenAI's Responses API): text or messages in, one assistant message
+    out; with ``stream: true`` the Responses API's server-sent events. Not stored."""
+    refuse_unsupported(body, frozenset(request.app.state.settings.serve.ignore_unsupported))
+    messages = messages_of(body)
+    policy = authorize_model(request, body.model)
+    service = service_of(request)
+    sv = service.pool.acquire(body.model, task=Task.GENERATE)
+    try:
+        mark(request, sv)
+        call = service.prepare(sv.task, [{"messages": messages}], parameters_of(body), policy=policy, field="input")
+    except BaseException:
+        service.pool.release(sv)
+        raise
+    out = _Rendering(body)
+    if not body.stream:
+        try:
+            (result,) = await unless_disconnected(request, service.run(sv, call))
+        finally:
+            service.pool.release(sv)
+        usage(request, result.total_tokens)
+        return FastJSON(out.response(result, result.output))
+    events = service.stream(sv, call)
+    try:
+        first = await anext(events)  # errors before the first token keep their HTTP status
+    except BaseException:
+        await events.aclose()
+        service.pool.release(sv)
+        raise
+
+    async def close() -> None:
+        await events.aclose()
+        service.pool.release(sv)
+
+    return _SSE(_events(out, first[1], events, request), close)
+
+
+# ---- rendering -----------------------------------------------------------------------------------
+def status_of(result: Result) -> tuple[str, dict[str, str] | None]:
+    """(status, incomplete_details) of a finished generation."""
+    if result.finish_reason == FinishReason.LENGTH:
+        return "incomplete", {"reason": "max_output_tokens"}
+    if result.finish_reason == FinishReason.CONTENT_FILTER:
+        return "incomplete", {"reason": "content_filter"}
+    return "completed", None
+
+
+def usage_of(result: Result) -> dict[str, Any]:
+    return {
+        "input_tokens": result.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": result.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": result.total_tokens,
+    }
+
+
+class _Rendering:
+    """One response's objects: the response itself in each state, its message and its text part."""
+
+    def __init__(self, body: ResponsesRequest) -> None:
+        self.body = body
+        self.id = f"resp_{uuid.uuid4().hex}"
+        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.created_at = int(time.time())
+
+    def response(
+        self, result: Result | None, text: str, *, status: str | None = None, error: dict | None = None
+    ) -> dict[str, Any]:
+        """The response object: in progress (no result yet), failed (`error`), or finished."""
+        body = self.body
+        details = None
+        if result is not None:
+            status, details = status_of(result)
+        fmt = body.text.format if body.text else TextFormat()
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": error,
+            "incomplete_details": details,
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "model": body.model,
+            "output": [] if result is None else [self.message(text, "completed" if details is None else "incomplete")],
+            "parallel_tool_calls": True,
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "store": False,
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)},
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "truncation": "disabled",
+            "usage": None if result is None else usage_of(result),
+            "user": body.user,
+            "metadata": body.metadata or {},
+        }
+
+    def message(self, text: str | None, status: str) -> dict[str, Any]:
+        content = [] if text is None else [self.part(text)]
+        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+
+    @staticmethod
+    def part(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+class _Events:
+    """The Responses API's server-sent events of one response, numbered in the order sent."""
+
+    def __init__(self, out: _Rendering) -> None:
+        self.out = out
+        self.sequence_number = 0
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        payload = {"type": kind, "sequence_number": self.sequence_number, **fields}
+        self.sequence_number += 1
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+    def part_event(self, kind: str, **fields: Any) -> bytes:
+        return self.event(kind, item_id=self.out.message_id, output_index=0, content_index=0, **fields)
+
+    def opening(self) -> list[bytes]:
+        started = self.out.response(None, "", status="in_progress")
+        return [
+            self.event("response.created", response=started),
+            self.event("response.in_progress", response=started),
+            self.event("response.output_item.added", output_index=0, item=self.out.message(None, "in_progress")),
+            self.part_event("response.content_part.added", part=self.out.part("")),
+        ]
+
+    def delta(self, text: str) -> bytes:
+        return self.part_event("response.output_text.delta", delta=text, logprobs=[])
+
+    def closing(self, result: Result, text: str) -> list[bytes]:
+        response = self.out.response(result, text)
+        message = response["output"][0]
+        return [
+            self.part_event("response.output_text.done", text=text, logprobs=[]),
+            self.part_event("response.content_part.done", part=self.out.part(text)),
+            self.event("response.output_item.done", output_index=0, item=message),
+            self.event(
+                f"response.{'completed' if response['status'] == 'completed' else 'incomplete'}", response=response
+            ),
+        ]
+
+    def failure(self, code: str, message: str, param: str | None = None) -> list[bytes]:
+        failed = self.out.response(None, "", status="failed", error={"code": code, "message": message})
+        return [
+            self.event("error", code=code, message=message, param=param),
+            self.event("response.failed", response=failed),
+        ]
+
+
+async def _events(out: _Rendering, first: TokenEvent, events, request: Request) -> AsyncIterator[bytes]:
+    """The SSE body. Once the headers are sent an error travels as an ``error`` event and
+    ``response.failed``: a client never sees a cut stream."""
+    sse = _Events(out)
+    texts: list[str] = []
+    try:
+        for part in sse.opening():
+            yield part
+        event: TokenEvent | None = first
+        while event is not None:
+            if event.text:
+                texts.append(event.text)
+                yield sse.delta(event.text)
+            if event.result is not None:
+                usage(request, event.result.total_tokens)
+                for part in sse.closing(event.result, "".join(texts)):
+                    yield part
+                return
+            event = (await anext(events, (0, None)))[1]
+        raise RuntimeError("the generation ended without a result")
+    except MoorageError as exc:
+        failure = sse.failure(exc.code, exc.client_message, exc.param)
+    except Exception as exc:  # a bug or a model failure: logged with its traceback, answered opaquely
+        log.error("response %s failed", out.id, exc_info=exc)
+        failure = sse.failure("internal_error", "the server failed while generating this response")
+    for part in failure:
+        yield part

@@ -1,0 +1,327 @@
+"""POST /v1/responses (OpenAI's Responses API) in-process on fake generate models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from asyncio import run
+
+import orjson
+import pytest
+from openai import AsyncOpenAI
+from openai.types.responses import Response as OpenAIResponse
+
+from moorage.batching import Result
+from moorage.server.responses import status_of
+
+from tests.support import eventually
+
+EVENT_ORDER = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+]
+CLOSING = [
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+]
+
+
+@pytest.fixture
+def models(registry, fake_model):
+    registry.register(fake_model("generate"), "gen", "generate")
+    registry.register(fake_model("generate", seed=1, delay_ms=5), "slow", "generate")
+    registry.register(fake_model("embed"), "emb", "embed")
+    return registry
+
+
+def _serve(serving, settings, models, **kw):
+    return serving(settings, models, ["gen", "slow", "emb"], **kw)
+
+
+def _events(text: str) -> list[tuple[str, dict]]:
+    """(event name, payload) of each server-sent event, checking that both name it the same."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        payload = json.loads(lines["data"])
+        assert payload["type"] == lines["event"]
+        out.append((lines["event"], payload))
+    return out
+
+
+def test_text_input_answers_a_response_object_the_official_types_accept(settings, models, serving):
+    async def main():
+        async with _serve(serving, settings, models) as (_, c):
+            r = await c.post("/v1/responses", json={"model": "gen", "input": "hello there", "max_output_tokens": 5})
+            predict = await c.post(
+                "/v1/models/gen/predict",
+                json={
+                    "inputs": [{"messages": [{"role": "user", "content": "hello there"}]}],
+                    "parameters": {"max_new_tokens": 5, "temperature": 1.0},
+                },
+            )
+            return r, predict
+
+    r, predict = run(main())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    parsed = OpenAIResponse.model_validate(body)  # every field the official client requires is there
+    assert parsed.id.startswith("resp_") and parsed.object == "response"
+    assert parsed.output[0].id.startswith("msg_") and parsed.output[0].role == "assistant"
+    assert body["store"] is False and body["metadata"] == {}
+    # the fake model never ends a sequence: 5 tokens are max_output_tokens reached
+    assert (parsed.status, parsed.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+    assert parsed.output[0].status == "incomplete"
+    expected = predict.json()["outputs"][0]
+    assert len(parsed.output_text.split()) == 5
+    assert parsed.usage.input_tokens == expected["prompt_tokens"] == 2  # fake tokens: words
+    assert parsed.usage.output_tokens == 5
+    assert parsed.usage.total_tokens == parsed.usage.input_tokens + parsed.usage.output_tokens
+
+
+def test_messages_and_instructions_reach_the_model_as_one_chat(settings, models, serving):
+    """Input messages (string or input_text parts, an earlier output passed back) and instructions
+    are the same chat as the predict route's messages: same prompt tokens, same greedy text."""
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "what is up"},
+        {"role": "assistant", "content": "all fine"},
+        {"role": "user", "content": "and now"},
+    ]
+    items = [
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "what "}, {"type": "input_text", "text": "is up"}],
+        },
+        {
+            "type": "message",
+            "id": "msg_earlier",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "all fine", "annotations": []}],
+        },
+        {"role": "user", "content": "and now"},
+    ]
+
+    async def main():
+        async with _serve(serving, settings, models) as (_, c):
+            r = await c.post(
+                "/v1/responses",
+                json={
+                    "model": "gen",
+                    "instructions": "be brief",
+                    "input": items,
+                    "max_output_tokens": 4,
+                    "temperature": 0,
+                },
+            )
+            predict = await c.post(
+                "/v1/models/gen/predict", json={"inputs": [{"messages": messages}], "parameters": {"max_new_tokens": 4}}
+            )
+            return r, predict
+
+    r, predict = run(main())
+    assert r.status_code == 200, r.text
+    expected = predict.json()["outputs"][0]
+    body = r.json()
+    assert body["instructions"] == "be brief"
+    assert body["output"][0]["content"][0]["text"] == expected["text"]
+    assert body["usage"]["input_tokens"] == expected["prompt_tokens"] == 9  # fake tokens: the words of all four
+
+
+def test_streamed_events_come_in_the_documented_order_and_the_deltas_make_the_text(settings, models, serving):
+    async def main():
+        async with _serve(serving, settings, models) as (_, c):
+            body = {"model": "gen", "input": "count for me", "max_output_tokens": 6, "temperature": 0}
+            streamed = await c.post("/v1/responses", json={**body, "stream": True})
+            whole = await c.post("/v1/responses", json=body)
+            return streamed, whole
+
+    streamed, whole = run(main())
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    events = _events(streamed.text)
+    names = [name for name, _ in events]
+    deltas = [p for name, p in events if name == "response.output_text.delta"]
+    assert names == EVENT_ORDER + ["response.output_text.delta"] * len(deltas) + CLOSING + ["response.incomplete"]
+    assert [p["sequence_number"] for _, p in events] == list(range(len(events)))
+    assert len(deltas) > 1
+    text = "".join(d["delta"] for d in deltas)
+    payloads = dict(events)
+    assert payloads["response.output_text.done"]["text"] == text
+    assert payloads["response.content_part.done"]["part"]["text"] == text
+    final = payloads["response.incomplete"]["response"]
+    assert payloads["response.created"]["response"]["status"] == "in_progress"
+    assert final["id"] == payloads["response.created"]["response"]["id"]
+    assert final["output"][0]["content"][0]["text"] == text
+    assert text == whole.json()["output"][0]["content"][0]["text"]  # greedy: streaming changes nothing
+    assert final["usage"] == whole.json()["usage"]
+    assert final["incomplete_details"] == {"reason": "max_output_tokens"}
+    ids = {p.get("item_id") for _, p in events if "item_id" in p}
+    assert ids == {final["output"][0]["id"]}
+
+
+def test_a_finished_generation_is_completed_and_a_cut_one_incomplete():
+    def result(reason):
+        return Result("text", prompt_tokens=2, completion_tokens=3, finish_reason=reason)
+
+    assert status_of(result("stop")) == ("completed", None)
+    assert status_of(result("length")) == ("incomplete", {"reason": "max_output_tokens"})
+    assert status_of(result("content_filter")) == ("incomplete", {"reason": "content_filter"})
+
+
+BAD_REQUESTS = [  # (fields over {"model": "gen", "input": "hi"}, status, code, param)
+    ({"store": True}, 400, "unsupported_parameter", "store"),
+    ({"previous_response_id": "resp_123"}, 400, "unsupported_parameter", "previous_response_id"),
+    ({"tools": [{"type": "web_search"}]}, 400, "unsupported_parameter", "tools"),
+    ({"tool_choice": "required"}, 400, "unsupported_parameter", "tool_choice"),
+    ({"reasoning": {"effort": "high"}}, 400, "unsupported_parameter", "reasoning"),
+    ({"truncation": "auto"}, 400, "unsupported_parameter", "truncation"),
+    ({"include": ["message.output_text.logprobs"]}, 400, "unsupported_parameter", "include"),
+    ({"frequency_penalty": 0.5}, 400, "unsupported_parameter", "frequency_penalty"),
+    ({"made_up_field": 1}, 400, "unsupported_parameter", "made_up_field"),
+    ({"text": {"verbosity": "high"}}, 400, "unsupported_parameter", "text.verbosity"),
+    ({"text": {"format": {"type": "xml"}}}, 422, "invalid_input", "text.format.type"),
+    (
+        {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+        400,
+        "unsupported_parameter",
+        "input.0.type",
+    ),
+    (
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
+        400,
+        "unsupported_parameter",
+        "input.0.content.0.type",
+    ),
+    ({"input": [{"role": "user"}]}, 422, "invalid_input", "input.0"),
+    (
+        {"input": [{"role": "user", "content": [{"type": "input_text"}]}]},
+        422,
+        "invalid_input",
+        "input.0.content.0.text",
+    ),
+    ({"input": [{"role": "tool", "content": "x"}]}, 422, "invalid_input", None),
+    ({"input": []}, 422, "invalid_input", "input"),
+    ({"max_output_tokens": 0}, 422, "invalid_input", "max_output_tokens"),
+    ({"temperature": 3}, 422, "invalid_input", "temperature"),
+    ({"metadata": {"k": "v" * 513}}, 422, "invalid_input", None),
+    ({"model": "emb"}, 400, "wrong_task", None),
+    ({"model": "nope"}, 404, "model_not_found", None),
+]
+
+
+def test_bad_or_unsupported_fields_get_a_precise_4xx_naming_them(settings, models, serving):
+    """One app for every case (starting one per case would cost a second each)."""
+
+    async def main():
+        async with _serve(serving, settings, models) as (app, c):
+            answers = [
+                await c.post("/v1/responses", json={"model": "gen", "input": "hi", **b}) for b, *_ in BAD_REQUESTS
+            ]
+            return answers, app.state.pool.lookup("gen").active
+
+    answers, active = run(main())
+    for (body, status, code, param), r in zip(BAD_REQUESTS, answers, strict=True):
+        err = r.json()["error"]
+        assert (r.status_code, err["code"]) == (status, code), (body, r.text)
+        assert err["message"] and err["type"] == "invalid_request_error"
+        if param is not None:
+            assert err["param"] == param, (body, err)
+    assert active == 0  # a refused request holds no version
+
+
+def test_neutral_values_of_unimplemented_fields_and_metadata_are_accepted(settings, models, serving):
+    neutral = {
+        "tools": [],
+        "tool_choice": "auto",
+        "parallel_tool_calls": True,
+        "truncation": "disabled",
+        "background": False,
+        "include": [],
+        "reasoning": None,
+        "store": False,
+        "text": {"format": {"type": "text"}},
+        "user": "someone",
+        "metadata": {"team": "search"},
+    }
+
+    async def main():
+        async with _serve(serving, settings, models) as (_, c):
+            return await c.post(
+                "/v1/responses", json={"model": "gen", "input": "hi", "max_output_tokens": 2, **neutral}
+            )
+
+    r = run(main())
+    assert r.status_code == 200, r.text
+    assert r.json()["metadata"] == {"team": "search"} and r.json()["user"] == "someone"
+
+
+def test_a_client_gone_mid_stream_releases_the_version_and_stops_its_generation(settings, models, serving):
+    """The client reads a few events and disconnects: the held version is released and the
+    sequence leaves the engine long before its 2000 tokens."""
+
+    async def main():
+        async with _serve(serving, settings, models) as (app, _):
+            sv = app.state.pool.lookup("slow")
+            body = orjson.dumps({"model": "slow", "input": "go on", "max_output_tokens": 2000, "stream": True})
+            gone, sent = asyncio.Event(), []
+            requested = False
+
+            async def receive():
+                nonlocal requested
+                if not requested:
+                    requested = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message):
+                if message["type"] == "http.response.body" and message.get("body"):
+                    sent.append(message["body"])
+                    if len(sent) >= 6:  # the opening events and a delta or two
+                        gone.set()
+
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/v1/responses",
+                "raw_path": b"/v1/responses",
+                "query_string": b"",
+                "headers": [(b"content-type", b"application/json"), (b"host", b"moorage")],
+                "client": ("127.0.0.1", 5000),
+                "server": ("moorage", 80),
+            }
+            await app(scope, receive, send)
+            await eventually(lambda: sv.active == 0, what="the version released")
+            await eventually(lambda: sv.engine.scheduler.is_idle, what="the sequence gone from the engine")
+            return b"".join(sent).decode()
+
+    text = run(main())
+    assert "response.created" in text and "response.output_text.delta" in text
+    assert "response.incomplete" not in text and "response.completed" not in text
+
+
+def test_the_official_client_creates_and_streams_responses(settings, models, serving):
+    async def main():
+        async with _serve(serving, settings, models) as (_, c):
+            client = AsyncOpenAI(base_url="http://moorage/v1", api_key="unused", http_client=c)
+            whole = await client.responses.create(model="gen", input="tell me", max_output_tokens=4, temperature=0)
+            stream = await client.responses.create(
+                model="gen", input="tell me", max_output_tokens=4, temperature=0, stream=True
+            )
+            events = [e async for e in stream]
+            return whole, events
+
+    whole, events = run(main())
+    assert len(whole.output_text.split()) == 4
+    final = events[-1]
+    assert final.type == "response.incomplete"
+    assert final.response.output_text == whole.output_text
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text

@@ -17,7 +17,7 @@ from ..config import Settings
 from ..observability import metrics, tracing
 from ..registry import Registry
 from ..runtime import Runtime
-from . import admin, health, inference, jobs, openai
+from . import admin, health, inference, jobs, openai, responses
 from .edge import EdgeMiddleware
 from .errors import ERROR_RESPONSES, install_error_handlers
 from .security import Guard, SecurityMiddleware
@@ -87,6 +87,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(inference.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(jobs.router)
     app.include_router(admin.router)
     app.openapi = lambda: _openapi_with_auth(app, guard)  # type: ignore[method-assign]  # FastAPI's documented override

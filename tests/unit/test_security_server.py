@@ -79,6 +79,7 @@ ENDPOINTS = [
         "invoke",
         "gen",
     ),
+    ("POST", "/v1/responses", {"model": "gen", "input": "hi", "max_output_tokens": 2}, "invoke", "gen"),
     ("POST", "/v1/jobs", {"model": "emb", "inputs": ["hi"]}, "invoke", "emb"),
     ("GET", "/v1/jobs/{job_id}", None, None, None),
     ("POST", "/admin/reload", None, "manage_models", None),

@@ -11,6 +11,9 @@ The worker acknowledges a message only once the sink says its row is durable (`p
 then a rename; object stores publish an object in one PUT), so a reader never sees half a file.
 The SQL sink is idempotent: a replayed message overwrites its own row and counts the extra write.
 A table an older moorage created gets the newer nullable columns added when the sink opens.
+Rows of a stream whose generation follows a JSON Schema carry typed record columns
+(`streams.records`): the SQL sink adds each as a nullable column of its kind the first time it sees
+it (a column keeps the type it was added with), Parquet files type them the same way.
 Files and topics are at-least-once: after a crash a row may appear twice; dedupe by ``id``. A
 file that cannot be written (a full disk) leaves no temporary file, and its rows leave the buffer
 or are written again once, never both.
@@ -38,6 +41,25 @@ from .brokers.base import SCHEMES, Broker, BrokerUnavailable, open_broker, redac
 Row = dict[str, Any]
 COMMON_COLUMNS = ("id", "model", "version", "task", "tokens", "latency_ms", "published_at", "received_at",
                   "completed_at", "attempts", "queue_ms", "ttft_ms", "input_sha256")  # fmt: skip
+RECORD_ERROR = "record_error"  # why a row's record columns are null (None: the record is complete)
+
+
+class TypedRow(dict):
+    """A row with typed record columns: `kinds` maps each to "integer", "number", "boolean",
+    "string" or "json" (its JSON text), so that a sink types the columns it has not seen yet."""
+
+    def __init__(self, values: Row, kinds: dict[str, str]) -> None:
+        super().__init__(values)
+        self.kinds = kinds
+
+
+def record_kinds(rows: Sequence[Row]) -> dict[str, str]:
+    """The record columns of `rows` and their kinds (the first row that names a column decides)."""
+    kinds: dict[str, str] = {}
+    for row in rows:
+        for name, kind in getattr(row, "kinds", {}).items():
+            kinds.setdefault(name, kind)
+    return kinds
 
 
 class Sink(ABC):
@@ -189,16 +211,21 @@ def _parquet_bytes(rows: list[Row]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    types = {"integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_(), "string": pa.string(),
+             "json": pa.string()}  # fmt: skip
+    kinds = record_kinds(rows)
     columns: dict[str, list] = {}
     for key in dict.fromkeys(k for r in rows for k in r):
         values = [r.get(key) for r in rows]
-        if key == "scores":
+        if key in ("scores", "json"):  # mappings whose keys vary from row to row: their JSON text
             values = [json.dumps(v) if v is not None else None for v in values]
         columns[key] = values
     arrays = {}
     for key, values in columns.items():
         if key == "embedding":
             arrays[key] = pa.array([None if v is None else list(map(float, v)) for v in values], pa.list_(pa.float32()))
+        elif key in kinds:
+            arrays[key] = pa.array(values, types[kinds[key]])
         else:
             arrays[key] = pa.array(values)
     sink = pa.BufferOutputStream()
@@ -261,14 +288,7 @@ class SQLSink(Sink):
         for column in self.table.columns:
             if column.name in existing or not column.nullable:  # a NOT NULL one the old table has always had
                 continue
-            kind = column.type.compile(dialect=self.engine.dialect)
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(sa.text(f'ALTER TABLE "{self.table.name}" ADD COLUMN "{column.name}" {kind}'))
-            except (sa.exc.OperationalError, sa.exc.ProgrammingError):  # "duplicate column": another worker won
-                columns = {c["name"] for c in sa.inspect(self.engine).get_columns(self.table.name)}
-                if column.name not in columns:
-                    raise
+            self._add_column(column)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.dispose)
@@ -284,11 +304,41 @@ class SQLSink(Sink):
 
     async def write(self, rows: Sequence[Row]) -> None:
         if rows:
-            await asyncio.to_thread(self._upsert, [_sql_row(r) for r in rows])
+            kinds = record_kinds(rows)
+            await asyncio.to_thread(self._upsert, [_sql_row(r, kinds) for r in rows], kinds)
 
-    def _upsert(self, rows: list[Row]) -> None:
+    def _add_record_columns(self, kinds: dict[str, str]) -> None:
+        """Columns for record fields this table lacks: nullable, of the SQL type of their kind."""
+        import sqlalchemy as sa
+
+        new = {name: kind for name, kind in kinds.items() if name not in self.table.c}
+        if not new:
+            return
+        types = {"integer": sa.BigInteger, "number": sa.Double, "boolean": sa.Boolean, "string": sa.Text,
+                 "json": sa.Text}  # fmt: skip
+        existing = {c["name"] for c in sa.inspect(self.engine).get_columns(self.table.name)}
+        for name, kind in new.items():
+            column: sa.Column[Any] = sa.Column(name, types[kind], nullable=True)
+            if name not in existing:
+                self._add_column(column)
+            self.table.append_column(column)
+
+    def _add_column(self, column: Any) -> None:
+        """ALTER TABLE ADD COLUMN; a racing worker's "duplicate column" is ignored once it is there."""
+        import sqlalchemy as sa
+
+        kind = column.type.compile(dialect=self.engine.dialect)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.text(f'ALTER TABLE "{self.table.name}" ADD COLUMN "{column.name}" {kind}'))
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+            if column.name not in {c["name"] for c in sa.inspect(self.engine).get_columns(self.table.name)}:
+                raise
+
+    def _upsert(self, rows: list[Row], kinds: dict[str, str] | None = None) -> None:
         from sqlalchemy.dialects import postgresql, sqlite
 
+        self._add_record_columns(kinds or {})
         dialect = self.engine.dialect.name
         # the same id twice in one batch (a producer sent it twice): keep the last, like a replay would
         rows = list({r["id"]: r for r in rows}.values())
@@ -303,9 +353,11 @@ class SQLSink(Sink):
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=update), rows)
 
 
-def _sql_row(row: Row) -> Row:
-    out = {k: row.get(k) for k in COMMON_COLUMNS}
-    output = {k: v for k, v in row.items() if k not in COMMON_COLUMNS}
+def _sql_row(row: Row, kinds: dict[str, str]) -> Row:
+    """The table's columns of `row` (every record column of the batch: one statement writes it), and
+    the rest of it as the ``output`` JSON."""
+    out = {k: row.get(k) for k in (*COMMON_COLUMNS, *kinds)}
+    output = {k: v for k, v in row.items() if k not in COMMON_COLUMNS and k not in kinds}
     out["output"] = orjson.loads(orjson.dumps(output, option=orjson.OPT_SERIALIZE_NUMPY))
     return out
 

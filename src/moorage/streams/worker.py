@@ -53,6 +53,7 @@ from ..security.audit import MAX_AUDIT_TEXT, AuditEntry, AuditWriter, sha256_tex
 from ..security.policy import Policy
 from .brokers import Broker, Message
 from .health import Health
+from .records import with_record
 from .sinks import Row, Sink
 
 log = logging.getLogger("moorage.streams")
@@ -226,9 +227,10 @@ class MessageCodec:
         )
 
     def row(self, req: Request, results: list[Result]) -> Row:
+        """The message's flat row; with a JSON Schema in its parameters, with its record's typed columns."""
         sv = req.sv
         assert sv is not None
-        return {
+        row = {
             "id": req.work.id,
             "model": sv.name,
             "version": sv.version,
@@ -238,6 +240,9 @@ class MessageCodec:
             **engine_timings(sv.task, results[0]),
             "input_sha256": input_sha256(req.work.inputs[0]),
         }
+        if results[0].cached:  # answered by the response cache: no engine timings
+            row["cached"] = True
+        return with_record(row, req.items[0], results[0]) if req.items else row
 
     def rejected(self, req: Request, exc: MoorageError) -> Row | None:
         return None

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from .. import __version__
 from ..batching import InferenceService, ModelPool
+from ..batching.cache import ResponseCache
 from ..batching.settings import serving_pool_config
 from ..config import Settings
 from ..observability import metrics, tracing
@@ -57,6 +58,7 @@ def create_app(
             app.state.loading.cancel()
             await app.state.jobs.stop()
             await pool.stop()
+            await app.state.service.close()
             await guard.stop()
             metrics.mark_process_dead(os.getpid())  # with several workers: drop this one's live gauges
             tracing.flush()
@@ -72,7 +74,8 @@ def create_app(
         responses=ERROR_RESPONSES,
     )
     app.state.pool = pool
-    app.state.service = InferenceService(pool, settings.serve.default_max_tokens)
+    cache = ResponseCache.from_settings(settings.cache)  # every route and job below shares it
+    app.state.service = InferenceService(pool, settings.serve.default_max_tokens, cache=cache)
     app.state.settings = settings
     app.state.registry = registry
     app.state.guard = guard

@@ -274,3 +274,22 @@ def test_settings_build_the_cache_they_describe(settings):
     cache = ResponseCache.from_settings(settings.cache.model_copy(update={"enabled": True, "max_entries": 3}))
     assert cache is not None and isinstance(cache.backend, MemoryBackend) and cache.backend.max_entries == 3
     assert cache.applies("anything")
+
+
+def test_every_route_of_the_app_gets_the_cache_of_the_settings(models, settings, serving):
+    settings = settings.model_copy(update={"cache": settings.cache.model_copy(update={"enabled": True})})
+    counts = Counts("gen")
+    chat = {"model": "gen", "messages": PROMPT[0]["messages"], "max_tokens": 5, "temperature": 0}
+    predict = {"inputs": ["tell me about the batch"], "parameters": {"max_new_tokens": 5, "seed": 3}}
+
+    async def main():
+        async with serving(settings, models, ["gen@production"]) as (_, c):
+            chats = [(await c.post("/v1/chat/completions", json=chat)).json() for _ in range(2)]
+            predicts = [(await c.post("/v1/models/gen/predict", json=predict)).json() for _ in range(2)]
+            return chats, predicts
+
+    chats, predicts = run(main())
+    assert chats[1]["choices"][0]["message"]["content"] == chats[0]["choices"][0]["message"]["content"]
+    assert chats[1]["usage"] == chats[0]["usage"] and chats[0]["usage"]["completion_tokens"] == 5
+    assert predicts[1]["outputs"] == predicts[0]["outputs"]
+    assert counts() == {"hit": 2, "miss": 2, "skip": 0}

@@ -12,6 +12,9 @@ from openai import AsyncOpenAI
 from openai.types.responses import Response as OpenAIResponse
 
 from moorage.batching import Result
+from moorage.config import load_settings
+from moorage.registry import Registry
+from moorage.security.keys import KeyStore
 from moorage.server.responses import status_of
 
 from tests.support import eventually
@@ -306,6 +309,34 @@ def test_a_client_gone_mid_stream_releases_the_version_and_stops_its_generation(
     text = run(main())
     assert "response.created" in text and "response.output_text.delta" in text
     assert "response.incomplete" not in text and "response.completed" not in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_response_charges_its_tokens_to_the_callers_key(tmp_path, fake_model, serving, stream):
+    """A key allowed 3 tokens a minute spends 2 + 4 on one response: its next call is refused
+    (429), another key's is not."""
+    settings = load_settings(environ={"MOORAGE_HOME": str(tmp_path / "home"), "MOORAGE_SECURITY__AUDIT": "false"})
+    registry = Registry.from_settings(settings)
+    registry.register(fake_model("generate"), "gen", "generate")
+    store = KeyStore(registry.catalog)
+    spender, other = store.create("invoker", tokens_per_minute=3)[1], store.create("invoker")[1]
+    body = {"model": "gen", "input": "two words", "max_output_tokens": 4, "stream": stream}
+
+    async def main():
+        async with serving(settings, registry, ["gen"]) as (_, c):
+            first = await c.post("/v1/responses", json=body, headers={"Authorization": f"Bearer {spender}"})
+            again = {"model": "gen", "input": "again", "max_output_tokens": 1}
+            refused = await c.post("/v1/responses", json=again, headers={"Authorization": f"Bearer {spender}"})
+            admitted = await c.post("/v1/responses", json=again, headers={"Authorization": f"Bearer {other}"})
+            return first, refused, admitted
+
+    first, refused, admitted = run(main())
+    registry.close()
+    final = _events(first.text)[-1][1]["response"] if stream else first.json()
+    assert final["usage"]["total_tokens"] == 6
+    assert (refused.status_code, refused.json()["error"]["code"]) == (429, "rate_limited")
+    assert "tokens per minute" in refused.json()["error"]["message"]
+    assert admitted.status_code == 200
 
 
 def test_the_official_client_creates_and_streams_responses(settings, models, serving):

@@ -15,7 +15,7 @@ from moorage.batching import Result
 from moorage.config import load_settings
 from moorage.registry import Registry
 from moorage.security.keys import KeyStore
-from moorage.server.responses import status_of
+from moorage.server.responses import ResponseObject, status_of
 
 from tests.support import eventually
 
@@ -66,12 +66,16 @@ def test_text_input_answers_a_response_object_the_official_types_accept(settings
                     "parameters": {"max_new_tokens": 5, "temperature": 1.0},
                 },
             )
-            return r, predict
+            return r, predict, (await c.get("/openapi.json")).json()
 
-    r, predict = run(main())
+    r, predict, openapi = run(main())
     assert r.status_code == 200, r.text
     body = r.json()
     parsed = OpenAIResponse.model_validate(body)  # every field the official client requires is there
+    ResponseObject.model_validate(body)  # and the schema /openapi.json documents
+    documented = openapi["paths"]["/v1/responses"]["post"]
+    assert documented["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ResponsesRequest")
+    assert set(documented["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
     assert parsed.id.startswith("resp_") and parsed.object == "response"
     assert parsed.output[0].id.startswith("msg_") and parsed.output[0].role == "assistant"
     assert body["store"] is False and body["metadata"] == {}
@@ -157,6 +161,7 @@ def test_streamed_events_come_in_the_documented_order_and_the_deltas_make_the_te
     assert payloads["response.output_text.done"]["text"] == text
     assert payloads["response.content_part.done"]["part"]["text"] == text
     final = payloads["response.incomplete"]["response"]
+    ResponseObject.model_validate(final)
     assert payloads["response.created"]["response"]["status"] == "in_progress"
     assert final["id"] == payloads["response.created"]["response"]["id"]
     assert final["output"][0]["content"][0]["text"] == text

@@ -210,8 +210,73 @@ def parameters_of(body: ResponsesRequest) -> dict[str, Any]:
     return params
 
 
+# ---- the response, as documented (the route renders it with orjson) -------------------------------
+class OutputText(BaseModel):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+    logprobs: list[Any]
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"]
+    id: str = Field(description="msg_...")
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"]
+    content: list[OutputText]
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int] = Field(description="cached_tokens, cache_write_tokens: 0")
+    output_tokens: int
+    output_tokens_details: dict[str, int] = Field(description="reasoning_tokens: 0")
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    """A response; streamed (``stream: true``) as ``text/event-stream``: response.created,
+    response.in_progress, response.output_item.added, response.content_part.added,
+    response.output_text.delta (one per piece of text), response.output_text.done,
+    response.content_part.done, response.output_item.done, then response.completed or
+    response.incomplete; a failure after the first event: an ``error`` event and response.failed."""
+
+    id: str = Field(description="resp_...")
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    error: dict[str, Any] | None
+    incomplete_details: dict[str, str] | None = Field(description='{"reason": "max_output_tokens" | "content_filter"}')
+    instructions: str | None
+    max_output_tokens: int | None
+    model: str
+    output: list[OutputMessage]
+    parallel_tool_calls: bool
+    previous_response_id: None
+    reasoning: dict[str, Any]
+    store: Literal[False]
+    temperature: float
+    text: dict[str, Any]
+    tool_choice: Literal["auto"]
+    tools: list[Any]
+    top_p: float
+    truncation: Literal["disabled"]
+    usage: Usage | None
+    user: str | None
+    metadata: dict[str, str]
+
+
+_DOCUMENTED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": ResponseObject,
+        "description": "the response, or with stream: true its server-sent events",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
 # ---- the route -----------------------------------------------------------------------------------
-@router.post("/v1/responses")
+@router.post("/v1/responses", response_model=None, responses=_DOCUMENTED)
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
     """Create a model response (OpenAI's Responses API): text or messages in, one assistant message
     out; with ``stream: true`` the Responses API's server-sent events. Not stored."""

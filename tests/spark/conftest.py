@@ -12,6 +12,10 @@ import sys
 
 import pytest
 
+# the brokers and PostgreSQL of the integration tests (one server per session, a fresh topic or
+# database per test), for the Spark sources and sinks
+from tests.integration.conftest import kafka_base, pg_url, postgres_server, redis_base  # noqa: F401
+
 pytest.importorskip("pyspark")
 
 

@@ -1,8 +1,10 @@
-"""Helpers tests share: waiting on a condition instead of sleeping for a fixed time."""
+"""Helpers tests share: waiting on a condition instead of sleeping for a fixed time; tiny models."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,3 +42,57 @@ def serve_workers(pid: int) -> set[int]:
             if "resource_tracker" not in cmdline:
                 workers.add(int(child))
     return workers
+
+
+def smollm2_tokenizer_folder() -> Path:
+    """SmolLM2's real tokenizer (49,152-token byte-level BPE) as a tokenizer folder. It ships only
+    inside the demo package's GGUF file, and reading it from there takes seconds: it is converted
+    once into the temporary directory (keyed by the package's version) and reused by later runs."""
+    from moorage.demo import assets
+
+    version = assets.package_version(assets.SMOLLM2_PACKAGE)
+    target = Path(tempfile.gettempdir()) / "moorage-tests" / f"smollm2-tokenizer-{version}"
+    if (target / "tokenizer.json").is_file():
+        return target
+    import transformers
+
+    gguf = assets.package_folder(assets.SMOLLM2_PACKAGE) / assets.SMOLLM2_GGUF
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)  # atomic: a concurrent run converted it too, or nobody sees half a folder
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def tiny_llama(folder: Path, tokenizer: str = "minilm", seed: int = 0) -> Path:
+    """A tiny random Llama (one layer, 16 wide) saved with a real tokenizer, for the transformers
+    handlers: "minilm" (MiniLM's 30k WordPiece vocabulary, from the demo package) or "smollm2"
+    (SmolLM2's 49k byte-level BPE, what grammar work needs). Nothing is downloaded."""
+    import torch
+    import transformers
+
+    from moorage.demo.assets import minilm_folder
+
+    source = smollm2_tokenizer_folder() if tokenizer == "smollm2" else minilm_folder()
+    tok = transformers.AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    tok.save_pretrained(folder)
+    if tokenizer == "smollm2":
+        ids = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    else:
+        ids = {"eos_token_id": tok.sep_token_id, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.cls_token_id}
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        **ids,
+    )
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder

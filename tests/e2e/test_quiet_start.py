@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from tests.support import tiny_llama
+
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
@@ -21,25 +23,7 @@ NOISE = ("Loading weights", "it/s]", "s/it]", "DeprecationWarning", "FutureWarni
 @pytest.fixture
 def tiny_lm(tmp_path):
     """A tiny random Llama with MiniLM's tokenizer (from the demo package: nothing is downloaded)."""
-    from moorage.demo.assets import minilm_folder
-
-    folder = tmp_path / "lm"
-    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_folder()), local_files_only=True)
-    tok.save_pretrained(folder)
-    config = transformers.LlamaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=32,
-        eos_token_id=tok.sep_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.cls_token_id,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    return folder
+    return tiny_llama(tmp_path / "lm")
 
 
 def test_the_tiny_model_shows_a_progress_bar_when_loaded_without_moorage(tiny_lm, cli_env):

@@ -7,6 +7,8 @@ import pytest
 from moorage.demo.assets import minilm_folder
 from moorage.runtime import GenerateInput, GenerationParams, Runtime
 
+from tests.support import tiny_llama
+
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
@@ -38,22 +40,7 @@ def tiny_classifier(tmp_path):
 
 @pytest.fixture
 def tiny_lm(tmp_path):
-    folder = tmp_path / "lm"
-    tok = _tokenizer_files(folder)
-    config = transformers.LlamaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=32,
-        eos_token_id=tok.sep_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.cls_token_id,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    return folder
+    return tiny_llama(tmp_path / "lm")
 
 
 def test_classifier_reports_labels_from_config(registry, settings, tiny_classifier):

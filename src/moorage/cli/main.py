@@ -15,7 +15,7 @@ import typer
 from .. import __version__
 from ..errors import MoorageError
 from ..observability.logging import quiet_libraries, setup_logging
-from . import audit, keys, models, report, serve, stream
+from . import audit, keys, models, report, serve, spark, stream
 from .context import AppState, RichProgress, console, err_console, state
 
 try:  # typer >= 0.22 carries its own copy of click, whose errors are TyperExceptions
@@ -31,6 +31,7 @@ app = typer.Typer(
 )
 app.add_typer(models.app, name="models")
 app.add_typer(stream.app, name="stream")
+app.add_typer(spark.app, name="spark")
 app.add_typer(keys.app, name="keys")
 app.add_typer(audit.app, name="audit")
 app.command()(serve.serve)

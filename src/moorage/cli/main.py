@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from .. import __version__
 from ..errors import MoorageError
@@ -113,7 +114,7 @@ def main() -> None:
         # Non-standalone mode hands errors to us; `typer.Exit(n)` comes back as the return value.
         result = app(standalone_mode=False)
     except MoorageError as exc:
-        err_console.print(f"[red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Abort:
         err_console.print("aborted")
@@ -130,7 +131,7 @@ def main() -> None:
     except Exception as exc:  # a bug, not a user error: one line, the traceback only with -v
         logging.getLogger("moorage").debug("unexpected error", exc_info=True)
         err_console.print(
-            f"[red]error:[/] unexpected {type(exc).__name__}: {exc} (rerun with -v for details)",
+            f"[red]error:[/] unexpected {type(exc).__name__}: {escape(str(exc))} (rerun with -v for details)",
             highlight=False,
             soft_wrap=True,
         )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 from asyncio import run
+from typing import Annotated, Literal
 
 import orjson
 import pytest
 from openai import AsyncOpenAI
 from openai.types.responses import Response as OpenAIResponse
+from pydantic import BaseModel, Field
 
 from moorage.batching import Result
 from moorage.config import load_settings
@@ -17,7 +19,7 @@ from moorage.registry import Registry
 from moorage.security.keys import KeyStore
 from moorage.server.responses import ResponseObject, status_of
 
-from tests.support import eventually
+from tests.support import eventually, tiny_llama
 
 EVENT_ORDER = [
     "response.created",
@@ -342,6 +344,43 @@ def test_a_response_charges_its_tokens_to_the_callers_key(tmp_path, fake_model, 
     assert (refused.status_code, refused.json()["error"]["code"]) == (429, "rate_limited")
     assert "tokens per minute" in refused.json()["error"]["message"]
     assert admitted.status_code == 200
+
+
+class Pet(BaseModel):  # every field bounded: a grammar-following random model finishes the object
+    name: Annotated[str, Field(max_length=8)]
+    mood: Literal["happy", "sad", "calm"]
+    age: Annotated[int, Field(ge=0, le=120)]
+    pet: bool
+
+
+def test_text_format_json_schema_is_enforced_streamed_and_parsed_by_the_official_client(
+    registry, settings, serving, tmp_path
+):
+    """A tiny random Llama on SmolLM2's tokenizer writes no JSON on its own: a parsed, complete
+    object is the schema's doing. The client's own text_format mapping sends the schema, and a
+    finished stream ends with response.completed."""
+    pytest.importorskip("xgrammar")
+    registry.register(tiny_llama(tmp_path / "lm", tokenizer="smollm2"), "lm", "generate")
+    body = {"model": "lm", "input": "describe a pet", "max_output_tokens": 80, "temperature": 0}
+
+    async def main():
+        async with serving(settings, registry, ["lm"]) as (_, c):
+            client = AsyncOpenAI(base_url="http://moorage/v1", api_key="unused", http_client=c)
+            async with client.responses.stream(**body, text_format=Pet) as stream:
+                names = [event.type async for event in stream]
+                final = await stream.get_final_response()
+            bad_format = {"type": "json_schema", "name": "pet", "schema": {"type": "no-such-type"}}
+            bad = await c.post("/v1/responses", json={**body, "text": {"format": bad_format}})
+            return names, final, bad
+
+    names, final, bad = run(main())
+    assert names[:4] == EVENT_ORDER and names[-4:] == [*CLOSING, "response.completed"]
+    assert final.status == "completed" and final.incomplete_details is None
+    assert final.output[0].status == "completed"
+    assert isinstance(final.output_parsed, Pet)
+    assert final.text.format.type == "json_schema" and final.text.format.name == "Pet"
+    err = bad.json()["error"]
+    assert (bad.status_code, err["code"], err["param"]) == (422, "invalid_parameters", "text.format.schema")
 
 
 def test_the_official_client_creates_and_streams_responses(settings, models, serving):

@@ -19,11 +19,11 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 from starlette.responses import Response
 
 from ..batching import Result, Task, TokenEvent
-from ..batching.contract import FinishReason
+from ..batching.contract import FinishReason, JsonSchemaFormat, ResponseFormat, first_error
 from ..errors import BadRequest, MoorageError, Unprocessable
 from .common import FastJSON, mark, service_of, unless_disconnected
 from .openai import _SSE
@@ -195,19 +195,33 @@ def messages_of(body: ResponsesRequest) -> list[dict[str, str]]:
 
 def parameters_of(body: ResponsesRequest) -> dict[str, Any]:
     """The Responses API's sampling fields under the one parameter model's names."""
-    params: dict[str, Any] = {
+    params = {
         "max_new_tokens": body.max_output_tokens,
         "temperature": 1.0 if body.temperature is None else body.temperature,
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "seed": body.seed,
     }
-    fmt = body.text.format if body.text else None
-    if fmt is not None and fmt.type == "json_object":
-        params["response_format"] = {"type": "json_object"}
-    elif fmt is not None and fmt.type == "json_schema":
-        schema = {"name": fmt.name or "response", "schema": fmt.json_schema or {}, "strict": bool(fmt.strict)}
-        params["response_format"] = {"type": "json_schema", "json_schema": schema}
-    return params
+    response_format = _response_format(body.text.format) if body.text else None
+    return params if response_format is None else params | {"response_format": response_format}
+
+
+def _response_format(fmt: TextFormat) -> ResponseFormat | None:
+    """`text.format` (the Responses API's flat shape) as the engine's response format, compiled
+    now so that a schema it cannot enforce is a 422 naming its field under ``text.format``."""
+    if fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return ResponseFormat(type="json_object")
+    if fmt.json_schema is None:
+        raise Unprocessable(
+            "text.format.schema: a JSON Schema is needed with type json_schema", param="text.format.schema"
+        )
+    try:
+        schema = JsonSchemaFormat(**fmt.model_dump(by_alias=True, exclude_none=True, exclude={"type"}))
+    except ValidationError as exc:
+        where = ".".join(["text", "format", *map(str, exc.errors()[0]["loc"] if exc.errors() else ())])
+        raise Unprocessable(f"text.format.{first_error(exc)}", code="invalid_parameters", param=where) from None
+    return ResponseFormat(type="json_schema", json_schema=schema)
 
 
 # ---- the response, as documented (the route renders it with orjson) -------------------------------
@@ -283,11 +297,12 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     refuse_unsupported(body, frozenset(request.app.state.settings.serve.ignore_unsupported))
     messages = messages_of(body)
     policy = authorize_model(request, body.model)
+    parameters = parameters_of(body)
     service = service_of(request)
     sv = service.pool.acquire(body.model, task=Task.GENERATE)
     try:
         mark(request, sv)
-        call = service.prepare(sv.task, [{"messages": messages}], parameters_of(body), policy=policy, field="input")
+        call = service.prepare(sv.task, [{"messages": messages}], parameters, policy=policy, field="input")
     except BaseException:
         service.pool.release(sv)
         raise

@@ -5,6 +5,7 @@ and the reason."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import sqlalchemy as sa
 from moorage.batching import ModelPool, PoolConfig, Result
 from moorage.runtime import Runtime
 from moorage.runtime.base import Constraint, GenerateInput, GenerationParams
-from moorage.streams import open_sink
+from moorage.streams import open_broker, open_sink
 from moorage.streams.brokers import Message
 from moorage.streams.records import columns_of
 from moorage.streams.worker import MessageCodec, Request, Work, WorkerConfig
@@ -107,6 +108,9 @@ def _read_table(url: str, table: str) -> tuple[dict[str, str], dict[str, dict]]:
         types = {c["name"]: str(c["type"]) for c in sa.inspect(engine).get_columns(table)}
         with engine.connect() as conn:
             rows = {r["id"]: dict(r) for r in conn.execute(sa.text(f"SELECT * FROM {table}")).mappings()}
+        for row in rows.values():
+            if isinstance(row["output"], str):  # SQLite's JSON is text to a plain SELECT
+                row["output"] = json.loads(row["output"])
     finally:
         engine.dispose()
     return types, rows
@@ -176,3 +180,81 @@ async def test_parquet_and_jsonl_files_hold_the_same_typed_columns(served, tmp_p
     _check_values({r["id"]: r for r in table.to_pylist()})
     (jsonl,) = (tmp_path / "jsonl").glob("*.jsonl")
     _check_values({r["id"]: r for r in map(orjson.loads, jsonl.read_bytes().splitlines())})
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pet": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2},
+    },
+    "required": ["name", "age", "pet", "tags"],
+    "additionalProperties": False,
+}
+
+
+def _message(msg_id: str, text: str, max_new_tokens: int) -> bytes:
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    parameters = {"response_format": fmt, "max_new_tokens": max_new_tokens}
+    return json.dumps({"id": msg_id, "text": text, "parameters": parameters}).encode()
+
+
+async def test_a_stream_worker_writes_the_records_a_schema_constrained_model_generates(settings, registry, tmp_path):
+    """End to end: stream messages whose parameters carry a JSON Schema, a real transformers model whose
+    random weights write valid records only because the grammar makes them, a SQLite table with typed
+    columns; a repeated greedy message is answered by the response cache, a cut one keeps its row."""
+    pytest.importorskip("xgrammar")
+    from moorage.config import CacheSettings
+    from moorage.streams.runner import StreamJob, run_stream
+
+    from tests.support import eventually, tiny_llama
+
+    registry.register(tiny_llama(tmp_path / "lm", tokenizer="smollm2"), "lm", "generate")
+    settings = settings.model_copy(
+        update={
+            "cache": CacheSettings(enabled=True),
+            "runtime": settings.runtime.model_copy(update={"num_threads": 1, "dtype": "float32"}),
+            "stream": settings.stream.model_copy(update={"max_wait_ms": 5, "receive_timeout_s": 0.1}),
+        }
+    )
+    source, db = f"sqlite:///{tmp_path}/queue.db?topic=people", tmp_path / "out.db"
+    stop = asyncio.Event()
+    job = StreamJob(source, f"sql+sqlite:///{db}?table=people", "lm")
+    async with open_broker(source) as broker:
+        await broker.publish([_message("a", "describe a person", 80), _message("cut", "describe another", 3)])
+        worker = asyncio.create_task(run_stream(settings, job, stop, registry=registry))
+        try:
+            await eventually(lambda: len(_sqlite_rows(db)) == 2, 120, "the first two rows")
+            await broker.publish([_message("again", "describe a person", 80)])  # the same request as "a"
+            await eventually(lambda: len(_sqlite_rows(db)) == 3, 60, "the repeated message's row")
+        finally:
+            stop.set()
+            await worker
+    types, rows = _read_table(f"sqlite:///{db}", "people")
+    assert (types["name"], types["age"], types["pet"], types["tags"]) == ("TEXT", "BIGINT", "BOOLEAN", "TEXT")
+    a, again, cut = rows["a"], rows["again"], rows["cut"]
+    record = json.loads(a["output"]["text"])
+    assert set(record) == {"name", "age", "pet", "tags"} and a["record_error"] is None
+    assert (a["name"], a["age"], bool(a["pet"]), json.loads(a["tags"])) == (
+        record["name"], record["age"], record["pet"], record["tags"]
+    )  # fmt: skip
+    assert a["output"]["json"] == record and a["output"]["finish_reason"] == "stop"
+    assert again["output"].get("cached") is True and "cached" not in a["output"]
+    assert {k: again[k] for k in ("name", "age", "pet", "tags", "tokens")} == {
+        k: a[k] for k in ("name", "age", "pet", "tags", "tokens")
+    }
+    assert cut["record_error"] == "length" and cut["name"] is None and cut["output"]["finish_reason"] == "length"
+
+
+def _sqlite_rows(db: Path) -> list[tuple]:
+    import sqlite3
+
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        try:
+            return conn.execute("SELECT id FROM people").fetchall()
+        except sqlite3.OperationalError:  # not created yet
+            return []

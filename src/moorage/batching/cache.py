@@ -232,10 +232,6 @@ class RedisBackend:
         self._down_since: float | None = None  # when the current outage began (None: Redis works)
         self._retry_at = 0.0
 
-    @property
-    def is_down(self) -> bool:
-        return self._down_since is not None
-
     async def get(self, key: str) -> bytes | None:
         return await self._call(lambda: self._client.get(f"moorage:response:{key}"))
 

@@ -174,6 +174,36 @@ def test_streamed_events_come_in_the_documented_order_and_the_deltas_make_the_te
     assert ids == {final["output"][0]["id"]}
 
 
+def test_logprobs_of_each_output_token_streamed_and_not(settings, models, serving):
+    body = {"model": "gen", "input": "weigh these words", "max_output_tokens": 5, "temperature": 0}
+    asked = {**body, "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+
+    async def main():
+        async with _serve(serving, settings, models) as (_, c):
+            plain = await c.post("/v1/responses", json=body)
+            whole = await c.post("/v1/responses", json=asked)
+            streamed = await c.post("/v1/responses", json={**asked, "stream": True})
+            return plain.json(), whole.json(), _events(streamed.text)
+
+    plain, whole, events = run(main())
+    assert plain["output"][0]["content"][0]["logprobs"] == []
+    part = whole["output"][0]["content"][0]
+    logprobs = part["logprobs"]
+    assert len(logprobs) == whole["usage"]["output_tokens"] == 5
+    for lp in logprobs:
+        assert lp["logprob"] <= 0 and len(lp["top_logprobs"]) == 2
+        assert lp["bytes"] == list(lp["token"].encode())
+        assert (lp["top_logprobs"][0]["token"], lp["top_logprobs"][0]["logprob"]) == (
+            lp["token"],
+            lp["logprob"],
+        )  # greedy
+    assert [lp["token"] for lp in logprobs] == part["text"].split()  # the fake's tokens are its words
+    deltas = [lp for name, p in events if name == "response.output_text.delta" for lp in p["logprobs"]]
+    assert deltas == logprobs
+    assert dict(events)["response.output_text.done"]["logprobs"] == logprobs
+    assert whole["top_logprobs"] == 2
+
+
 def test_a_finished_generation_is_completed_and_a_cut_one_incomplete():
     def result(reason):
         return Result("text", prompt_tokens=2, completion_tokens=3, finish_reason=reason)
@@ -190,7 +220,8 @@ BAD_REQUESTS = [  # (fields over {"model": "gen", "input": "hi"}, status, code, 
     ({"tool_choice": "required"}, 400, "unsupported_parameter", "tool_choice"),
     ({"reasoning": {"effort": "high"}}, 400, "unsupported_parameter", "reasoning"),
     ({"truncation": "auto"}, 400, "unsupported_parameter", "truncation"),
-    ({"include": ["message.output_text.logprobs"]}, 400, "unsupported_parameter", "include"),
+    ({"include": ["reasoning.encrypted_content"]}, 400, "unsupported_parameter", "include"),
+    ({"top_logprobs": 21}, 422, "invalid_input", "top_logprobs"),
     ({"frequency_penalty": 0.5}, 400, "unsupported_parameter", "frequency_penalty"),
     ({"made_up_field": 1}, 400, "unsupported_parameter", "made_up_field"),
     ({"text": {"verbosity": "high"}}, 400, "unsupported_parameter", "text.verbosity"),

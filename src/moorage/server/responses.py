@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -23,16 +23,18 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from starlette.responses import Response
 
 from ..batching import Result, Task, TokenEvent
-from ..batching.contract import FinishReason, JsonSchemaFormat, ResponseFormat, first_error
+from ..batching.contract import MAX_LOGPROBS, FinishReason, JsonSchemaFormat, ResponseFormat, first_error
 from ..errors import BadRequest, MoorageError, Unprocessable
+from ..runtime.base import TokenLogprob
 from .common import FastJSON, mark, service_of, unless_disconnected
-from .openai import _SSE
+from .openai import _SSE, _chat_logprobs
 from .security import authorize_model, usage
 
 log = logging.getLogger("moorage.server")
 
 router = APIRouter(tags=["openai"])
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 MetadataKey = Annotated[str, StringConstraints(max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
@@ -97,6 +99,15 @@ class ResponsesRequest(BaseModel):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    include: list[str] | None = Field(None, description=f"only {LOGPROBS_INCLUDE!r}")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per output token")
+
+    @property
+    def logprobs(self) -> int | None:
+        """How many alternatives each output token's logprobs carry; None: no logprobs asked for."""
+        if LOGPROBS_INCLUDE in (self.include or ()) or self.top_logprobs is not None:
+            return self.top_logprobs or 0
+        return None
 
     @field_validator("input")
     @classmethod
@@ -110,7 +121,6 @@ class ResponsesRequest(BaseModel):
 # nothing (null always does). Any other field or value answers 400 unsupported_parameter.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "background": (False,),
-    "include": ([],),
     "tools": ([],),
     "tool_choice": ("auto", "none"),
     "parallel_tool_calls": (True, False),  # without tools there is nothing to run in parallel
@@ -118,7 +128,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "truncation": ("disabled",),
     "service_tier": ("auto", "default"),
     "reasoning": ({},),
-    "top_logprobs": (0,),
     "stream_options": ({}, {"include_obfuscation": False}, {"include_obfuscation": True}),
     "prompt_cache_retention": ("in_memory",),
     "previous_response_id": (),
@@ -150,6 +159,9 @@ def refuse_unsupported(body: ResponsesRequest, ignored: frozenset[str] = frozens
         )
     if body.text is not None and body.text.verbosity not in (None, "medium"):
         raise _unsupported("text.verbosity", "this server does not implement verbosity")
+    for value in body.include or ():
+        if value != LOGPROBS_INCLUDE:
+            raise _unsupported("include", f"this server does not implement include {value!r}")
     for name, value in (body.model_extra or {}).items():
         if value is None or name in ignored:
             continue
@@ -200,6 +212,7 @@ def parameters_of(body: ResponsesRequest) -> dict[str, Any]:
         "temperature": 1.0 if body.temperature is None else body.temperature,
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "seed": body.seed,
+        "logprobs": body.logprobs,
     }
     response_format = _response_format(body.text.format) if body.text else None
     return params if response_format is None else params | {"response_format": response_format}
@@ -278,6 +291,7 @@ class ResponseObject(BaseModel):
     usage: Usage | None
     user: str | None
     metadata: dict[str, str]
+    top_logprobs: int | None
 
 
 _DOCUMENTED: dict[int | str, dict[str, Any]] = {
@@ -377,7 +391,9 @@ class _Rendering:
             "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens,
             "model": body.model,
-            "output": [] if result is None else [self.message(text, "completed" if details is None else "incomplete")],
+            "output": []
+            if result is None
+            else [self.message(text, "completed" if details is None else "incomplete", result)],
             "parallel_tool_calls": True,
             "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None},
@@ -391,15 +407,20 @@ class _Rendering:
             "usage": None if result is None else usage_of(result),
             "user": body.user,
             "metadata": body.metadata or {},
+            "top_logprobs": body.top_logprobs,
         }
 
-    def message(self, text: str | None, status: str) -> dict[str, Any]:
-        content = [] if text is None else [self.part(text)]
+    def message(self, text: str | None, status: str, result: Result | None = None) -> dict[str, Any]:
+        content = [] if text is None else [self.part(text, result.logprobs if result else None)]
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
 
-    @staticmethod
-    def part(text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def part(self, text: str, logprobs: Sequence[TokenLogprob] | None = None) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": self.logprobs(logprobs)}
+
+    def logprobs(self, tokens: Sequence[TokenLogprob] | None) -> list[dict[str, Any]]:
+        """The tokens' logprobs in the Responses API's shape (chat's: token, logprob, bytes, top_logprobs)."""
+        rendered = _chat_logprobs(list(tokens or ()), self.body.logprobs)
+        return [] if rendered is None else rendered["content"]
 
 
 class _Events:
@@ -426,15 +447,16 @@ class _Events:
             self.part_event("response.content_part.added", part=self.out.part("")),
         ]
 
-    def delta(self, text: str) -> bytes:
-        return self.part_event("response.output_text.delta", delta=text, logprobs=[])
+    def delta(self, text: str, logprobs: Sequence[TokenLogprob]) -> bytes:
+        return self.part_event("response.output_text.delta", delta=text, logprobs=self.out.logprobs(logprobs))
 
     def closing(self, result: Result, text: str) -> list[bytes]:
         response = self.out.response(result, text)
         message = response["output"][0]
+        part = message["content"][0]
         return [
-            self.part_event("response.output_text.done", text=text, logprobs=[]),
-            self.part_event("response.content_part.done", part=self.out.part(text)),
+            self.part_event("response.output_text.done", text=text, logprobs=part["logprobs"]),
+            self.part_event("response.content_part.done", part=part),
             self.event("response.output_item.done", output_index=0, item=message),
             self.event(
                 f"response.{'completed' if response['status'] == 'completed' else 'incomplete'}", response=response
@@ -454,14 +476,17 @@ async def _events(out: _Rendering, first: TokenEvent, events, request: Request) 
     ``response.failed``: a client never sees a cut stream."""
     sse = _Events(out)
     texts: list[str] = []
+    pending: list[TokenLogprob] = []  # of tokens whose text is still held back (a partial character)
     try:
         for part in sse.opening():
             yield part
         event: TokenEvent | None = first
         while event is not None:
+            pending.extend(event.logprobs)
             if event.text:
                 texts.append(event.text)
-                yield sse.delta(event.text)
+                yield sse.delta(event.text, pending)
+                pending = []
             if event.result is not None:
                 usage(request, event.result.total_tokens)
                 for part in sse.closing(event.result, "".join(texts)):

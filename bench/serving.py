@@ -12,6 +12,10 @@ Generation (demo SmolLM2, greedy), phases `generate` (64 new tokens) and `long` 
   (e) static batched `generate` of 32 prompts, in-process
   (f) moorage with 32 concurrent streaming clients over HTTP (time to first token too)
 Engine, in-process (phase `overhead`): the step time outside the model forward at 32 streams.
+Structured outputs, in-process (phase `structured`): 32 streams with a JSON Schema constraint beside
+the same 32 prompts without one (greedy, up to 64 tokens): tokens/s of both and their ratio, the
+time per step in the forward and in the grammar masks, rows per step (constrained rows that finish
+early leave the batch emptier), and how many outputs validate against the schema.
 Detokenisation (phase `detok`): CPU per token for a 4,096-token output beside a 256-token one.
 The header names the CPU, the ISA flags that decide the kernels, torch, its threads and the
 dtype: results differ between AVX2-only and bf16 machines. Each phase also prints the share of the
@@ -39,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpuload import OtherLoad  # noqa: E402
 from engine_probe import detokenize_cost, engine_overhead  # noqa: E402
 from loadgen import encode_post, percentile, run_load, stream_sse  # noqa: E402
+from structured import SCHEMA, structured_run  # noqa: E402
 
 from moorage.config import load_settings  # noqa: E402
 from moorage.demo import assets  # noqa: E402
@@ -222,7 +227,7 @@ def machine(dtype: str, settings) -> dict:
     }
 
 
-PHASES = ("embed", "generate", "long", "overhead", "detok")
+PHASES = ("embed", "generate", "long", "overhead", "detok", "structured")
 QUICK = ("generate", "overhead", "detok")
 TARGETS = {
     "b64_over_a": 0.75,
@@ -232,6 +237,7 @@ TARGETS = {
     "f512_over_e512": 1.0,
     "engine_overhead_share": 0.10,
     "detok_4096_over_256": 2.0,
+    "structured_over_plain": 0.8,
 }
 AT_MOST = {"engine_overhead_share", "detok_4096_over_256"}
 
@@ -321,6 +327,37 @@ def run_detok(handler, results: dict) -> None:
     )
 
 
+def structured_prompts(constrained: bool) -> list[GenerateInput]:
+    from moorage.runtime.base import Constraint
+
+    constraint = Constraint("json_schema", json.dumps(SCHEMA)) if constrained else None
+    params = GenerationParams(max_new_tokens=GEN_TOKENS, constraint=constraint)
+    ask = "Describe {} as JSON: a name, a category, a rating from 1 to 5 and up to three tags."
+    content = [ask.format(topic) for topic in (TOPICS * 2)[:GEN_CLIENTS]]
+    return [GenerateInput(messages=({"role": "user", "content": c},), params=params) for c in content]
+
+
+def run_structured(handler, results: dict, rounds: int = 1) -> None:
+    print(f"structured outputs, in-process ({GEN_CLIENTS} streams, up to {GEN_TOKENS} tokens, greedy)", flush=True)
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, constrained in (("plain", False), ("json_schema", True)):
+            r = measured(structured_run, handler, structured_prompts(constrained))
+            valid = f"  valid {r['valid']}/{r['sequences']}" if constrained else ""
+            print(
+                f"  {name:12s} {r['tokens_per_s']:8.1f} tokens/s  ({r['tokens']} tokens, {r['finished_stop']} stopped)"
+                f"  step {r['step_ms_mean']} ms: forward {r['forward_ms_mean']} ms, masks {r['mask_ms_mean']} ms,"
+                f" {r['rows_per_step']} rows/step"
+                f"{valid}{_other(r)}"
+            )
+            if name not in best or r["tokens_per_s"] > best[name]["tokens_per_s"]:
+                best[name] = r
+    results["structured_plain"], results["structured_json_schema"] = best["plain"], best["json_schema"]
+    ratio = best["json_schema"]["tokens_per_s"] / best["plain"]["tokens_per_s"]
+    rounds_note = f" (best of {rounds} rounds each)" if rounds > 1 else ""
+    print(f"      json_schema/plain = {ratio:.3f}{rounds_note}", flush=True)
+
+
 def ratios(results: dict) -> dict:
     out = {}
     rate = lambda k, f="tokens_per_s": results[k][f] if k in results else None  # noqa: E731
@@ -342,6 +379,9 @@ def ratios(results: dict) -> dict:
         out["engine_overhead_share"] = results["engine_overhead"]["overhead_share"]
     if "detokenize" in results:
         out["detok_4096_over_256"] = results["detokenize"]["ratio_long_over_short"]
+    if "structured_plain" in results:
+        plain, constrained = results["structured_plain"], results["structured_json_schema"]
+        out["structured_over_plain"] = round(constrained["tokens_per_s"] / plain["tokens_per_s"], 3)
     return out
 
 
@@ -413,6 +453,8 @@ def run_phases(phases: tuple[str, ...], args, servers: Servers, runtime, key: st
         run_overhead(handler, results)
     if "detok" in phases:
         run_detok(handler, results)
+    if "structured" in phases:
+        run_structured(handler, results)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from ..errors import BadRequest
+from ..errors import BadRequest, MoorageError
 from .context import console, err_console, state
 
 if TYPE_CHECKING:
@@ -124,9 +124,21 @@ def predicted(df: DataFrame, udf: PredictUDF, column: str) -> DataFrame:
 
 
 def _batch(spark: SparkSession, udf: PredictUDF, source: str, sink: str, column: str) -> int:
+    from pyspark.errors import PySparkException
+
     from ..engines.spark.sinks import write_batch
 
-    return write_batch(predicted(read_source(spark, source), udf, column), sink)
+    df = predicted(read_source(spark, source), udf, column)
+    try:
+        return write_batch(df, sink)
+    except PySparkException as exc:  # a task failed (not a bad row: a model that cannot load, a sink)
+        raise MoorageError(f"the Spark job failed: {_last_line(str(exc))}", code="spark_job_failed") from None
+
+
+def _last_line(text: str) -> str:
+    """The last line of a Spark error: for a Python worker's error, its exception."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no details"
 
 
 def _stream(

@@ -49,11 +49,17 @@ from ...batching.dynamic import BatchConfig
 from ...batching.settings import stream_pool_config
 from ...config import Settings, load_settings, redact, redact_url
 from ...errors import BadRequest, DeadlineExceeded, EngineFailed, MoorageError
+from ...observability.logging import quiet_libraries
 from ...registry import Registry
 from ...runtime import Runtime
 from ...security.policy import Policy
 
 log = logging.getLogger("moorage.engines.spark")
+
+# Rows of a pandas batch queued in the engine at once: enough that tokenising the next model batch
+# overlaps computing this one and that the batcher can group rows of similar length; few enough that
+# a generation's queue wait stays short of its deadline.
+CHUNK_BATCHES = 16
 
 _ERROR = StructField("error", StringType())
 SCHEMAS: dict[Task, StructType] = {
@@ -169,18 +175,19 @@ def predict_udf(
         info = registry.resolve(ref)
     finally:
         registry.close()
-    if task is not None and Task(task) != info.task:
+    if task is not None and task != info.task:
         raise BadRequest(f"{info.ref} has task {info.task}, not {task}", code="wrong_task")
     resolved = Task(info.task)
     parse_parameters(resolved, parameters)  # refused here, not once per row on the workers
     threads = num_threads or int(spark.conf.get("spark.task.cpus", "1") or 1)
+    public = _public(settings)
     pinned = PinnedVersion(
         name=info.name,
         version=info.version,
         task=resolved,
         catalog=redact_url(settings.catalog_url),
         config_file=str(config_file) if config_file else None,
-        overrides=_public(settings) | {"runtime": _public(settings)["runtime"] | {"num_threads": threads}},
+        overrides=public | {"runtime": public["runtime"] | {"num_threads": threads}},
         batch_size=batch_size,
         parameters=parameters,
     )
@@ -274,6 +281,7 @@ def worker_engine(pinned: PinnedVersion, loads: Any = None) -> WorkerEngine:
 def _catalog(pinned: PinnedVersion) -> _Catalog:
     catalog = _CATALOGS.get(pinned.catalog)
     if catalog is None:
+        quiet_libraries()  # no progress bars or advisories from the model libraries in the executors' logs
         settings = load_settings(pinned.config_file, overrides=pinned.overrides)
         if redact_url(settings.catalog_url) != pinned.catalog:
             raise MoorageError(
@@ -295,13 +303,13 @@ class WorkerEngine:
         self.service = InferenceService(pool, catalog.settings.stream.default_max_tokens)
         self.policy = Policy.for_model(catalog.settings.security, pinned.name)  # limits and filters, as over HTTP
         self.timeout_s = catalog.settings.stream.item_timeout_s
-        self.chunk = 4 * pinned.batch_size  # rows queued at once: the batcher sorts them by length
+        self.chunk = CHUNK_BATCHES * pinned.batch_size
         self.columns = [f.name for f in SCHEMAS[pinned.task].fields]
 
     @classmethod
     def start(cls, pinned: PinnedVersion, catalog: _Catalog) -> WorkerEngine:
         base = stream_pool_config(catalog.settings)
-        room = max(4 * pinned.batch_size, 64)
+        room = CHUNK_BATCHES * pinned.batch_size
         config = replace(
             base,
             batch=BatchConfig(

@@ -344,6 +344,29 @@ def test_a_client_gone_mid_stream_releases_the_version_and_stops_its_generation(
     assert "response.incomplete" not in text and "response.completed" not in text
 
 
+def test_an_engine_failing_mid_stream_ends_it_with_an_error_event_and_response_failed(
+    settings, registry, fake_model, serving
+):
+    registry.register(fake_model("generate", seed=2, crash_after_steps=3), "crash", "generate")
+    body = {"model": "crash", "input": "go on", "max_output_tokens": 50, "stream": True}
+
+    async def main():
+        async with serving(settings, registry, ["crash"], exit_on_engine_failure=False) as (app, c):
+            sv = app.state.pool.lookup("crash")  # a pool with a dead engine serves nothing more
+            return await c.post("/v1/responses", json=body), sv
+
+    r, sv = run(main())
+    events = _events(r.text)
+    names = [name for name, _ in events]
+    assert names[:4] == EVENT_ORDER and "response.output_text.delta" in names
+    assert names[-2:] == ["error", "response.failed"]
+    error, failed = events[-2][1], events[-1][1]["response"]
+    assert error["code"] == failed["error"]["code"] == "engine_failed" and error["message"]
+    assert failed["status"] == "failed"
+    assert [p["sequence_number"] for _, p in events] == list(range(len(events)))
+    assert sv.active == 0
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_response_charges_its_tokens_to_the_callers_key(tmp_path, fake_model, serving, stream):
     """A key allowed 3 tokens a minute spends 2 + 4 on one response: its next call is refused

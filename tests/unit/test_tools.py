@@ -86,6 +86,12 @@ def test_other_templates_get_the_tools_in_a_system_message_and_calls_and_results
     assert json.loads(call) == {"name": "get_weather", "arguments": {"city": "Paris"}}
     response = turns[3]["content"].removeprefix("<tool_response>\n").removesuffix("\n</tool_response>")
     assert json.loads(response) == {"name": "get_weather", "content": "sunny, 21 C"}
+    as_json = [*ROUND_TRIP[:2], {**ROUND_TRIP[2], "content": '{"sky": "sunny"}'}]
+    block = ToolPlan.of([WEATHER], "auto", True).render(as_json, template_takes_tools=False)["messages"][-1]["content"]
+    assert json.loads(block.split("\n")[1]) == {
+        "name": "get_weather",
+        "content": {"sky": "sunny"},
+    }  # not JSON in a string
 
 
 def test_the_system_prompt_joins_the_callers_own_and_says_how_to_answer():

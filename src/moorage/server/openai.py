@@ -23,7 +23,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..batching import Result, Task, TokenEvent
 from ..batching.pool import ServedVersion
-from ..errors import BadRequest, MoorageError
+from ..errors import BadRequest, MoorageError, Unprocessable
 from ..runtime.base import TokenLogprob
 from ..security.policy import Policy
 from .common import FastJSON, check_count, mark, service_of, unless_disconnected
@@ -200,6 +200,9 @@ async def _generate(
     try:
         mark(request, sv)
         call = service.prepare(sv.task, inputs(sv), params, policy=policy, n=body.n, field=field)
+    except Unprocessable as exc:
+        service.pool.release(sv)
+        raise _name_parameter(exc, shape) from None
     except BaseException:
         service.pool.release(sv)
         raise
@@ -226,6 +229,25 @@ async def _generate(
 
     chunks = _chunks(_Chunks(shape, meta), first, events, body.include_usage, request)
     return _SSE(chunks, close)
+
+
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+def _name_parameter(exc: Unprocessable, shape: _Shape) -> Unprocessable:
+    """A refused parameter under the name the request gave it (``error.param``), not the parameter
+    model's: ``parameters.guided_regex: ...`` names `guided_regex`, a call schema names `tools`."""
+    path, sep, reason = exc.message.partition(": ")
+    if exc.code != "invalid_parameters" or not sep or not path.startswith("parameters.") or exc.param:
+        return exc
+    where = path.removeprefix("parameters.")
+    name = where.split(".")[0]
+    if name == "response_format" and shape.plan.mode == "call":
+        return Unprocessable(
+            f"tools: a function's parameters cannot be enforced ({reason})", code=exc.code, param="tools"
+        )
+    rest, name = where[len(name) :], _OPENAI_NAMES.get(name, name)
+    return Unprocessable(f"{name}{rest}: {reason}", code=exc.code, param=name)
 
 
 def _full_response(shape: _Shape, meta: dict, results: list[Result]) -> dict:

@@ -155,7 +155,7 @@ def _as_text_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for m in messages:
         if m["role"] == "tool":
             name = ids.get(m.get("tool_call_id") or "", "")
-            result = json.dumps({"name": name, "content": m["content"]}, ensure_ascii=False)
+            result = json.dumps({"name": name, "content": _json(m["content"]) or m["content"]}, ensure_ascii=False)
             block = f"<tool_response>\n{result}\n</tool_response>"
             if turns and turns[-1].get("tool_results"):
                 turns[-1]["content"] += "\n" + block

@@ -132,7 +132,20 @@ def test_embeddings_are_cached_bit_for_bit(models, settings):
     assert second[1].output.dtype == first[0].output.dtype == np.float32
     assert np.array_equal(second[1].output, first[0].output) and np.array_equal(second[0].output, first[1].output)
     assert second[0].prompt_tokens == first[1].prompt_tokens
-    assert counts() == {"hit": 2, "miss": 2, "skip": 0}
+    assert counts() == {"hit": 4, "miss": 2, "skip": 0}
+
+
+async def _streamed_text(client, body: dict) -> str:
+    """The text of a streamed chat completion, from its server-sent events."""
+    import json
+
+    text = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:])["choices"]
+                text += [c["delta"].get("content") or "" for c in choices]
+    return "".join(text)
 
 
 def test_moving_the_alias_misses_and_drops_the_old_versions_entries(models, settings, fake_model):
@@ -287,10 +300,25 @@ def test_every_route_of_the_app_gets_the_cache_of_the_settings(models, settings,
         async with serving(settings, models, ["gen@production"]) as (_, c):
             chats = [(await c.post("/v1/chat/completions", json=chat)).json() for _ in range(2)]
             predicts = [(await c.post("/v1/models/gen/predict", json=predict)).json() for _ in range(2)]
-            return chats, predicts
+            streamed = [await _streamed_text(c, {**chat, "stream": True}) for _ in range(2)]
+            return chats, predicts, streamed
 
-    chats, predicts = run(main())
+    chats, predicts, streamed = run(main())
     assert chats[1]["choices"][0]["message"]["content"] == chats[0]["choices"][0]["message"]["content"]
+    assert streamed == [chats[0]["choices"][0]["message"]["content"]] * 2  # the first streamed one was a hit too
     assert chats[1]["usage"] == chats[0]["usage"] and chats[0]["usage"]["completion_tokens"] == 5
     assert predicts[1]["outputs"] == predicts[0]["outputs"]
-    assert counts() == {"hit": 2, "miss": 2, "skip": 0}
+    assert counts() == {"hit": 4, "miss": 2, "skip": 0}
+
+
+async def _streamed_text(client, body: dict) -> str:
+    """The text of a streamed chat completion, from its server-sent events."""
+    import json
+
+    text = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:])["choices"]
+                text += [c["delta"].get("content") or "" for c in choices]
+    return "".join(text)

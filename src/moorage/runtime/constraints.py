@@ -36,7 +36,7 @@ _JSON_OBJECT = '{"type": "object"}'
 
 
 def _xgrammar():
-    return require("xgrammar", "ml")
+    return require("xgrammar", "structured")
 
 
 def grammar_of(constraint: Constraint) -> Any:

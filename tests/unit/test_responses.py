@@ -213,11 +213,26 @@ def test_a_finished_generation_is_completed_and_a_cut_one_incomplete():
     assert status_of(result("content_filter")) == ("incomplete", {"reason": "content_filter"})
 
 
+TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "the weather in a city",
+    "parameters": {  # bounded: a random model under the call's schema finishes the call
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
 BAD_REQUESTS = [  # (fields over {"model": "gen", "input": "hi"}, status, code, param)
     ({"store": True}, 400, "unsupported_parameter", "store"),
     ({"previous_response_id": "resp_123"}, 400, "unsupported_parameter", "previous_response_id"),
-    ({"tools": [{"type": "web_search"}]}, 400, "unsupported_parameter", "tools"),
-    ({"tool_choice": "required"}, 400, "unsupported_parameter", "tool_choice"),
+    ({"tools": [{"type": "web_search", "name": "web"}]}, 400, "unsupported_parameter", "tools.0.type"),
+    ({"tool_choice": {"type": "file_search"}}, 400, "unsupported_parameter", "tool_choice"),
+    ({"tool_choice": "required"}, 400, "invalid_tool_choice", "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, 400, "invalid_tool_choice", "tool_choice"),
+    ({"tools": [TOOL, TOOL]}, 400, "invalid_tools", "tools"),
+    ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, 422, "invalid_input", "input.0.call_id"),
     ({"reasoning": {"effort": "high"}}, 400, "unsupported_parameter", "reasoning"),
     ({"truncation": "auto"}, 400, "unsupported_parameter", "truncation"),
     ({"include": ["reasoning.encrypted_content"]}, 400, "unsupported_parameter", "include"),
@@ -227,7 +242,7 @@ BAD_REQUESTS = [  # (fields over {"model": "gen", "input": "hi"}, status, code, 
     ({"text": {"verbosity": "high"}}, 400, "unsupported_parameter", "text.verbosity"),
     ({"text": {"format": {"type": "xml"}}}, 422, "invalid_input", "text.format.type"),
     (
-        {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+        {"input": [{"type": "reasoning", "summary": []}]},
         400,
         "unsupported_parameter",
         "input.0.type",
@@ -404,15 +419,16 @@ class Pet(BaseModel):  # every field bounded: a grammar-following random model f
     pet: bool
 
 
-def test_text_format_json_schema_is_enforced_streamed_and_parsed_by_the_official_client(
-    registry, settings, serving, tmp_path
-):
+def test_structured_outputs_and_function_calls_are_enforced_on_a_real_tokenizer(registry, settings, serving, tmp_path):
     """A tiny random Llama on SmolLM2's tokenizer writes no JSON on its own: a parsed, complete
-    object is the schema's doing. The client's own text_format mapping sends the schema, and a
-    finished stream ends with response.completed."""
+    object or a valid function call is the constraint's doing. The official client's text_format
+    sends the schema; a finished stream ends with response.completed; a named or required
+    tool_choice answers function_call items, streamed as their arguments; the call and its output
+    sent back are a conversation the model continues."""
     pytest.importorskip("xgrammar")
     registry.register(tiny_llama(tmp_path / "lm", tokenizer="smollm2"), "lm", "generate")
     body = {"model": "lm", "input": "describe a pet", "max_output_tokens": 80, "temperature": 0}
+    tools = {"model": "lm", "input": "weather in Paris?", "max_output_tokens": 60, "temperature": 0, "tools": [TOOL]}
 
     async def main():
         async with serving(settings, registry, ["lm"]) as (_, c):
@@ -422,9 +438,17 @@ def test_text_format_json_schema_is_enforced_streamed_and_parsed_by_the_official
                 final = await stream.get_final_response()
             bad_format = {"type": "json_schema", "name": "pet", "schema": {"type": "no-such-type"}}
             bad = await c.post("/v1/responses", json={**body, "text": {"format": bad_format}})
-            return names, final, bad
+            named = await client.responses.create(**tools, tool_choice={"type": "function", "name": "get_weather"})
+            call = named.output[0]
+            result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky": "clear"}'}
+            conversation = [{"role": "user", "content": "weather in Paris?"}, call, result]
+            round_trip = {**tools, "input": conversation, "max_output_tokens": 4, "tool_choice": "none"}
+            answer = await client.responses.create(**round_trip)
+            asked = await client.responses.create(**{**round_trip, "input": conversation[:1]})
+            streamed = await c.post("/v1/responses", json={**tools, "tool_choice": "required", "stream": True})
+            return names, final, bad, named, (answer, asked), _events(streamed.text)
 
-    names, final, bad = run(main())
+    names, final, bad, named, (answer, asked), events = run(main())
     assert names[:4] == EVENT_ORDER and names[-4:] == [*CLOSING, "response.completed"]
     assert final.status == "completed" and final.incomplete_details is None
     assert final.output[0].status == "completed"
@@ -432,3 +456,20 @@ def test_text_format_json_schema_is_enforced_streamed_and_parsed_by_the_official
     assert final.text.format.type == "json_schema" and final.text.format.name == "Pet"
     err = bad.json()["error"]
     assert (bad.status_code, err["code"], err["param"]) == (422, "invalid_parameters", "text.format.schema")
+
+    (call,) = named.output
+    assert (call.type, call.name, call.status) == ("function_call", "get_weather", "completed")
+    assert isinstance(json.loads(call.arguments)["city"], str) and call.call_id.startswith("call_")
+    assert answer.output[0].type == "message"  # tool_choice none: an answer, not a call
+    # the call and its result reach the model as turns of the conversation
+    assert answer.usage.input_tokens > asked.usage.input_tokens
+
+    assert [n for n, _ in events][:2] == ["response.created", "response.in_progress"]
+    assert [n for n, _ in events][-1] == "response.completed"
+    items = dict(events)["response.completed"]["response"]["output"]
+    assert items and all(item["type"] == "function_call" and item["name"] == "get_weather" for item in items)
+    args = [p for n, p in events if n == "response.function_call_arguments.done"]
+    assert [a["arguments"] for a in args] == [item["arguments"] for item in items]
+    assert [p["delta"] for n, p in events if n == "response.function_call_arguments.delta"] == [
+        a["arguments"] for a in args
+    ]

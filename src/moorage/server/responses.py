@@ -29,6 +29,7 @@ from ..runtime.base import TokenLogprob
 from .common import FastJSON, mark, service_of, unless_disconnected
 from .openai import _SSE, _chat_logprobs
 from .security import authorize_model, usage
+from .tools import ToolPlan
 
 log = logging.getLogger("moorage.server")
 
@@ -51,14 +52,32 @@ class ContentPart(BaseModel):
 
 
 class InputItem(BaseModel):
-    """An input item: a message (``type`` "message", the default). Other item types (function calls
-    and their outputs, reasoning, item references) answer 400 unsupported_parameter."""
+    """An input item: a message (``type`` "message", the default), an earlier ``function_call`` or
+    the ``function_call_output`` that answers it. Other item types (reasoning, item references)
+    answer 400 unsupported_parameter."""
 
     model_config = ConfigDict(extra="ignore")  # an output item passed back carries its id and status
 
-    type: str = Field("message", description="message")
+    type: str = Field("message", description="message, function_call or function_call_output")
     role: Literal["system", "developer", "user", "assistant"] | None = None
     content: str | list[ContentPart] | None = None
+    call_id: str | None = Field(None, description="function_call, function_call_output")
+    name: str | None = Field(None, description="function_call: the function")
+    arguments: str | None = Field(None, description="function_call: its arguments, a JSON object as text")
+    output: str | None = Field(None, description="function_call_output: the function's result")
+
+
+class FunctionTool(BaseModel):
+    """A function the model may call (the Responses API's flat shape). Other tool types (web search,
+    file search, computer use ...) answer 400 unsupported_parameter."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = Field(description="function")
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class TextFormat(BaseModel):
@@ -100,6 +119,11 @@ class ResponsesRequest(BaseModel):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     include: list[str] | None = Field(None, description=f"only {LOGPROBS_INCLUDE!r}")
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = Field(
+        None, description='auto (default with tools), none, required, or {"type": "function", "name": ...}'
+    )
+    parallel_tool_calls: bool | None = Field(None, description="default true")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per output token")
 
     @property
@@ -121,9 +145,6 @@ class ResponsesRequest(BaseModel):
 # nothing (null always does). Any other field or value answers 400 unsupported_parameter.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "background": (False,),
-    "tools": ([],),
-    "tool_choice": ("auto", "none"),
-    "parallel_tool_calls": (True, False),  # without tools there is nothing to run in parallel
     "max_tool_calls": (),
     "truncation": ("disabled",),
     "service_tier": ("auto", "default"),
@@ -162,6 +183,7 @@ def refuse_unsupported(body: ResponsesRequest, ignored: frozenset[str] = frozens
     for value in body.include or ():
         if value != LOGPROBS_INCLUDE:
             raise _unsupported("include", f"this server does not implement include {value!r}")
+    _refuse_tools(body)
     for name, value in (body.model_extra or {}).items():
         if value is None or name in ignored:
             continue
@@ -173,8 +195,16 @@ def refuse_unsupported(body: ResponsesRequest, ignored: frozenset[str] = frozens
         _refuse_item(i, item)
 
 
+def _refuse_tools(body: ResponsesRequest) -> None:
+    for i, tool in enumerate(body.tools or ()):
+        if tool.type != "function":
+            raise _unsupported(f"tools.{i}.type", f"this server calls functions only, not {tool.type!r} tools")
+    if isinstance(body.tool_choice, dict) and body.tool_choice.get("type") != "function":
+        raise _unsupported("tool_choice", "this server takes auto, none, required or a named function")
+
+
 def _refuse_item(i: int, item: InputItem) -> None:
-    if item.type != "message":
+    if item.type not in ("message", "function_call", "function_call_output"):
         raise _unsupported(f"input.{i}.type", f"this server does not implement input items of type {item.type!r}")
     for j, part in enumerate(item.content if isinstance(item.content, list) else ()):
         if part.type not in ("input_text", "output_text"):
@@ -186,27 +216,67 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def messages_of(body: ResponsesRequest) -> list[dict[str, str]]:
-    """The chat messages of a request: `instructions` as a system message, then the input."""
-    messages = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
+def messages_of(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The chat messages of a request: `instructions` as a system message, then the input; function
+    calls join the assistant turn before them, as chat's `tool_calls`, and their outputs are tool turns."""
+    messages: list[dict[str, Any]] = []
+    if body.instructions is not None:
+        messages.append({"role": "system", "content": body.instructions})
     if isinstance(body.input, str):
         return [*messages, {"role": "user", "content": body.input}]
     for i, item in enumerate(body.input):
-        if item.role is None or item.content is None:
-            raise Unprocessable(f"input.{i}: a message needs a role and content", param=f"input.{i}")
-        if isinstance(item.content, str):
-            messages.append({"role": item.role, "content": item.content})
-            continue
-        for j, part in enumerate(item.content):
-            if part.text is None:
-                where = f"input.{i}.content.{j}.text"
-                raise Unprocessable(f"{where}: a text part needs its text", param=where)
-        messages.append({"role": item.role, "content": "".join(part.text or "" for part in item.content)})
+        turn = _turn(i, item)
+        last = messages[-1] if messages else None
+        if "tool_calls" in turn and last is not None and last["role"] == "assistant":
+            last.setdefault("tool_calls", []).extend(turn["tool_calls"])
+        else:
+            messages.append(turn)
     return messages
 
 
-def parameters_of(body: ResponsesRequest) -> dict[str, Any]:
-    """The Responses API's sampling fields under the one parameter model's names."""
+def _turn(i: int, item: InputItem) -> dict[str, Any]:
+    if item.type == "function_call":
+        _require(i, item, "call_id", "name", "arguments")
+        function = {"name": item.name, "arguments": item.arguments}
+        return {"role": "assistant", "content": "", "tool_calls": [{"id": item.call_id, "function": function}]}
+    if item.type == "function_call_output":
+        _require(i, item, "call_id", "output")
+        return {"role": "tool", "content": item.output, "tool_call_id": item.call_id}
+    if item.role is None or item.content is None:
+        raise Unprocessable(f"input.{i}: a message needs a role and content", param=f"input.{i}")
+    if isinstance(item.content, str):
+        return {"role": item.role, "content": item.content}
+    for j, part in enumerate(item.content):
+        if part.text is None:
+            where = f"input.{i}.content.{j}.text"
+            raise Unprocessable(f"{where}: a text part needs its text", param=where)
+    return {"role": item.role, "content": "".join(part.text or "" for part in item.content)}
+
+
+def _require(i: int, item: InputItem, *names: str) -> None:
+    for name in names:
+        if getattr(item, name) is None:
+            raise Unprocessable(f"input.{i}.{name}: a {item.type} item needs it", param=f"input.{i}.{name}")
+
+
+def plan_of(body: ResponsesRequest) -> ToolPlan:
+    """The request's tools as the chat route's tool plan (its prompts, call schema and parsing)."""
+    tools = [
+        {"type": "function", "function": tool.model_dump(exclude_none=True, exclude={"type"})}
+        for tool in body.tools or ()
+    ]
+    choice: str | dict[str, Any] | None = body.tool_choice
+    if choice == "auto" and not tools:
+        choice = None  # nothing to choose from: the same as no choice
+    if isinstance(choice, dict):
+        choice = {"type": "function", "function": {"name": str(choice.get("name", ""))}}
+    parallel = True if body.parallel_tool_calls is None else body.parallel_tool_calls
+    return ToolPlan.of(tools, choice, parallel)
+
+
+def parameters_of(body: ResponsesRequest, plan: ToolPlan) -> dict[str, Any]:
+    """The Responses API's sampling fields under the one parameter model's names; a required or named
+    tool_choice constrains the output to the JSON Schema of a call."""
     params = {
         "max_new_tokens": body.max_output_tokens,
         "temperature": 1.0 if body.temperature is None else body.temperature,
@@ -215,6 +285,16 @@ def parameters_of(body: ResponsesRequest) -> dict[str, Any]:
         "logprobs": body.logprobs,
     }
     response_format = _response_format(body.text.format) if body.text else None
+    schema = plan.call_schema()
+    if schema is not None and response_format is not None:
+        raise BadRequest(
+            "text.format: a required or named tool_choice already constrains the output to a function call",
+            code="invalid_parameter",
+            param="text.format",
+        )
+    if schema is not None:
+        call = JsonSchemaFormat(name="tool_calls", schema=schema, strict=True)  # type: ignore[call-arg]
+        response_format = ResponseFormat(type="json_schema", json_schema=call)
     return params if response_format is None else params | {"response_format": response_format}
 
 
@@ -253,6 +333,15 @@ class OutputMessage(BaseModel):
     content: list[OutputText]
 
 
+class FunctionCall(BaseModel):
+    type: Literal["function_call"]
+    id: str = Field(description="fc_...")
+    call_id: str = Field(description="call_...: what a function_call_output answers")
+    name: str
+    arguments: str = Field(description="a JSON object as text")
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
 class Usage(BaseModel):
     input_tokens: int
     input_tokens_details: dict[str, int] = Field(description="cached_tokens, cache_write_tokens: 0")
@@ -277,14 +366,14 @@ class ResponseObject(BaseModel):
     instructions: str | None
     max_output_tokens: int | None
     model: str
-    output: list[OutputMessage]
+    output: list[OutputMessage | FunctionCall]
     parallel_tool_calls: bool
     previous_response_id: None
     reasoning: dict[str, Any]
     store: Literal[False]
     temperature: float
     text: dict[str, Any]
-    tool_choice: Literal["auto"]
+    tool_choice: str | dict[str, Any]
     tools: list[Any]
     top_p: float
     truncation: Literal["disabled"]
@@ -311,16 +400,18 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     refuse_unsupported(body, frozenset(request.app.state.settings.serve.ignore_unsupported))
     messages = messages_of(body)
     policy = authorize_model(request, body.model)
-    parameters = parameters_of(body)
+    plan = plan_of(body)
+    parameters = parameters_of(body, plan)
     service = service_of(request)
     sv = service.pool.acquire(body.model, task=Task.GENERATE)
     try:
         mark(request, sv)
-        call = service.prepare(sv.task, [{"messages": messages}], parameters, policy=policy, field="input")
+        inputs = [plan.render(messages, getattr(sv.loaded.handler, "takes_tools", False))]
+        call = service.prepare(sv.task, inputs, parameters, policy=policy, field="input")
     except BaseException:
         service.pool.release(sv)
         raise
-    out = _Rendering(body)
+    out = _Rendering(body, plan)
     if not body.stream:
         try:
             (result,) = await unless_disconnected(request, service.run(sv, call))
@@ -366,8 +457,9 @@ def usage_of(result: Result) -> dict[str, Any]:
 class _Rendering:
     """One response's objects: the response itself in each state, its message and its text part."""
 
-    def __init__(self, body: ResponsesRequest) -> None:
+    def __init__(self, body: ResponsesRequest, plan: ToolPlan) -> None:
         self.body = body
+        self.plan = plan
         self.id = f"resp_{uuid.uuid4().hex}"
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
@@ -393,21 +485,41 @@ class _Rendering:
             "model": body.model,
             "output": []
             if result is None
-            else [self.message(text, "completed" if details is None else "incomplete", result)],
-            "parallel_tool_calls": True,
+            else self.output(result, text, "completed" if details is None else "incomplete"),
+            "parallel_tool_calls": self.plan.parallel,
             "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None},
             "store": False,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)},
-            "tool_choice": "auto",
-            "tools": [],
+            "tool_choice": body.tool_choice or ("auto" if body.tools else "none"),
+            "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or ()],
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "truncation": "disabled",
             "usage": None if result is None else usage_of(result),
             "user": body.user,
             "metadata": body.metadata or {},
             "top_logprobs": body.top_logprobs,
+        }
+
+    def output(self, result: Result, text: str, status: str) -> list[dict[str, Any]]:
+        """The output items: the message, or the function calls the text makes (and any text around them)."""
+        parsed = self.plan.parse(text)
+        if parsed is None:
+            return [self.message(text, status, result)]
+        message = [self.message(parsed.content, status)] if parsed.content else []
+        return message + [self.function_call(call, "completed") for call in parsed.calls]
+
+    @staticmethod
+    def function_call(call: dict[str, Any], status: str, arguments: str | None = None) -> dict[str, Any]:
+        function = call["function"]
+        return {
+            "type": "function_call",
+            "id": "fc_" + call["id"].removeprefix("call_"),
+            "call_id": call["id"],
+            "name": function["name"],
+            "arguments": function["arguments"] if arguments is None else arguments,
+            "status": status,
         }
 
     def message(self, text: str | None, status: str, result: Result | None = None) -> dict[str, Any]:
@@ -440,9 +552,10 @@ class _Events:
 
     def opening(self) -> list[bytes]:
         started = self.out.response(None, "", status="in_progress")
+        return [self.event("response.created", response=started), self.event("response.in_progress", response=started)]
+
+    def message_opening(self) -> list[bytes]:
         return [
-            self.event("response.created", response=started),
-            self.event("response.in_progress", response=started),
             self.event("response.output_item.added", output_index=0, item=self.out.message(None, "in_progress")),
             self.part_event("response.content_part.added", part=self.out.part("")),
         ]
@@ -450,17 +563,41 @@ class _Events:
     def delta(self, text: str, logprobs: Sequence[TokenLogprob]) -> bytes:
         return self.part_event("response.output_text.delta", delta=text, logprobs=self.out.logprobs(logprobs))
 
-    def closing(self, result: Result, text: str) -> list[bytes]:
+    def closing(self, result: Result, text: str, streamed: bool) -> list[bytes]:
+        """The events of the finished output items (those of a message whose text was `streamed` only
+        close it), then the finished response."""
         response = self.out.response(result, text)
-        message = response["output"][0]
-        part = message["content"][0]
+        out: list[bytes] = []
+        for index, item in enumerate(response["output"]):
+            if item["type"] == "function_call":
+                out += self.function_call(index, item)
+                continue
+            part = item["content"][0]
+            if not streamed:
+                out += [
+                    *self.message_opening(),
+                    self.part_event("response.output_text.delta", delta=part["text"], logprobs=part["logprobs"]),
+                ]
+            out += [
+                self.part_event("response.output_text.done", text=part["text"], logprobs=part["logprobs"]),
+                self.part_event("response.content_part.done", part=part),
+                self.event("response.output_item.done", output_index=index, item=item),
+            ]
+        ending = "completed" if response["status"] == "completed" else "incomplete"
+        return [*out, self.event(f"response.{ending}", response=response)]
+
+    def function_call(self, index: int, item: dict[str, Any]) -> list[bytes]:
+        where = {"item_id": item["id"], "output_index": index}
+        arguments = item["arguments"]
         return [
-            self.part_event("response.output_text.done", text=text, logprobs=part["logprobs"]),
-            self.part_event("response.content_part.done", part=part),
-            self.event("response.output_item.done", output_index=0, item=message),
             self.event(
-                f"response.{'completed' if response['status'] == 'completed' else 'incomplete'}", response=response
+                "response.output_item.added",
+                output_index=index,
+                item={**item, "status": "in_progress", "arguments": ""},
             ),
+            self.event("response.function_call_arguments.delta", **where, delta=arguments),
+            self.event("response.function_call_arguments.done", **where, name=item["name"], arguments=arguments),
+            self.event("response.output_item.done", output_index=index, item=item),
         ]
 
     def failure(self, code: str, message: str, param: str | None = None) -> list[bytes]:
@@ -472,24 +609,27 @@ class _Events:
 
 
 async def _events(out: _Rendering, first: TokenEvent, events, request: Request) -> AsyncIterator[bytes]:
-    """The SSE body. Once the headers are sent an error travels as an ``error`` event and
-    ``response.failed``: a client never sees a cut stream."""
+    """The SSE body. Text streams as it comes, unless the output may be a function call (the request
+    has tools): then the items are sent once the output is known. Once the headers are sent an error
+    travels as an ``error`` event and ``response.failed``: a client never sees a cut stream."""
     sse = _Events(out)
+    streamed = out.plan.mode == "none"
     texts: list[str] = []
     pending: list[TokenLogprob] = []  # of tokens whose text is still held back (a partial character)
     try:
-        for part in sse.opening():
+        for part in sse.opening() + (sse.message_opening() if streamed else []):
             yield part
         event: TokenEvent | None = first
         while event is not None:
             pending.extend(event.logprobs)
             if event.text:
                 texts.append(event.text)
-                yield sse.delta(event.text, pending)
-                pending = []
+                if streamed:
+                    yield sse.delta(event.text, pending)
+                    pending = []
             if event.result is not None:
                 usage(request, event.result.total_tokens)
-                for part in sse.closing(event.result, "".join(texts)):
+                for part in sse.closing(event.result, "".join(texts), streamed):
                     yield part
                 return
             event = (await anext(events, (0, None)))[1]

@@ -1,8 +1,10 @@
 """OpenAI's Responses API, ``POST /v1/responses``, over the same engine as chat completions.
 
 Text input or input messages (plus `instructions`) become one chat call through
-`InferenceService`; the answer is a response object with one assistant message, or, with
-``stream: true``, the Responses API's typed server-sent events, numbered by `sequence_number`.
+`InferenceService`; the answer is a response object with one assistant message (or the function
+calls it makes, with ``tools``: the chat route's `tools.ToolPlan`), or, with ``stream: true``, the
+Responses API's typed server-sent events, numbered by `sequence_number`. `text.format` and logprobs
+map onto the engine's constraints and logprobs.
 Nothing is stored (``store`` defaults to false here), so ``store: true`` and
 ``previous_response_id`` are refused. Every field of the Responses API that moorage does not
 implement answers 400 ``unsupported_parameter`` naming it, unless it holds its neutral value (e.g.
@@ -395,8 +397,8 @@ _DOCUMENTED: dict[int | str, dict[str, Any]] = {
 # ---- the route -----------------------------------------------------------------------------------
 @router.post("/v1/responses", response_model=None, responses=_DOCUMENTED)
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
-    """Create a model response (OpenAI's Responses API): text or messages in, one assistant message
-    out; with ``stream: true`` the Responses API's server-sent events. Not stored."""
+    """Create a model response (OpenAI's Responses API): text or messages in, an assistant message or
+    function calls out; with ``stream: true`` the Responses API's server-sent events. Not stored."""
     refuse_unsupported(body, frozenset(request.app.state.settings.serve.ignore_unsupported))
     messages = messages_of(body)
     policy = authorize_model(request, body.model)

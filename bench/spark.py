@@ -160,6 +160,15 @@ def on_spark(settings, texts: list[str]) -> dict:
         spark.stop()
 
 
+def _dtype(settings) -> str:
+    """The dtype MiniLM runs in here ("auto" resolved as the runtime resolves it)."""
+    import torch
+
+    from moorage.runtime.hf import resolve_dtype
+
+    return str(resolve_dtype(torch, settings.runtime)).removeprefix("torch.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", default=os.environ.get("MOORAGE_HOME", str(Path.home() / ".moorage")))
@@ -175,7 +184,7 @@ def main() -> None:
         if name == "minilm":
             ensure_registered(registry, name, task, package, assets.minilm_folder)
     texts = bbc_sentences(args.n)
-    header = machine(settings.runtime.dtype, settings)
+    header = machine(_dtype(settings), settings)
     print(f"{header}  (in-process: {header['torch_threads']} torch threads; Spark: 2 workers x 1 thread)")
     print(f"{len(texts)} BBC News sentences, MiniLM (minilm@production), batch size {BATCH}", flush=True)
 
@@ -192,7 +201,7 @@ def main() -> None:
     diff = max(float(np.abs(np.asarray(vectors[i]) - np.asarray(sample[i])).max()) for i in sample)
     spark |= {"ratio_to_in_process": round(spark["throughput"] / base, 3), "max_abs_diff": diff,
               "other_cpu_share": load.share}  # fmt: skip
-    results["spark_local2"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in spark.items()}
+    results["spark_local2"] = {k: round(v, 3) if k.endswith("_s") or k == "seconds" else v for k, v in spark.items()}
     print(f"Spark local[2] predict_udf:    {spark['throughput']:7.1f} sentences/s = {spark['ratio_to_in_process']:.2f}"
           f" x in-process  [other load {100 * (load.share or 0):.0f} %]")  # fmt: skip
     print(f"  cold start: session {spark['session_start_s']:.1f} s, first prediction at {spark['cold_start_s']:.1f} s;"

@@ -7,6 +7,7 @@ their life, keyed by catalog and version) load afresh in each test."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from moorage.batching import InferenceService, ModelPool
 from moorage.batching.pool import PoolConfig
 from moorage.config import load_settings
 from moorage.engines.spark import predict_udf
+from moorage.engines.spark.udf import public_settings
 from moorage.errors import BadRequest, ModelNotFound, Unprocessable
 from moorage.registry import Registry
 from moorage.runtime import Runtime
@@ -137,3 +139,14 @@ def test_the_driver_refuses_what_no_worker_could_run(spark, catalog):
         predict_udf("emb", task="generate", settings=settings, spark=spark)
     with pytest.raises(Unprocessable, match="max_new_tokens"):
         predict_udf("gen", parameters={"max_new_tokens": 0}, settings=settings, spark=spark)
+
+
+def test_workers_are_told_no_secret_and_read_theirs_from_their_own_environment():
+    env = {"MOORAGE_HOME": "/srv/moorage", "MOORAGE_REGISTRY__CATALOG_URL": "postgresql://app:s3cret@db/moorage",
+           "MOORAGE_SECURITY__MASTER_KEY": "bWFzdGVyLWtleQ==", "MOORAGE_REGISTRY__STORAGE_OPTIONS":
+           '{"key": "AKIA1", "secret": "hush", "endpoint_url": "http://127.0.0.1:9000"}'}  # fmt: skip
+    shipped = public_settings(load_settings(environ=env))
+    assert not any(secret in json.dumps(shipped) for secret in ("s3cret", "bWFzdGVyLWtleQ==", "AKIA1", "hush"))
+    worker = load_settings(overrides=shipped, environ=env)  # a worker with the same environment
+    assert worker.catalog_url == env["MOORAGE_REGISTRY__CATALOG_URL"] and str(worker.home) == "/srv/moorage"
+    assert worker.security.master_key is not None and worker.registry.storage_options["secret"] == "hush"

@@ -180,7 +180,7 @@ def predict_udf(
     resolved = Task(info.task)
     parse_parameters(resolved, parameters)  # refused here, not once per row on the workers
     threads = num_threads or int(spark.conf.get("spark.task.cpus", "1") or 1)
-    public = _public(settings)
+    public = public_settings(settings)
     pinned = PinnedVersion(
         name=info.name,
         version=info.version,
@@ -206,7 +206,7 @@ def predict_udf(
     return PredictUDF(pinned, schema, function, loaded, ran)
 
 
-def _public(settings: Settings) -> dict[str, Any]:
+def public_settings(settings: Settings) -> dict[str, Any]:
     """The settings as JSON-able data with every value that `redact` masks left out (not masked: a
     worker must read the real value from its own environment, not a mask)."""
     return _unmasked(settings.model_dump(mode="json"), redact(settings.model_dump()))

@@ -438,6 +438,8 @@ def test_structured_outputs_and_function_calls_are_enforced_on_a_real_tokenizer(
                 final = await stream.get_final_response()
             bad_format = {"type": "json_schema", "name": "pet", "schema": {"type": "no-such-type"}}
             bad = await c.post("/v1/responses", json={**body, "text": {"format": bad_format}})
+            bad_tool = {**TOOL, "parameters": {"type": "no-such-type"}}
+            bad_call = await c.post("/v1/responses", json={**tools, "tools": [bad_tool], "tool_choice": "required"})
             named = await client.responses.create(**tools, tool_choice={"type": "function", "name": "get_weather"})
             call = named.output[0]
             result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky": "clear"}'}
@@ -446,9 +448,9 @@ def test_structured_outputs_and_function_calls_are_enforced_on_a_real_tokenizer(
             answer = await client.responses.create(**round_trip)
             asked = await client.responses.create(**{**round_trip, "input": conversation[:1]})
             streamed = await c.post("/v1/responses", json={**tools, "tool_choice": "required", "stream": True})
-            return names, final, bad, named, (answer, asked), _events(streamed.text)
+            return names, final, (bad, bad_call), named, (answer, asked), _events(streamed.text)
 
-    names, final, bad, named, (answer, asked), events = run(main())
+    names, final, (bad, bad_call), named, (answer, asked), events = run(main())
     assert names[:4] == EVENT_ORDER and names[-4:] == [*CLOSING, "response.completed"]
     assert final.status == "completed" and final.incomplete_details is None
     assert final.output[0].status == "completed"
@@ -456,6 +458,8 @@ def test_structured_outputs_and_function_calls_are_enforced_on_a_real_tokenizer(
     assert final.text.format.type == "json_schema" and final.text.format.name == "Pet"
     err = bad.json()["error"]
     assert (bad.status_code, err["code"], err["param"]) == (422, "invalid_parameters", "text.format.schema")
+    err = bad_call.json()["error"]  # a function whose parameters the grammar library cannot enforce
+    assert (bad_call.status_code, err["code"], err["param"]) == (422, "invalid_parameters", "tools")
 
     (call,) = named.output
     assert (call.type, call.name, call.status) == ("function_call", "get_weather", "completed")

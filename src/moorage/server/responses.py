@@ -295,7 +295,10 @@ def parameters_of(body: ResponsesRequest, plan: ToolPlan) -> dict[str, Any]:
             param="text.format",
         )
     if schema is not None:
-        call = JsonSchemaFormat(name="tool_calls", schema=schema, strict=True)  # type: ignore[call-arg]
+        try:
+            call = JsonSchemaFormat(name="tool_calls", schema=schema, strict=True)  # type: ignore[call-arg]
+        except ValidationError as exc:  # a function's parameters that the grammar library cannot enforce
+            raise Unprocessable(f"tools: {first_error(exc)}", code="invalid_parameters", param="tools") from None
         response_format = ResponseFormat(type="json_schema", json_schema=call)
     return params if response_format is None else params | {"response_format": response_format}
 

@@ -162,7 +162,8 @@ def _stream(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     query.awaitTermination()
-    console.print(f"stopped; {udf.pinned.ref} loaded {udf.loads} time(s)", highlight=False)
+    rows = sum(p.numInputRows for p in query.recentProgress)  # the same progress events, kept by the query
+    console.print(f"stopped after {rows} rows; {udf.pinned.ref} loaded {udf.loads} time(s)", highlight=False)
 
 
 def _progress_listener() -> Any:

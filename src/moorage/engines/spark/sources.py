@@ -28,7 +28,9 @@ per micro-batch for Redis and SQLite, default 2; Kafka reads one per Kafka parti
 ``starting`` (where a new query starts: ``group``, the default, continues from the group's position
 (Redis: its last-delivered id; Kafka: its committed offsets; SQLite: the rows still queued),
 ``earliest`` or ``latest``). Trigger.AvailableNow is supported: the query reads what is there when it
-starts, then stops.
+starts, then stops. Spark commits a batch's offsets to its source when it plans the next batch, so
+the last batch of such a run reaches the broker only when the query next starts: until then the
+group's lag still counts it (the checkpoint holds it as done; it is not read again).
 
 A Spark query is the only consumer of its topic and group: stream workers reading the same group
 would take messages Spark also reads. RabbitMQ classic and quorum queues cannot replay a range, so

@@ -200,7 +200,14 @@ async def schema_round(client, pairs, concurrency: int, max_tokens: int, constra
     }
 
 
-async def other_formats(client, count: int, concurrency: int) -> dict:
+def is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+async def other_formats(client, count: int, concurrency: int, max_tokens: int) -> dict:
     gate = asyncio.Semaphore(concurrency)
     subjects = [SUBJECTS[i % len(SUBJECTS)] for i in range(count)]
     objects = [
@@ -210,7 +217,7 @@ async def other_formats(client, count: int, concurrency: int) -> dict:
             model="smollm2",
             messages=[{"role": "user", "content": f"Give facts about {s} as JSON."}],
             response_format={"type": "json_object"},
-            max_tokens=48,
+            max_tokens=max_tokens,  # any object: no schema bounds its length, so some are cut
             temperature=0.8,
             seed=i,
         )
@@ -229,14 +236,10 @@ async def other_formats(client, count: int, concurrency: int) -> dict:
     ]
     object_outputs = await asyncio.gather(*objects)
     choice_outputs = await asyncio.gather(*choices)
-    parsed = 0
-    for text, _, _ in object_outputs:
-        try:
-            parsed += isinstance(json.loads(text), dict)
-        except ValueError:
-            pass
+    parsed = [is_object(text) for text, _, _ in object_outputs]
     return {
-        "json_object_parsed": parsed,
+        "json_object_parsed": sum(parsed),
+        "json_object_invalid_stopped": sum(f == "stop" and not ok for (_, f, _), ok in zip(object_outputs, parsed)),
         "json_object_finish": dict(Counter(f for _, f, _ in object_outputs)),
         "guided_choice_listed": sum(r.choices[0].message.content in CHOICES for r in choice_outputs),
         "guided_choice_seen": dict(Counter(r.choices[0].message.content for r in choice_outputs)),
@@ -257,7 +260,7 @@ async def main_async(url: str, args) -> dict:
     c = constrained  # printed at once: the other formats take a while more
     print(f"json_schema: {c['valid']}/{c['of']} valid, finish {c['finish']}, failed {c['failed']}", flush=True)
     with OtherLoad([]) as other_load:
-        other = await other_formats(client, args.others, args.concurrency)
+        other = await other_formats(client, args.others, args.concurrency, args.max_tokens)
     plain["other_cpu_share"] = None if plain_load is None else plain_load.share
     constrained["other_cpu_share"] = constrained_load.share
     other["other_cpu_share"] = other_load.share
@@ -300,7 +303,7 @@ def report(results: dict, concurrency: int) -> None:
         f"(same prompts): ratio {ratio:.2f}{_load(plain)}",
         f"  unconstrained outputs that happened to validate: {plain['valid']}/{plain['of']}",
         f"json_object: {other['json_object_parsed']}/{other['of']} parse as objects, "
-        f"finish {other['json_object_finish']}",
+        f"finish {other['json_object_finish']}, unparsable although finished: {other['json_object_invalid_stopped']}",
         f"guided_choice: {other['guided_choice_listed']}/{other['of']} listed, seen {other['guided_choice_seen']}"
         + _load(other),
         *(f"  invalid: {text[:200]}" for text in js["failed"]),

@@ -101,3 +101,14 @@ def serving():
 def anyio_backend():
     """`pytestmark = pytest.mark.anyio` runs a module's async tests on asyncio."""
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(request, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted from its GGUF file once per test session (about 2 minutes on
+    2 cores), kept in pytest's cache so later runs in the same checkout reuse it."""
+    from moorage.demo import assets
+
+    cache = request.config.cache
+    folder = cache.mkdir("moorage-demo") if cache is not None else tmp_path_factory.mktemp("moorage-demo")
+    return assets.smollm2_folder(folder)

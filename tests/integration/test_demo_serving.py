@@ -13,13 +13,8 @@ from moorage.demo.run import DEMO_MODELS, ensure_registered
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo-cache")
-
-
-def test_openai_client_on_the_demo_models_with_exact_usage(settings, registry, serving, demo_cache):
-    folders = {"minilm": assets.minilm_folder, "smollm2": lambda: assets.smollm2_folder(demo_cache)}
+def test_openai_client_on_the_demo_models_with_exact_usage(settings, registry, serving, smollm2_folder):
+    folders = {"minilm": assets.minilm_folder, "smollm2": lambda: smollm2_folder}
     for name, task, package in DEMO_MODELS:
         ensure_registered(registry, name, task, package, folders[name])
     messages = [{"role": "user", "content": "What is the capital of France?"}]

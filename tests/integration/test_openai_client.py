@@ -74,14 +74,12 @@ SCHEMAS = {
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, request):
+def served(tmp_path_factory, smollm2_folder):
     import uvicorn
 
     from moorage.server import create_app
 
     tmp = tmp_path_factory.mktemp("openai-client")
-    # the GGUF conversion takes a while: once per checkout, in pytest's cache, when it is on
-    cache = request.config.cache.mkdir("moorage-demo") if request.config.cache is not None else tmp / "cache"
     environ = {
         "MOORAGE_HOME": str(tmp / "home"),
         "MOORAGE_SECURITY__AUTH": "false",
@@ -89,7 +87,7 @@ def served(tmp_path_factory, request):
     }
     config = load_settings(environ=environ)
     registry = Registry.from_settings(config)
-    ensure_registered(registry, "smollm2", "generate", assets.SMOLLM2_PACKAGE, lambda: assets.smollm2_folder(cache))
+    ensure_registered(registry, "smollm2", "generate", assets.SMOLLM2_PACKAGE, lambda: smollm2_folder)
     app = create_app(config, ["smollm2@production"], registry=registry)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -102,7 +100,7 @@ def served(tmp_path_factory, request):
     while httpx.get(f"{url}/readyz").status_code != 200:
         assert time.monotonic() < deadline, "SmolLM2 did not load"
         time.sleep(0.1)
-    yield f"{url}/v1", assets.smollm2_folder(cache)
+    yield f"{url}/v1", smollm2_folder
     server.should_exit = True
     thread.join(30)
     registry.close()

@@ -4,8 +4,9 @@ once in each sink and every poison message once in the dead-letter stream.
 
 The driver is bench/spark_recovery.py's (a separate process per run: a JVM start each), held at the
 kill point by the event it writes, then killed with its whole process group. Each run costs a JVM
-start, so this test kills twice, at the two points where one sink holds the batch and the replay
-must skip it; ``python bench/spark_recovery.py`` does ten kills over all four kill points.
+start (the whole suite runs on 2 cores), so this test kills once, where the Parquet sink holds the
+batch and the SQL sink does not, so the replay must skip one sink and complete the other;
+``python bench/spark_recovery.py --kills 10`` does ten kills over all four kill points.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def model_home(tmp_path, fake_model):
     return {**os.environ, **environ}
 
 
-@pytest.mark.timeout(1200)  # three driver runs, each a JVM start and its Python workers' imports
+@pytest.mark.timeout(900)  # two driver runs, each a JVM start and its Python workers' imports
 def test_sigkill_mid_batch_and_restart_from_the_checkpoint_loses_and_duplicates_nothing(
     redis_base, tmp_path, model_home
 ):
@@ -53,12 +54,12 @@ def test_sigkill_mid_batch_and_restart_from_the_checkpoint_loses_and_duplicates_
     counts, recovery = bench.run_recovery(
         source,
         tmp_path / "work",
-        kills=2,
+        kills=1,
         messages=27,
         batch=10,
         model="emb@production",
         env=model_home,
-        points=("parquet_committed", "sql_committed"),
+        points=("parquet_committed",),
         hold_after=1,  # each run is killed in its first batch: the one the previous run left half-written
         timeout_s=600,  # a guard against a hang only: each run is a JVM start
         report=lambda line: None,
@@ -71,16 +72,12 @@ def test_sigkill_mid_batch_and_restart_from_the_checkpoint_loses_and_duplicates_
     # the kills landed where they were aimed, and each restart replayed the batch it interrupted
     events = recovery.all_events()
     held = [e for e in events if e["event"] == "held"]
-    assert len(held) == 2
-    for kill, point in zip(held, ("parquet", "sql"), strict=True):
-        later = events[events.index(kill) + 1 :]
-        after = [e for e in later if e["pid"] == later[0]["pid"] and e["batch"] == kill["batch"]]  # the restart
-        skipped = {e["detail"]["sink"].split(":")[0] for e in after if e["event"] == "sink_skipped"}
-        committed = {e["event"] for e in after if e["event"].endswith("_committed")}
-        if point == "parquet":  # the restart found the Parquet batch and wrote only what SQL lacked
-            assert skipped == {"parquet"} and committed == {"sql_committed"}
-        else:  # both sinks held the batch: the restart wrote nothing, and finished the batch
-            assert skipped == {"parquet", "sql+sqlite"} and not committed
-            assert any(e["event"] == "batch_done" for e in after)
+    assert len(held) == 1
+    later = events[events.index(held[0]) + 1 :]
+    after = [e for e in later if e["pid"] == later[0]["pid"] and e["batch"] == held[0]["batch"]]  # the restart
+    skipped = {e["detail"]["sink"].split(":")[0] for e in after if e["event"] == "sink_skipped"}
+    committed = {e["event"] for e in after if e["event"].endswith("_committed")}
+    # the restart found the Parquet batch and wrote only what SQL lacked
+    assert skipped == {"parquet"} and committed == {"sql_committed"}
     done = {e["batch"]: e["detail"]["rows"] for e in events if e["event"] == "batch_done"}
     assert sum(done.values()) == 30 and max(done.values()) == 10  # micro-batches of max_batch_size

@@ -11,7 +11,7 @@ import base64
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..batching import Result, Task, TokenEvent
 from ..batching.pool import ServedVersion
+from ..batching.service import Call
 from ..errors import BadRequest, MoorageError, Unprocessable
 from ..runtime.base import TokenLogprob
 from ..security.policy import Policy
@@ -207,17 +208,39 @@ async def _generate(
         service.pool.release(sv)
         raise
     meta = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
-    if not body.stream:
+
+    def whole(results: list[Result]) -> dict:
+        response = _full_response(shape, meta, results)
+        usage(request, response["usage"]["total_tokens"])
+        return response
+
+    def streamed(first, events) -> AsyncIterator[bytes]:
+        return _chunks(_Chunks(shape, meta), first, events, body.include_usage, request)
+
+    return await answer(request, sv, call, body.stream, whole, streamed)
+
+
+async def answer(
+    request: Request,
+    sv: ServedVersion,
+    call: Call,
+    stream: bool,
+    whole: Callable[[list[Result]], dict],
+    streamed: Callable[[Any, AsyncIterator], AsyncIterator[bytes]],
+) -> Response:
+    """Run a prepared generation call and answer it: `whole(results)` as JSON, or `streamed(first event,
+    the rest)` as server-sent events. The served version is released however it ends (answered,
+    failed, or the client gone); errors before the first token keep their HTTP status."""
+    service = service_of(request)
+    if not stream:
         try:
             results = await unless_disconnected(request, service.run(sv, call))
         finally:
             service.pool.release(sv)
-        response = _full_response(shape, meta, results)
-        usage(request, response["usage"]["total_tokens"])
-        return FastJSON(response)
+        return FastJSON(whole(results))
     events = service.stream(sv, call)
     try:
-        first = await anext(events)  # errors before the first token keep their HTTP status
+        first = await anext(events)
     except BaseException:
         await events.aclose()
         service.pool.release(sv)
@@ -227,8 +250,7 @@ async def _generate(
         await events.aclose()
         service.pool.release(sv)
 
-    chunks = _chunks(_Chunks(shape, meta), first, events, body.include_usage, request)
-    return _SSE(chunks, close)
+    return _SSE(streamed(first, events), close)
 
 
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens"}

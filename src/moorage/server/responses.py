@@ -28,8 +28,8 @@ from ..batching import Result, Task, TokenEvent
 from ..batching.contract import MAX_LOGPROBS, FinishReason, JsonSchemaFormat, ResponseFormat, first_error
 from ..errors import BadRequest, MoorageError, Unprocessable
 from ..runtime.base import TokenLogprob
-from .common import FastJSON, mark, service_of, unless_disconnected
-from .openai import _SSE, _chat_logprobs
+from .common import mark, service_of
+from .openai import _chat_logprobs, answer
 from .security import authorize_model, usage
 from .tools import ToolPlan
 
@@ -417,26 +417,15 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
         service.pool.release(sv)
         raise
     out = _Rendering(body, plan)
-    if not body.stream:
-        try:
-            (result,) = await unless_disconnected(request, service.run(sv, call))
-        finally:
-            service.pool.release(sv)
+
+    def whole(results: list[Result]) -> dict:
+        (result,) = results
         usage(request, result.total_tokens)
-        return FastJSON(out.response(result, result.output))
-    events = service.stream(sv, call)
-    try:
-        first = await anext(events)  # errors before the first token keep their HTTP status
-    except BaseException:
-        await events.aclose()
-        service.pool.release(sv)
-        raise
+        return out.response(result, result.output)
 
-    async def close() -> None:
-        await events.aclose()
-        service.pool.release(sv)
-
-    return _SSE(_events(out, first[1], events, request), close)
+    return await answer(
+        request, sv, call, bool(body.stream), whole, lambda first, events: _events(out, first[1], events, request)
+    )
 
 
 # ---- rendering -----------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import asyncio
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -27,6 +28,28 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout_s}s")
         time.sleep(0.002)
+
+
+@contextmanager
+def serve_in_thread(app, ready_s: float = 60.0) -> Iterator[str]:
+    """`app` under uvicorn on 127.0.0.1 (a free port) in a thread; yields its base URL once `/readyz`
+    answers 200 (its models are loaded), and stops the server afterwards."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: bool(server.started and server.servers), ready_s, "the server's start")
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, ready_s, "the models' load")
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def serve_workers(pid: int) -> set[int]:

@@ -11,10 +11,6 @@ route is reached past authentication.
 
 from __future__ import annotations
 
-import threading
-import time
-
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -25,13 +21,13 @@ from moorage.registry import Registry
 from moorage.runtime import make_fake_model
 from moorage.security.keys import KeyStore
 
+from tests.support import serve_in_thread
+
 MAX_EXAMPLES = 25
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    import uvicorn
-
     from moorage.server import create_app
 
     tmp = tmp_path_factory.mktemp("fuzz")
@@ -41,21 +37,8 @@ def live(tmp_path_factory):
         registry.register(make_fake_model(tmp / name, task), name, task, alias="production")
     key = KeyStore(registry.catalog).create("admin", name="fuzz")[1]
     app = create_app(config, ["emb@production", "cls", "gen"], registry=registry)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not (server.started and server.servers):
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    while httpx.get(f"{url}/readyz").status_code != 200:
-        assert time.time() < deadline, "models did not load"
-        time.sleep(0.1)
-    yield {"url": url, "key": key, "schema": app.openapi(), "registry": registry}
-    server.should_exit = True
-    thread.join(30)
+    with serve_in_thread(app) as url:
+        yield {"url": url, "key": key, "schema": app.openapi(), "registry": registry}
     registry.close()
 
 

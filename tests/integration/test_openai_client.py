@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 
-import httpx
 import jsonschema
 import openai
 import pytest
@@ -24,6 +21,8 @@ from moorage.demo import assets
 from moorage.demo.run import ensure_registered
 from moorage.registry import Registry
 from moorage.server.tools import ToolPlan
+
+from tests.support import serve_in_thread
 
 pytestmark = pytest.mark.slow
 
@@ -75,8 +74,6 @@ SCHEMAS = {
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, smollm2_folder):
-    import uvicorn
-
     from moorage.server import create_app
 
     tmp = tmp_path_factory.mktemp("openai-client")
@@ -89,20 +86,8 @@ def served(tmp_path_factory, smollm2_folder):
     registry = Registry.from_settings(config)
     ensure_registered(registry, "smollm2", "generate", assets.SMOLLM2_PACKAGE, lambda: smollm2_folder)
     app = create_app(config, ["smollm2@production"], registry=registry)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 300
-    while not (server.started and server.servers):
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    while httpx.get(f"{url}/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "SmolLM2 did not load"
-        time.sleep(0.1)
-    yield f"{url}/v1", smollm2_folder
-    server.should_exit = True
-    thread.join(30)
+    with serve_in_thread(app, ready_s=300) as url:  # a busy CI machine loads SmolLM2 slowly
+        yield f"{url}/v1", smollm2_folder
     registry.close()
 
 

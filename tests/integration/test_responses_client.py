@@ -3,10 +3,6 @@ auth on, fake generate model): created and streamed responses, and refusals as t
 
 from __future__ import annotations
 
-import threading
-import time
-
-import httpx
 import openai
 import pytest
 
@@ -15,11 +11,11 @@ from moorage.registry import Registry
 from moorage.runtime import make_fake_model
 from moorage.security.keys import KeyStore
 
+from tests.support import serve_in_thread
+
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    import uvicorn
-
     from moorage.server import create_app
 
     tmp = tmp_path_factory.mktemp("responses")
@@ -27,20 +23,8 @@ def live(tmp_path_factory):
     registry = Registry.from_settings(config)
     registry.register(make_fake_model(tmp / "gen", "generate"), "gen", "generate")
     app = create_app(config, ["gen"], registry=registry)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not (server.started and server.servers):
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    while httpx.get(f"{url}/readyz").status_code != 200:
-        assert time.time() < deadline, "the model did not load"
-        time.sleep(0.05)
-    yield url, KeyStore(registry.catalog)
-    server.should_exit = True
-    thread.join(30)
+    with serve_in_thread(app) as url:
+        yield url, KeyStore(registry.catalog)
     registry.close()
 
 

@@ -121,3 +121,20 @@ def test_the_fake_model_reports_logprobs_the_same_way(fake_model, registry, sett
     assert len(g.logprobs) == 4
     _check_shape(g.logprobs, 2)
     assert all(lp.top[0].token_id == lp.token_id for lp in g.logprobs)
+
+
+def test_logprobs_are_refused_where_an_output_filter_applies():
+    """Token logprobs would show, token by token, what an output filter withholds or masks."""
+    from moorage.batching import InferenceService, Task
+    from moorage.config import FilterSettings, SecuritySettings
+    from moorage.errors import BadRequest
+    from moorage.security.policy import Policy
+
+    security = SecuritySettings(filters={"gen": FilterSettings(mask_email=True)})
+    service = InferenceService(pool=None)  # type: ignore[arg-type]  (prepare validates; no model needed)
+    with pytest.raises(BadRequest) as err:
+        service.prepare(Task.GENERATE, ["hi"], {"logprobs": 2}, policy=Policy.for_model(security, "gen"))
+    assert (err.value.code, err.value.param) == ("logprobs_unavailable", "logprobs")
+    unfiltered = Policy.for_model(security, "other")  # no filter on this model: logprobs are fine
+    (item,) = service.prepare(Task.GENERATE, ["hi"], {"logprobs": 2}, policy=unfiltered).items
+    assert item.params.logprobs == 2

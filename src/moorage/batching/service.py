@@ -114,6 +114,7 @@ class InferenceService:
         params = parse_parameters(task, parameters)
         if policy is not None and params is not None:
             policy.max_tokens(params.max_new_tokens)
+            policy.logprobs(params.logprobs)
         items = parse_inputs(task, list(inputs), params, self.default_max_tokens, field)
         if policy is not None:
             items = [_screen(policy, item, f"{field}.{i}" if len(items) > 1 else field) for i, item in enumerate(items)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import LimitSettings, SecuritySettings
-from ..errors import ContentBlocked, PayloadTooLarge, Unprocessable
+from ..errors import BadRequest, ContentBlocked, PayloadTooLarge, Unprocessable
 from ..observability import metrics
 from .filters import ContentFilter, Filters, StreamFilter
 
@@ -44,6 +44,16 @@ class Policy:
             raise Unprocessable(
                 f"max_tokens={max_tokens} is above this server's limit of {self.limits.max_tokens}",
                 code="max_tokens_too_large",
+            )
+
+    def logprobs(self, logprobs: int | None) -> None:
+        """Token logprobs name the generated tokens (and their likely alternatives) one by one, past
+        whatever an output filter withholds or masks: refused for a model whose output is filtered."""
+        if logprobs is not None and self.cfilter is not None and self.cfilter.filters_output:
+            raise BadRequest(
+                "logprobs: this model's outputs pass a content filter, which token logprobs would bypass",
+                code="logprobs_unavailable",
+                param="logprobs",
             )
 
     def output(self, text: str) -> tuple[str, bool]:

@@ -44,6 +44,7 @@ from pyspark.sql.types import (
 )
 
 from ...batching import InferenceService, ModelPool, Result, Task, encode_result
+from ...batching.cache import ResponseCache
 from ...batching.contract import parse_parameters
 from ...batching.dynamic import BatchConfig
 from ...batching.settings import stream_pool_config
@@ -300,7 +301,9 @@ class WorkerEngine:
     def __init__(self, pinned: PinnedVersion, catalog: _Catalog, pool: ModelPool) -> None:
         self.pinned = pinned
         self.pool = pool
-        self.service = InferenceService(pool, catalog.settings.stream.default_max_tokens)
+        # the response cache of the settings: with Redis, shared with the servers and stream workers
+        cache = ResponseCache.from_settings(catalog.settings.cache)
+        self.service = InferenceService(pool, catalog.settings.stream.default_max_tokens, cache=cache)
         self.policy = Policy.for_model(catalog.settings.security, pinned.name)  # limits and filters, as over HTTP
         self.timeout_s = catalog.settings.stream.item_timeout_s
         self.chunk = CHUNK_BATCHES * pinned.batch_size

@@ -35,6 +35,7 @@ from .schemas import (
     CompletionRequest,
     EmbeddingsRequest,
     _Sampling,
+    unsupported,
     unsupported_fields,
 )
 from .security import authorize_model, usage
@@ -51,12 +52,7 @@ def refuse_unsupported(body: BaseModel, request: Request) -> None:
     ignored = set(request.app.state.settings.serve.ignore_unsupported)
     for name in unsupported_fields(body):
         if name not in ignored:
-            raise BadRequest(
-                f"{name}: this server does not implement this parameter (remove it, or list it in "
-                "serve.ignore_unsupported to have it ignored)",
-                code="unsupported_parameter",
-                param=name,
-            )
+            raise unsupported(name)
 
 
 @router.post("/v1/embeddings")

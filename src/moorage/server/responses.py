@@ -30,6 +30,7 @@ from ..errors import BadRequest, MoorageError, Unprocessable
 from ..runtime.base import TokenLogprob
 from .common import mark, service_of
 from .openai import _chat_logprobs, answer
+from .schemas import unsupported
 from .security import authorize_model, usage
 from .tools import ToolPlan
 
@@ -165,14 +166,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _unsupported(param: str, what: str) -> BadRequest:
-    return BadRequest(
-        f"{param}: {what} (remove it, or list it in serve.ignore_unsupported to have it ignored)",
-        code="unsupported_parameter",
-        param=param,
-    )
-
-
 def refuse_unsupported(body: ResponsesRequest, ignored: frozenset[str] = frozenset()) -> None:
     """400 `unsupported_parameter` for the first field that asks for something moorage does not do
     (fields in `ignored`, the server's ``serve.ignore_unsupported``, are let through)."""
@@ -181,18 +174,18 @@ def refuse_unsupported(body: ResponsesRequest, ignored: frozenset[str] = frozens
             "store: true is not supported: responses are not stored here", code="unsupported_parameter", param="store"
         )
     if body.text is not None and body.text.verbosity not in (None, "medium"):
-        raise _unsupported("text.verbosity", "this server does not implement verbosity")
+        raise unsupported("text.verbosity", "this server does not implement verbosity")
     for value in body.include or ():
         if value != LOGPROBS_INCLUDE:
-            raise _unsupported("include", f"this server does not implement include {value!r}")
+            raise unsupported("include", f"this server does not implement include {value!r}")
     _refuse_tools(body)
     for name, value in (body.model_extra or {}).items():
         if value is None or name in ignored:
             continue
         if name not in _NEUTRAL:
-            raise _unsupported(name, "this server does not implement this parameter")
+            raise unsupported(name, "this server does not implement this parameter")
         if value not in _NEUTRAL[name]:
-            raise _unsupported(name, f"this server does not implement {_short(value)}, only its neutral value")
+            raise unsupported(name, f"this server does not implement {_short(value)}, only its neutral value")
     for i, item in enumerate(body.input if isinstance(body.input, list) else ()):
         _refuse_item(i, item)
 
@@ -200,17 +193,17 @@ def refuse_unsupported(body: ResponsesRequest, ignored: frozenset[str] = frozens
 def _refuse_tools(body: ResponsesRequest) -> None:
     for i, tool in enumerate(body.tools or ()):
         if tool.type != "function":
-            raise _unsupported(f"tools.{i}.type", f"this server calls functions only, not {tool.type!r} tools")
+            raise unsupported(f"tools.{i}.type", f"this server calls functions only, not {tool.type!r} tools")
     if isinstance(body.tool_choice, dict) and body.tool_choice.get("type") != "function":
-        raise _unsupported("tool_choice", "this server takes auto, none, required or a named function")
+        raise unsupported("tool_choice", "this server takes auto, none, required or a named function")
 
 
 def _refuse_item(i: int, item: InputItem) -> None:
     if item.type not in ("message", "function_call", "function_call_output"):
-        raise _unsupported(f"input.{i}.type", f"this server does not implement input items of type {item.type!r}")
+        raise unsupported(f"input.{i}.type", f"this server does not implement input items of type {item.type!r}")
     for j, part in enumerate(item.content if isinstance(item.content, list) else ()):
         if part.type not in ("input_text", "output_text"):
-            raise _unsupported(f"input.{i}.content.{j}.type", f"this server takes text parts, not {part.type!r}")
+            raise unsupported(f"input.{i}.content.{j}.type", f"this server takes text parts, not {part.type!r}")
 
 
 def _short(value: Any) -> str:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..batching.contract import MAX_STOP, ToolCall
+from ..errors import BadRequest
 
 NonEmptyText = Annotated[str, Field(min_length=1)]
 
@@ -45,6 +46,15 @@ HARMLESS = frozenset({"prompt_cache_key", "safety_identifier"})
 class _Body(BaseModel):
     # extra fields are kept so that `unsupported_fields` can name them; the schema says they are refused
     model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
+
+
+def unsupported(param: str, what: str = "this server does not implement this parameter") -> BadRequest:
+    """The 400 `unsupported_parameter` of every OpenAI-compatible route, naming the field at fault."""
+    return BadRequest(
+        f"{param}: {what} (remove it, or list it in serve.ignore_unsupported to have it ignored)",
+        code="unsupported_parameter",
+        param=param,
+    )
 
 
 def unsupported_fields(body: BaseModel) -> list[str]:

@@ -14,6 +14,7 @@ command -v redis-server > /dev/null || need_pkgs+=(redis-server)
 command -v promtool > /dev/null || need_pkgs+=(prometheus)  # the alert rules' tests and a real scraper
 command -v chromium > /dev/null || need_pkgs+=(chromium fonts-dejavu-core)  # pages a person looks at (the report)
 command -v java > /dev/null || need_pkgs+=(openjdk-17-jre-headless)  # PySpark's JVM (the Spark jobs)
+command -v etcd > /dev/null || need_pkgs+=(etcd-server)  # the config center's etcd backend
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     echo "installing Debian packages: ${need_pkgs[*]}"

@@ -215,6 +215,21 @@ class JobSettings(BaseModel):
         return cleaned
 
 
+class TrainingSettings(BaseModel):
+    """``training.*``: fine-tuning jobs, their checkpoints and the promotion gate."""
+
+    model_config = SECTION_CONFIG
+
+    max_concurrent: int = Field(1, ge=1, description="training jobs run at once on one host (the others wait queued)")
+    work_dir: Path | None = Field(None, description="checkpoints of running jobs (default: HOME/training)")
+    promotion_metric: str = Field(
+        "accuracy", min_length=1, description="test metric a challenger must match to be promoted (loss: lower wins)"
+    )
+    promotion_min_delta: float = Field(
+        0.0, description="how much better than production the challenger's metric must be (negative: a tolerance)"
+    )
+
+
 class FilterSettings(BaseModel):
     """Content filters of one model. A rule is a keyword (case-insensitive, whole words) or
     ``re:PATTERN`` (a Python regular expression, case-insensitive)."""
@@ -338,6 +353,7 @@ class Settings(BaseSettings):
     jobs: JobSettings = Field(default_factory=JobSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
 
     @field_validator("home")
     @classmethod

@@ -230,6 +230,35 @@ class TrainingSettings(BaseModel):
     )
 
 
+class ConfigCenterSettings(BaseModel):
+    """``config.*``: where releases of the hot settings are kept, and how this process follows them."""
+
+    model_config = SECTION_CONFIG
+
+    backend: Literal["catalog", "etcd"] = Field(
+        "catalog", description="where releases live: the catalog database (no new service) or etcd"
+    )
+    etcd_url: str = Field("http://127.0.0.1:2379", description="etcd's JSON gateway (backend etcd)")
+    etcd_prefix: str = Field("/moorage/config/", min_length=1, description="etcd keys of the config center")
+    require_approval: bool = Field(
+        False, description="a published release takes effect only once a different key approves it"
+    )
+    center_url: str | None = Field(
+        None, description="server this process long-polls for releases (none: read the backend in-process)"
+    )
+    api_key: SecretStr | None = Field(None, description="key this process subscribes and reports with")
+    group: str | None = Field(None, description="worker group (default: servers, or stream:<worker name>)")
+    labels: dict[str, str] = Field(default_factory=dict, description="labels a gray release can target")
+    hold_s: float = Field(
+        25.0, gt=0, le=55, description="how long a long-poll is held open (well under load balancers' 60 s)"
+    )
+    poll_interval_s: float = Field(300.0, gt=0, description="fallback pull when no push arrives this long")
+    instance_ttl_s: float = Field(
+        90.0, gt=0, description="an instance that has not reported this long counts as gone in the status"
+    )
+    snapshot_dir: Path | None = Field(None, description="last applied release (default: HOME/config-snapshots)")
+
+
 class FilterSettings(BaseModel):
     """Content filters of one model. A rule is a keyword (case-insensitive, whole words) or
     ``re:PATTERN`` (a Python regular expression, case-insensitive)."""
@@ -354,6 +383,7 @@ class Settings(BaseSettings):
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    config: ConfigCenterSettings = Field(default_factory=ConfigCenterSettings)
 
     @field_validator("home")
     @classmethod

@@ -364,6 +364,59 @@ class CacheSettings(BaseModel):
         return self
 
 
+class SplitArm(BaseModel):
+    """One arm of a traffic split: a target of the routed model and its share of the requests."""
+
+    model_config = SECTION_CONFIG
+
+    target: str = Field(
+        min_length=1,
+        description="an alias ('canary'), a version ('2') of the routed model, or a reference ('minilm@canary')",
+    )
+    weight: int = Field(ge=0, le=100, description="percent of the model's requests sent here")
+
+    def ref(self, name: str) -> str:
+        """The reference this arm serves for model `name`: NAME@ALIAS, NAME:VERSION, or the target as given."""
+        if "@" in self.target or ":" in self.target:
+            return self.target
+        return f"{name}:{self.target}" if self.target.isdigit() else f"{name}@{self.target}"
+
+
+class RouteSettings(BaseModel):
+    """``routing.<model>``: requests naming the bare model are split between targets by weight (a
+    request naming a reference, ``minilm@production``, is never split)."""
+
+    model_config = SECTION_CONFIG
+
+    split: list[SplitArm] = Field(min_length=1, description="the arms; their weights sum to 100")
+    sticky: str | None = Field(
+        None,
+        description="'api_key' or 'header:NAME': requests with the same key land on the same arm, and stay on it "
+        "while its share grows; none: each request is drawn at random",
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _check_weights(cls, arms: list[SplitArm]) -> list[SplitArm]:
+        total = sum(arm.weight for arm in arms)
+        if total != 100:
+            raise ValueError(f"the split's weights sum to {total}; they must sum to 100")
+        targets = [arm.target for arm in arms]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"each target may appear once in a split: {', '.join(targets)}")
+        return arms
+
+    @field_validator("sticky")
+    @classmethod
+    def _check_sticky(cls, sticky: str | None) -> str | None:
+        if sticky is None or sticky == "api_key":
+            return sticky
+        kind, _, header = sticky.partition(":")
+        if kind != "header" or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", header):
+            raise ValueError(f"{sticky!r}: use 'api_key' or 'header:NAME' (e.g. 'header:X-User')")
+        return f"header:{header.lower()}"
+
+
 class Settings(BaseSettings):
     """Everything a moorage process needs to know, validated at start-up."""
 
@@ -383,12 +436,23 @@ class Settings(BaseSettings):
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    routing: dict[str, RouteSettings] = Field(
+        default_factory=dict, description="traffic splits by model name (canary, A/B) between its aliases or versions"
+    )
     config: ConfigCenterSettings = Field(default_factory=ConfigCenterSettings)
 
     @field_validator("home")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("routing")
+    @classmethod
+    def _check_routes(cls, routes: dict[str, RouteSettings]) -> dict[str, RouteSettings]:
+        for name in routes:
+            if not name or any(c in name for c in "@:/ "):
+                raise ValueError(f"{name!r}: routes are keyed by model name ('minilm', not 'minilm@production')")
+        return routes
 
     @field_validator("log_level")
     @classmethod

@@ -119,3 +119,42 @@ def tiny_llama(folder: Path, tokenizer: str = "minilm", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A tiny random BERT encoder (one layer, 32 wide) saved with MiniLM's real WordPiece tokenizer,
+    laid out as a sentence-transformers folder like the registry's MiniLM (mean pooling, normalised):
+    an `embed` model, and a base that `AutoModelForSequenceClassification` puts a head on. Nothing is
+    downloaded."""
+    import json
+
+    import torch
+    import transformers
+
+    from moorage.demo.assets import minilm_folder
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_folder()), local_files_only=True)
+    tok.save_pretrained(folder)
+    config = transformers.BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    transformers.BertModel(config).save_pretrained(folder, safe_serialization=True)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (folder / "2_Normalize").mkdir(exist_ok=True)
+    return folder

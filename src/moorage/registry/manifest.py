@@ -25,8 +25,19 @@ class FileEntry(BaseModel):
 
 
 class Lineage(BaseModel):
+    """Where a version came from. Every field is optional: a version registered by hand names what
+    its user gave; a trained one names all of it (see `moorage.training.publish`)."""
+
     parent: str | None = Field(None, description="NAME:VERSION this version was derived from")
+    parent_manifest_sha256: str | None = Field(None, description="digest of the parent's manifest")
     dataset_sha256: str | None = None
+    dataset: dict[str, Any] | None = Field(
+        None, description="the training data: name, version, digest, split seed and each split's digest"
+    )
+    label_map: dict[str, int] | None = Field(None, description="label -> class id of a classifier")
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, description="every training parameter, in full")
+    validation: list[dict[str, Any]] = Field(default_factory=list, description="every validation evaluation")
+    packages: dict[str, str] = Field(default_factory=dict, description="versions of the packages that trained it")
     code_version: str | None = None
 
 

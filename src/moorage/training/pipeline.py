@@ -4,14 +4,30 @@ checkpoint through the runtime that will serve it, and publish it with its linea
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import Settings
-from ..registry import VersionInfo
-from .trainer import Progress, TrainOutcome, TrainSpec
+from ..errors import BadRequest, Conflict, require
+from ..refs import validate_name
+from ..registry import Manifest, Registry, VersionInfo
+from ..registry.crypto import MemoryFolder
+from ..registry.manifest import detect_framework
+from ..runtime import Runtime
+from ..runtime.base import TaskHandler
+from ..runtime.loader import handler_for
+from .datasets import Datasets, DatasetVersion, Example
+from .evaluation import classification_metrics, language_model_metrics
+from .publish import publish, unpublish
+from .trainer import Progress, TrainingCancelled, TrainOutcome, TrainSpec, train
+
+# The registered tasks a base may have, per training task: a classifier starts from an encoder
+# (an embedding model, or another classifier), a generator from a causal LM.
+BASE_TASKS = {"classify": ("embed", "classify"), "generate": ("generate",)}
+DATASET_KINDS = {"classify": ("classify",), "generate": ("chat", "text")}
 
 
 @dataclass
@@ -37,10 +53,197 @@ def run_training(
     An unknown base is a 404 ``model_not_found``; a base of the wrong task 400 ``wrong_base_task``;
     a dataset whose kind does not fit the task 400 ``wrong_dataset_kind``. Raises
     `TrainingCancelled` when `should_stop` says so; nothing is registered then, nor on any failure."""
-    raise NotImplementedError
+    registry = Registry.from_settings(settings).acting_as(user)
+    try:
+        datasets = Datasets.from_settings(settings)
+        base = check_base(registry, spec)
+        dataset = check_dataset(datasets, spec)
+        check_target(registry, spec)
+        train_rows = datasets.examples(dataset, spec.train_split)
+        validation_rows = datasets.examples(dataset, spec.validation_split)
+        with base_folder(registry, base) as base_dir:
+            outcome = train(
+                spec,
+                base_dir,
+                train_rows,
+                validation_rows,
+                dataset.label_map,
+                Path(work_dir),
+                progress=progress,
+                should_stop=should_stop,
+            )
+        _report(progress, "testing", outcome)
+        test_rows = datasets.examples(dataset, spec.test_split)
+        test_metrics = evaluate_folder(settings, outcome.best_dir, spec.task, test_rows, dataset, spec.test_split)
+        if should_stop is not None and should_stop():
+            raise TrainingCancelled(f"training of {spec.name} was cancelled before it was registered")
+        _report(progress, "publishing", outcome)
+        info, previous = publish(registry, spec, outcome, base, dataset, test_metrics)
+        try:
+            datasets.record_use(dataset, info.name, info.version)
+        except BaseException:
+            unpublish(registry, info, previous)
+            raise
+        return TrainingResult(registry.resolve(info.ref), test_metrics, outcome)
+    finally:
+        registry.close()
 
 
 def evaluate_version(settings: Settings, ref: str, dataset: str, split: str = "test") -> dict[str, Any]:
     """The test metrics of any registered version on a dataset split (``dataset``: NAME or
     NAME:VERSION), computed through the runtime's handler for the version, as served."""
-    raise NotImplementedError
+    registry = Registry.from_settings(settings)
+    try:
+        info = registry.resolve(ref)
+        datasets = Datasets.from_settings(settings)
+        data = datasets.get(dataset)
+        _check_kind(info.task, data)
+        _check_split(data, split)
+        loaded = Runtime(registry, settings.runtime).load(info)
+        return _metrics(loaded.handler, info.task, datasets.examples(data, split), data, split, settings)
+    finally:
+        registry.close()
+
+
+def evaluate_folder(
+    settings: Settings, folder: Path, task: str, rows: Sequence[Example], dataset: DatasetVersion, split: str
+) -> dict[str, Any]:
+    """The metrics of an unregistered model folder, loaded by the handler the registry and the
+    runtime would pick for it (the one that serves it once registered)."""
+    framework = detect_framework(folder, task)
+    handler = handler_for(task, framework)
+    handler.load(
+        folder, Manifest(name="candidate", version=0, task=task, framework=framework, files=[]), settings.runtime
+    )
+    return _metrics(handler, task, rows, dataset, split, settings)
+
+
+# ---- checks, all before any training ------------------------------------------------------------
+def check_base(registry: Registry, spec: TrainSpec) -> VersionInfo:
+    base = registry.resolve(spec.base)  # 404 model_not_found / version_not_found
+    if base.task not in BASE_TASKS[spec.task]:
+        raise BadRequest(
+            f"base {base.ref} is a {base.task} model; a {spec.task} model is trained from a "
+            f"{' or '.join(BASE_TASKS[spec.task])} model",
+            code="wrong_base_task",
+        )
+    if base.framework == "fake":
+        raise BadRequest(f"base {base.ref} is a fake model: it has no weights to fine-tune", code="wrong_base_task")
+    return base
+
+
+def check_dataset(datasets: Datasets, spec: TrainSpec) -> DatasetVersion:
+    dataset = datasets.get(spec.dataset)  # 404 dataset_not_found
+    _check_kind(spec.task, dataset)
+    for split in (spec.train_split, spec.validation_split, spec.test_split):
+        _check_split(dataset, split)
+    return dataset
+
+
+def check_target(registry: Registry, spec: TrainSpec) -> None:
+    """The result's name is valid and not taken by a model of another task (found out now, not after
+    training)."""
+    validate_name(spec.name)
+    for model in registry.list_models():
+        if model.name == spec.name and model.task != spec.task:
+            raise Conflict(
+                f"model {spec.name!r} holds {model.task!r} models; train this {spec.task} model under another name",
+                code="task_mismatch",
+            )
+
+
+def _check_kind(task: str, dataset: DatasetVersion) -> None:
+    kinds = DATASET_KINDS.get(task)
+    if kinds is None:
+        raise BadRequest(f"{task} models are not evaluated on datasets; choose a classify or generate model")
+    if dataset.kind not in kinds:
+        raise BadRequest(
+            f"dataset {dataset.ref} holds {dataset.kind} data; a {task} model needs {' or '.join(kinds)} data",
+            code="wrong_dataset_kind",
+        )
+
+
+def _check_split(dataset: DatasetVersion, split: str) -> None:
+    if split not in dataset.splits:
+        raise BadRequest(
+            f"dataset {dataset.ref} has no split {split!r}; its splits are {', '.join(sorted(dataset.splits))}",
+            code="split_not_found",
+        )
+
+
+@contextlib.contextmanager
+def base_folder(registry: Registry, base: VersionInfo) -> Iterator[Path]:
+    """The base's verified local folder; an encrypted base is decrypted into memory only."""
+    folder = registry.local_path(base)
+    if not base.manifest.encryption:
+        yield folder
+        return
+    with MemoryFolder(registry.read_plaintext(base, folder)) as plain:
+        yield plain
+
+
+# ---- metrics through a loaded handler -----------------------------------------------------------
+def _metrics(
+    handler: TaskHandler,
+    task: str,
+    rows: Sequence[Example],
+    dataset: DatasetVersion,
+    split: str,
+    settings: Settings,
+) -> dict[str, Any]:
+    if not rows:
+        raise BadRequest(
+            f"split {split!r} of dataset {dataset.ref} is empty: nothing to evaluate on", code="empty_split"
+        )
+    if task == "classify":
+        metrics = _classification(handler, rows, dataset.label_map, settings.serve.max_batch_size)
+    else:
+        metrics = language_model_metrics(_mean_token_loss(handler, rows))
+    return {**metrics, "evaluated_on": _evaluated_on(dataset, split, len(rows))}
+
+
+def _classification(
+    handler: TaskHandler, rows: Sequence[Example], label_map: dict[str, int], batch_size: int
+) -> dict[str, Any]:
+    """The handler's labels for every row, in the batches it is served in."""
+    predicted: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        predicted += [c.label for c in handler([r.text for r in rows[start : start + batch_size]])]
+    labels = sorted(label_map, key=label_map.__getitem__)
+    return classification_metrics([str(r.label) for r in rows], predicted, labels)
+
+
+def _mean_token_loss(handler: TaskHandler, rows: Sequence[Example]) -> float:
+    """Mean next-token cross-entropy of the served causal LM over the rows (chat rows rendered by its
+    chat template), each token weighted alike."""
+    torch = require("torch", "ml")
+    model, tokenizer = handler.model, handler.tokenizer  # type: ignore[attr-defined]
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for row in rows:
+            text = row.text
+            if row.messages and tokenizer.chat_template:
+                text = tokenizer.apply_chat_template(list(row.messages), tokenize=False)
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=handler.max_context)["input_ids"]  # type: ignore[attr-defined]
+            if ids.shape[-1] < 2:
+                continue
+            ids = ids.to(model.device)
+            loss = model(input_ids=ids, labels=ids).loss.float().item()
+            total, count = total + loss * (ids.shape[-1] - 1), count + ids.shape[-1] - 1
+    return total / max(count, 1)
+
+
+def _evaluated_on(dataset: DatasetVersion, split: str, rows: int) -> dict[str, Any]:
+    return {
+        "dataset": dataset.ref,
+        "dataset_sha256": dataset.digest,
+        "split": split,
+        "split_sha256": dataset.splits[split].digest,
+        "rows": rows,
+    }
+
+
+def _report(progress: Callable[[Progress], None] | None, phase: str, outcome: TrainOutcome) -> None:
+    if progress is not None:
+        best = {outcome.metric: outcome.best_metric}
+        progress(Progress(phase, outcome.best_step, outcome.best_step, 0.0, None, best, None))

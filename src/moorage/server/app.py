@@ -18,7 +18,7 @@ from ..config import Settings
 from ..observability import metrics, tracing
 from ..registry import Registry
 from ..runtime import Runtime
-from . import admin, health, inference, jobs, openai, responses
+from . import admin, classify, health, inference, jobs, openai, promotion, responses
 from .edge import EdgeMiddleware
 from .errors import ERROR_RESPONSES, install_error_handlers
 from .security import Guard, SecurityMiddleware
@@ -89,10 +89,12 @@ def create_app(
     )
     app.include_router(health.router)
     app.include_router(inference.router)
+    app.include_router(classify.router)
     app.include_router(openai.router)
     app.include_router(responses.router)
     app.include_router(jobs.router)
     app.include_router(admin.router)
+    app.include_router(promotion.router)
     app.openapi = lambda: _openapi_with_auth(app, guard)  # type: ignore[method-assign]  # FastAPI's documented override
     return app
 

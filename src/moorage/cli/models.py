@@ -113,8 +113,30 @@ def show(ctx: typer.Context, ref: str, as_json: Annotated[bool, typer.Option("--
     }
     if as_json:
         print(json.dumps(doc, indent=2))
-    else:
-        console.print_json(data=doc)
+        return
+    console.print_json(data=doc)
+    for line in _made_from(info.manifest.lineage):
+        console.print(line, highlight=False)
+
+
+def _made_from(lineage: Lineage) -> list[str]:
+    """Which model and which data made a version, in a few lines (the JSON above has all of it)."""
+    lines = []
+    if lineage.parent:
+        digest = f" (manifest {lineage.parent_manifest_sha256[:12]})" if lineage.parent_manifest_sha256 else ""
+        lines.append(f"parent:  {lineage.parent}{digest}")
+    data = lineage.dataset
+    if data:
+        splits = ", ".join(f"{name} {digest[:12]}" for name, digest in sorted(data.get("splits", {}).items()))
+        lines.append(
+            f"dataset: {data.get('name')}:{data.get('version')} (sha256 {str(data.get('digest'))[:12]}, "
+            f"split seed {data.get('seed')}; splits {splits})"
+        )
+    elif lineage.dataset_sha256:
+        lines.append(f"dataset: sha256 {lineage.dataset_sha256}")
+    if lineage.code_version:
+        lines.append(f"code:    {lineage.code_version}")
+    return lines
 
 
 @app.command()
@@ -144,6 +166,27 @@ def rollback(ctx: typer.Context, name: str, alias: str, reason: Annotated[str, t
     event = state(ctx).registry.rollback(name, alias, reason)
     state(ctx).audit("rollback_alias", name, event.to_version, alias=alias, reason=reason)
     console.print(f"{name}@{alias}: {event.from_version} → {event.to_version} (rolled back)")
+
+
+@app.command()
+def promote(
+    ctx: typer.Context,
+    name: str,
+    from_alias: Annotated[str, typer.Option("--from", help="alias of the challenger")] = "challenger",
+    to_alias: Annotated[str, typer.Option("--to", help="alias to move")] = "production",
+    force: Annotated[bool, typer.Option("--force", help="move it even if the gate refuses (audited)")] = False,
+) -> None:
+    """Move --to to the version --from points at if its test metric, on the same test split, is at
+    least the current one's (training.promotion_metric, .promotion_min_delta); exit 1 if refused.
+    The decision and both metrics go to the audit log."""
+    from ..training.promotion import promote as gate
+
+    st = state(ctx)
+    user = f"cli:{st.settings.user}"
+    decision = gate(st.settings, name, from_alias=from_alias, to_alias=to_alias, user=user, force=force)
+    console.print(decision.reason, highlight=False)
+    if not decision.accepted:
+        raise typer.Exit(1)
 
 
 @app.command()

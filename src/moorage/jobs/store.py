@@ -1,4 +1,4 @@
-"""Job rows in the catalog database (table ``jobs``, migrations 0003 and 0004).
+"""Job rows in the catalog database (table ``jobs``, migrations 0003, 0004 and 0006).
 
 Every server replica that shares a catalog shares its jobs, so whichever replica receives a job's
 queue message finds its row. A job moves ``queued -> running -> succeeded | failed``:
@@ -18,6 +18,11 @@ queue message finds its row. A job moves ``queued -> running -> succeeded | fail
   callback ``pending`` and leases it to the finishing runner, so a callback that a crash kept from
   being delivered is delivered by whoever reclaims the lease: callbacks are at-least-once, each
   delivery counted in ``callback_attempts`` (`begin_callback`).
+
+Each job has a ``kind``: ``inference`` jobs (``POST /v1/jobs``) travel as broker messages and are
+the only ones this store's `expired` hands back to the inference runners; the other kinds
+(training, evaluation, batch) are taken straight from the table by workers (`moorage.jobs.queue`),
+highest ``priority`` first. A job can also end ``cancelled``.
 
 Both tell an unknown job id apart from a finished job: unknown raises `JobNotFound`, finished
 returns None. The store works on the catalog's engine (``registry.catalog.engine``), SQLite or
@@ -63,13 +68,15 @@ class JobStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def is_finished(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+INFERENCE = "inference"  # the kind of the jobs that POST /v1/jobs creates and broker messages carry
 
 jobs_table = sa.Table(
     "jobs",
@@ -90,6 +97,20 @@ jobs_table = sa.Table(
     sa.Column("runner_id", sa.String(64), nullable=True),  # the runner holding (or last holding) it
     sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True, index=True),  # None: not held
     sa.Column("callback_attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("kind", sa.String(32), nullable=False, default=INFERENCE, server_default=INFERENCE),
+    sa.Column("priority", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("progress", sa.JSON, nullable=True),  # the latest progress report of a running job
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
+    sa.Index("ix_jobs_queue", "kind", "status", "priority", "created_at"),
+)
+
+job_logs_table = sa.Table(
+    "job_logs",
+    Base.metadata,
+    sa.Column("job_id", sa.String(64), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),  # 1, 2, ... per job
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("line", sa.Text, nullable=False),
 )
 
 
@@ -138,6 +159,10 @@ class Job:
     runner_id: str | None = None
     lease_expires_at: datetime | None = None
     callback_attempts: int = 0
+    kind: str = INFERENCE
+    priority: int = 0
+    progress: dict[str, Any] | None = None
+    cancel_requested: bool = False
 
     @property
     def is_finished(self) -> bool:
@@ -186,6 +211,10 @@ class Job:
             runner_id=row["runner_id"],
             lease_expires_at=as_utc(row["lease_expires_at"]) if row["lease_expires_at"] else None,
             callback_attempts=row["callback_attempts"],
+            kind=row.get("kind") or INFERENCE,
+            priority=row.get("priority") or 0,
+            progress=row.get("progress"),
+            cancel_requested=bool(row.get("cancel_requested")),
         )
 
 
@@ -226,12 +255,17 @@ class JobStore:
         owner: str | None = None,
         job_id: str | None = None,
         traceparent: str | None = None,
+        kind: str = INFERENCE,
+        priority: int = 0,
+        held_by: str | None = None,
     ) -> Job:
         """Insert a queued job and return it. `request` is the JSON-ready request the runner will
         execute; `job_id` defaults to `new_job_id()`; `traceparent`: the trace its run continues.
         Commit the row before publishing the job's message, so that whichever replica receives the
-        message finds the row."""
+        message finds the row. `kind` and `priority`: see `moorage.jobs.queue`; `held_by`: a runner
+        id that leases the queued job from the start (it will start the job itself)."""
         request = dict(request) | ({TRACEPARENT_KEY: traceparent} if traceparent else {})
+        now = self.clock()
         row = {
             "id": job_id or new_job_id(),
             "model": model,
@@ -242,21 +276,25 @@ class JobStore:
             "callback_url": callback_url,
             "callback_status": None,
             "attempts": 0,
-            "created_at": self.clock(),
+            "created_at": now,
             "started_at": None,
             "finished_at": None,
             "owner": owner,
-            "runner_id": None,
-            "lease_expires_at": None,
+            "runner_id": held_by,
+            "lease_expires_at": self.lease_end(now) if held_by else None,
             "callback_attempts": 0,
+            "kind": kind,
+            "priority": priority,
+            "progress": None,
+            "cancel_requested": False,
         }
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             conn.execute(jobs_table.insert(), row)
         return Job.from_row(row)
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None if there is no such id."""
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             row = conn.execute(sa.select(jobs_table).where(jobs_table.c.id == job_id)).mappings().first()
         return Job.from_row(row) if row else None
 
@@ -268,7 +306,7 @@ class JobStore:
             c.runner_id.is_(None), c.runner_id == runner_id, c.lease_expires_at.is_(None), c.lease_expires_at <= now
         )
 
-    def _lease_end(self, now: datetime) -> datetime:
+    def lease_end(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.lease_s)
 
     def claim(self, job_ids: Collection[str], runner_id: str) -> set[str]:
@@ -283,10 +321,10 @@ class JobStore:
         update = (
             jobs_table.update()
             .where(c.id.in_(list(job_ids)), c.status.in_(UNFINISHED), self._takeable(runner_id, now))
-            .values(runner_id=runner_id, lease_expires_at=self._lease_end(now))
+            .values(runner_id=runner_id, lease_expires_at=self.lease_end(now))
             .returning(c.id)
         )
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             return {row[0] for row in conn.execute(update)}
 
     def renew(self, job_ids: Collection[str], runner_id: str) -> int:
@@ -298,9 +336,9 @@ class JobStore:
         update = (
             jobs_table.update()
             .where(c.id.in_(list(job_ids)), c.runner_id == runner_id, c.lease_expires_at.is_not(None))
-            .values(lease_expires_at=self._lease_end(self.clock()))
+            .values(lease_expires_at=self.lease_end(self.clock()))
         )
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             return conn.execute(update).rowcount
 
     def release(self, job_ids: Collection[str], runner_id: str) -> int:
@@ -314,7 +352,7 @@ class JobStore:
             .where(c.id.in_(list(job_ids)), c.runner_id == runner_id, c.status.in_(UNFINISHED))
             .values(status=JobStatus.QUEUED.value, runner_id=None, lease_expires_at=None)
         )
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             return conn.execute(update).rowcount
 
     def expire(self, runner_id: str) -> int:
@@ -326,21 +364,22 @@ class JobStore:
             .where(c.runner_id == runner_id, c.lease_expires_at.is_not(None))
             .values(lease_expires_at=self.clock())
         )
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             return conn.execute(update).rowcount
 
     def expired(self, limit: int = 100) -> list[Job]:
-        """Jobs whose lease has expired: unfinished ones and finished ones whose callback is pending,
-        oldest lease first; `reclaim` each."""
+        """Inference jobs whose lease has expired: unfinished ones and finished ones whose callback is
+        pending, oldest lease first; `reclaim` each. (Workers reclaim the other kinds themselves, from
+        the table: they have no broker message to publish again.)"""
         c = jobs_table.c
         reclaimable = sa.or_(c.status.in_(UNFINISHED), c.callback_status == CALLBACK_PENDING)
         query = (
             sa.select(jobs_table)
-            .where(c.lease_expires_at <= self.clock(), reclaimable)
+            .where(c.kind == INFERENCE, c.lease_expires_at <= self.clock(), reclaimable)
             .order_by(c.lease_expires_at)
             .limit(limit)
         )
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             return [Job.from_row(row) for row in conn.execute(query).mappings()]
 
     def reclaim(self, job: Job, runner_id: str) -> Job | None:
@@ -353,12 +392,12 @@ class JobStore:
         still_expired = (c.id == job.id, c.lease_expires_at <= now)
         if job.is_finished:
             where = (*still_expired, c.callback_status == CALLBACK_PENDING)
-            change: dict[str, Any] = {"runner_id": runner_id, "lease_expires_at": self._lease_end(now)}
+            change: dict[str, Any] = {"runner_id": runner_id, "lease_expires_at": self.lease_end(now)}
         else:
             where = (*still_expired, c.status.in_(UNFINISHED))
             change = {"status": JobStatus.QUEUED.value, "runner_id": None, "lease_expires_at": None}
         update = jobs_table.update().where(*where).values(**change).returning(*jobs_table.c)
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             row = conn.execute(update).mappings().first()
         if row is not None:
             log.info("job %s: reclaimed the expired lease of runner %s", job.id, job.runner_id)
@@ -383,7 +422,7 @@ class JobStore:
             "attempts": jobs_table.c.attempts + 1,
             "started_at": now,
             "runner_id": runner_id,
-            "lease_expires_at": self._lease_end(now),
+            "lease_expires_at": self.lease_end(now),
         }
         return self._transition(job_id, change, self._takeable(runner_id, now))
 
@@ -397,10 +436,10 @@ class JobStore:
     ) -> Job | None:
         """Store the outcome of a queued or running job, once, and return the finished job.
 
-        `status` is `JobStatus.SUCCEEDED` with a JSON-ready `result`, or `JobStatus.FAILED` with an
-        `error` (see `JobError.from_exception`). Only the first finish counts: if the job is already
-        finished, nothing changes and the answer is None (do not call its callback again). An
-        unknown id raises `JobNotFound`.
+        `status` is `JobStatus.SUCCEEDED` with a JSON-ready `result`, `JobStatus.FAILED` with an
+        `error` (see `JobError.from_exception`), or `JobStatus.CANCELLED` (with or without either).
+        Only the first finish counts: if the job is already finished, nothing changes and the answer
+        is None (do not call its callback again). An unknown id raises `JobNotFound`.
 
         With a `runner_id`, a job that has a callback URL is left ``callback_status="pending"`` and
         leased to that runner, which then delivers it (`set_callback_status`): this UPDATE counts that
@@ -413,7 +452,7 @@ class JobStore:
         if status == JobStatus.FAILED and error is None:
             raise ValueError("a failed job needs a JobError (code and message)")
         if not status.is_finished:
-            raise ValueError(f"finish takes succeeded or failed, not {status.value!r}")
+            raise ValueError(f"finish takes succeeded, failed or cancelled, not {status.value!r}")
         now = self.clock()
         c = jobs_table.c
         has_callback = c.callback_url.is_not(None)
@@ -427,7 +466,7 @@ class JobStore:
         if runner_id is not None:
             change["runner_id"] = runner_id
             change["callback_status"] = sa.case((has_callback, CALLBACK_PENDING), else_=None)
-            change["lease_expires_at"] = sa.case((has_callback, self._lease_end(now)), else_=None)
+            change["lease_expires_at"] = sa.case((has_callback, self.lease_end(now)), else_=None)
             change["callback_attempts"] = sa.case((has_callback, c.callback_attempts + 1), else_=c.callback_attempts)
         return self._transition(job_id, change)
 
@@ -442,7 +481,7 @@ class JobStore:
             .values(callback_attempts=c.callback_attempts + 1)
             .returning(c.callback_attempts)
         )
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             row = conn.execute(update).first()
         return int(row[0]) if row else None
 
@@ -450,7 +489,7 @@ class JobStore:
         """Record what became of the job's callback (e.g. ``delivered: HTTP 200``), cut to 200 chars,
         and release the job's lease: nothing is left to do for it. An unknown id raises
         `JobNotFound`."""
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             done = conn.execute(
                 jobs_table.update()
                 .where(jobs_table.c.id == job_id)
@@ -468,7 +507,7 @@ class JobStore:
             .values(**change)
             .returning(*jobs_table.c)
         )
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             row = conn.execute(update).mappings().first()
             if row is not None:
                 return Job.from_row(row)
@@ -478,7 +517,7 @@ class JobStore:
         return None
 
     @contextmanager
-    def _transaction(self) -> Iterator[Connection]:
+    def transaction(self) -> Iterator[Connection]:
         try:
             with self.engine.begin() as conn:
                 yield conn

@@ -100,6 +100,26 @@ RESPONSE_CACHE_BYTES = Gauge(
 RESPONSE_CACHE_ERRORS = Counter(
     "moorage_response_cache_errors", "response cache backend failures; those requests ran without it", ("backend",)
 )
+# queued jobs (training, evaluation, batch) as their workers run them; `model`: the model a job is about
+TRAINING_JOBS = Counter("moorage_training_jobs", "queued jobs that ended, by kind and status", ("kind", "status"))
+TRAINING_JOBS_RUNNING = Gauge(
+    "moorage_training_jobs_running", "queued jobs running in this process", ("kind",), multiprocess_mode="livesum"
+)
+TRAINING_STEP = Gauge(
+    "moorage_training_step", "current step of a running job", ("kind", "model"), multiprocess_mode="liveall"
+)
+TRAINING_TOTAL_STEPS = Gauge(
+    "moorage_training_total_steps", "steps a running job takes in all", ("kind", "model"), multiprocess_mode="liveall"
+)
+TRAINING_LOSS = Gauge(
+    "moorage_training_loss", "latest training loss of a running job", ("kind", "model"), multiprocess_mode="liveall"
+)
+TRAINING_METRIC = Gauge(
+    "moorage_training_validation_metric",
+    "latest validation metrics of a running job",
+    ("kind", "model", "metric"),
+    multiprocess_mode="liveall",
+)
 PROCESS_CPU = Gauge("moorage_process_cpu_seconds", "CPU time of the server process", multiprocess_mode="all")
 PROCESS_MEMORY = Gauge("moorage_process_max_resident_memory_bytes", "peak RSS of the process", multiprocess_mode="all")
 PROCESS_RSS = Gauge("moorage_process_resident_memory_bytes", "RSS of the process", multiprocess_mode="all")

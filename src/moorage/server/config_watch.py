@@ -5,10 +5,162 @@ config of the asking instance as soon as the center's revision passes it, or 304
 first (``config.hold_s``, 25 s by default: well under the 60 s idle timeout of common load
 balancers, which cut longer holds). A client whose connection dropped asks again with the same
 ``after`` and misses nothing. Waiting holds no thread: every waiter awaits one asyncio event, set by
-one poller task per process that waits on the center's revision."""
+one thread per process that waits on the center's revision (`Revisions`)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import json
+import logging
+import threading
+from typing import TYPE_CHECKING, Literal
 
-router = APIRouter()
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from ..configcenter.snapshot import effective_json
+from ..errors import BadRequest
+from .common import FastJSON
+from .security import require
+
+if TYPE_CHECKING:
+    from ..configcenter.releases import ConfigCenter, Instance
+
+log = logging.getLogger("moorage.server")
+router = APIRouter(tags=["config"])
+PERMISSION = "subscribe_config"
+INSTANCE_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+GROUP_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+
+
+class Revisions:
+    """The center's revision as this process last saw it, and one asyncio event per revision.
+
+    One daemon thread waits on the center (its `wait` blocks) and hands each new revision to the
+    event loop; every long-poll awaits the current event, so a hundred waiting subscribers cost a
+    hundred futures, not a hundred threads."""
+
+    def __init__(self, center: ConfigCenter, *, wait_slice_s: float = 5.0) -> None:
+        self.center = center
+        self.revision = -1
+        self.wait_slice_s = wait_slice_s
+        self._changed = asyncio.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.revision = await asyncio.to_thread(self.center.revision)
+        self._thread = threading.Thread(target=self._follow, args=(loop,), name="config-revisions", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the waiting thread within one slice of its wait (it holds nothing: not joined)."""
+        self._stopping.set()
+
+    def _follow(self, loop: asyncio.AbstractEventLoop) -> None:
+        seen = self.revision
+        while not self._stopping.is_set():
+            try:
+                revision = self.center.wait(seen, self.wait_slice_s)
+            except Exception as exc:  # the backend is down: say so, wait a slice, try again
+                log.warning("config center: cannot follow its revision: %s: %s", type(exc).__name__, exc)
+                self._stopping.wait(self.wait_slice_s)
+                continue
+            if revision > seen:
+                seen = revision
+                try:
+                    loop.call_soon_threadsafe(self._advance, revision)
+                except RuntimeError:  # the loop has closed
+                    return
+
+    def _advance(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
+
+    async def wait_past(self, after: int, timeout_s: float) -> bool:
+        """True as soon as the revision is past `after`, False when `timeout_s` ends first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.revision <= after:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            try:
+                async with asyncio.timeout(left):
+                    await self._changed.wait()
+            except TimeoutError:
+                return False
+        return True
+
+
+def _center(request: Request) -> ConfigCenter:
+    return request.app.state.config_center
+
+
+def _revisions(request: Request) -> Revisions:
+    return request.app.state.config_revisions
+
+
+def _instance(instance_id: str, group: str, labels: dict[str, str]) -> Instance:
+    from ..configcenter.releases import Instance
+
+    return Instance(id=instance_id, group=group, labels=labels)
+
+
+def _labels(text: str) -> dict[str, str]:
+    try:
+        labels = json.loads(text) if text else {}
+    except ValueError:
+        labels = None
+    valid = isinstance(labels, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
+    if not valid or labels is None:
+        raise BadRequest('labels must be a JSON object of strings, e.g. {"zone": "eu-1"}', code="invalid_labels")
+    return labels
+
+
+@router.get(
+    "/v1/config/watch",
+    responses={304: {"description": "the hold ended before the revision passed `after`"}},
+)
+async def watch(
+    request: Request,
+    instance: str = Query(..., pattern=INSTANCE_PATTERN, description="the asking instance's id (unique per process)"),
+    group: str = Query("servers", pattern=GROUP_PATTERN, description="servers, or stream:<worker name>"),
+    labels: str = Query("", max_length=4096, description="the instance's labels as a JSON object"),
+    after: int = Query(-1, ge=-1, le=2**62, description="the last revision seen; -1: answer at once"),
+    hold: float | None = Query(None, gt=0, le=55, description="hold at most this long (capped by config.hold_s)"),
+    _caller=Depends(require(PERMISSION)),
+) -> Response:
+    """The asking instance's Effective config once the center's revision passes `after` (at once
+    for -1), else 304 at the end of the hold."""
+    who = _instance(instance, group, _labels(labels))
+    hold_s = min(hold or request.app.state.settings.config.hold_s, request.app.state.settings.config.hold_s)
+    if after >= 0 and not await _revisions(request).wait_past(after, hold_s):
+        return Response(status_code=304)
+    if await request.is_disconnected():  # woken for a client that has gone: no config to compute
+        return Response(status_code=304)
+    effective = await asyncio.to_thread(_center(request).effective, who)
+    return FastJSON(effective_json(effective))
+
+
+class Report(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instance: str = Field(pattern=INSTANCE_PATTERN)
+    group: str = Field("servers", pattern=GROUP_PATTERN)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    revision: int = Field(ge=0, le=2**62)
+    status: Literal["applied", "rejected"]
+    reason: str = Field("", max_length=2000)
+
+
+@router.post("/v1/config/reports", status_code=204)
+async def report(request: Request, body: Report, _caller=Depends(require(PERMISSION))) -> Response:
+    """An instance says it applied a revision, or refused it and why; `moorage config status` counts them."""
+    who = _instance(body.instance, body.group, body.labels)
+    await asyncio.to_thread(_center(request).report, who, body.revision, body.status, body.reason)
+    return Response(status_code=204)

@@ -116,6 +116,12 @@ class DynamicBatcher:
         self._wakeup.set()
         return future
 
+    def reconfigure(self, config: BatchConfig) -> None:
+        """New limits for what comes next: the batch being computed keeps its inputs, and inputs already
+        queued keep their deadlines; a smaller queue bound only refuses new inputs (429) until it drains."""
+        self.config = config
+        self._wakeup.set()  # a batch waiting to fill is decided again under the new size and wait
+
     def has_room(self, n: int) -> bool:
         return len(self._queue) + n <= self.config.max_queue
 

@@ -245,6 +245,15 @@ class GenerationEngine:
         with self._cv:
             self._cv.notify()
 
+    def reconfigure(self, config: GenerationConfig) -> None:
+        """New limits from the next step on: running sequences keep their rows (fewer rows only admit
+        fewer new ones), waiting ones keep their deadlines."""
+        with self._cv:
+            self.config = config
+            self.scheduler.max_num_seqs = config.max_num_seqs
+            self.scheduler.max_prefill_tokens = config.max_prefill_tokens
+            self._cv.notify()
+
     def add_failure_listener(self, callback: Callable[[BaseException], None]) -> None:
         """`callback(exc)` runs on the caller's event loop if the engine thread dies."""
         self._on_failure.append((asyncio.get_running_loop(), callback))

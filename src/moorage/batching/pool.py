@@ -14,11 +14,13 @@ import asyncio
 import copy
 import logging
 import time
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import BadRequest, EngineFailed, ModelLoadFailed, ModelNotFound, MoorageError, NotReady
+from ..config import RouteSettings
+from ..errors import BadRequest, EngineFailed, ModelLoadFailed, ModelNotFound, MoorageError, NotReady, Unprocessable
 from ..observability import metrics
 from ..refs import ModelRef, parse_ref
 from ..registry import Registry, VersionInfo
@@ -27,6 +29,7 @@ from ..runtime.base import StepGenerator
 from .contract import Task
 from .dynamic import BatchConfig, DynamicBatcher
 from .generation import GenerationConfig, GenerationEngine
+from .routing import ROUTE_KEYS, Router
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ class ModelPool:
             parsed = parse_ref(ref)
             self.refs[str(parsed)] = parsed
         self._served: dict[str, ServedVersion] = {}
+        self._routes: dict[str, Router] = {}  # traffic splits by bare model name (routing.*)
         self._swap_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._watcher: asyncio.Task | None = None
@@ -159,7 +163,8 @@ class ModelPool:
             raise EngineFailed(f"not serving: an engine stopped ({dead}); this process is restarting")
         if not self.is_ready:
             raise NotReady("models are still loading")
-        served = self._served.get(model)
+        router = self._routes.get(model)
+        served = self._served.get(router.pick(ROUTE_KEYS.get()) if router is not None else model)
         if served is None:
             parse_ref(model)  # a malformed reference is a 400, not an unknown model
             matches = [sv for key, sv in self._served.items() if self.refs[key].name == model]
@@ -173,6 +178,60 @@ class ModelPool:
 
     def served(self) -> dict[str, ServedVersion]:
         return dict(self._served)
+
+    @property
+    def routes(self) -> dict[str, Router]:
+        return dict(self._routes)
+
+    # -- hot settings ------------------------------------------------------------------------
+    def stage(self, config: PoolConfig, routing: Mapping[str, RouteSettings]) -> Callable[[], None]:
+        """Check `config` and `routing` against what this pool serves and build what they need; return
+        the swap that puts them in force (the config center's apply: nothing changes if this raises).
+
+        Every engine takes the new limits for what it accepts from then on; a batch or a sequence
+        already running finishes as it started. The alias poll interval is kept (it is read at start).
+        A split of a model served here must name targets served here (serve.models): a release whose
+        target is not loaded is refused with the reason, rather than loading models on the side."""
+        config = replace(config, poll_interval_s=self.config.poll_interval_s)
+        routes = self._routers(routing)
+
+        def swap() -> None:
+            self.config = config
+            self._routes = routes
+            for sv in self._served.values():
+                _reconfigure(sv.engine, config)
+
+        return swap
+
+    def reconfigure(self, config: PoolConfig, routing: Mapping[str, RouteSettings]) -> None:
+        self.stage(config, routing)()
+
+    def _routers(self, routing: Mapping[str, RouteSettings]) -> dict[str, Router]:
+        served_names = {ref.name for ref in self.refs.values()}
+        routes = {}
+        for name, route in routing.items():
+            if name not in served_names:
+                continue  # a split of a model another process serves
+            router = Router.from_settings(name, route)
+            keys = tuple(str(parse_ref(ref)) for ref in router.refs)
+            missing = [key for key in keys if key not in self.refs]
+            if missing:
+                raise Unprocessable(
+                    f"routing.{name}: {', '.join(missing)} not served by this process (served: "
+                    f"{', '.join(self.refs)}); add it to serve.models and restart before splitting traffic to it",
+                    code="split_target_not_served",
+                )
+            self._check_tasks(name, keys)
+            routes[name] = replace(router, refs=keys)
+        return routes
+
+    def _check_tasks(self, name: str, keys: tuple[str, ...]) -> None:
+        tasks = {str(self._served[key].task) for key in keys if key in self._served}
+        if len(tasks) > 1:
+            raise Unprocessable(
+                f"routing.{name}: the split's targets do different tasks ({', '.join(sorted(tasks))})",
+                code="split_tasks_differ",
+            )
 
     @asynccontextmanager
     async def use(self, model: str, task: Task | None = None):
@@ -298,6 +357,13 @@ class ModelPool:
         if not any(other.info.name == sv.name and other.version == sv.version for other in self._served.values()):
             self.runtime.unload(sv.name, sv.version)
             log.info("unloaded %s", sv.info.ref)
+
+
+def _reconfigure(engine: DynamicBatcher | GenerationEngine, config: PoolConfig) -> None:
+    if isinstance(engine, GenerationEngine):
+        engine.reconfigure(config.generation)
+    else:
+        engine.reconfigure(config.batch)
 
 
 def _start_failed(info: VersionInfo, exc: Exception) -> MoorageError:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from ..config import Settings
 from ..errors import DeadlineExceeded, Overloaded, PayloadTooLarge
 from ..observability import semconv, tracing
 from ..runtime.base import GenerateInput
@@ -39,7 +40,8 @@ from .contract import (
     parse_parameters,
 )
 from .generation import GenerationEngine, TokenEvent
-from .pool import ModelPool, ServedVersion
+from .pool import ModelPool, PoolConfig, ServedVersion
+from .settings import serving_pool_config
 
 if TYPE_CHECKING:
     from ..security.policy import Policy
@@ -89,6 +91,27 @@ class InferenceService:
         self.default_max_tokens = default_max_tokens
         self.grace_s = grace_s
         self.cache = cache
+
+    def stage(
+        self, settings: Settings, pool_config: PoolConfig | None = None, default_max_tokens: int | None = None
+    ) -> Callable[[], None]:
+        """Check the hot settings of the engines (``serve.*`` unless `pool_config` is given: a stream
+        worker's) and the traffic splits (``routing``), and return the swap that puts them in force;
+        nothing changes if this raises. A call already submitted runs with the values it started with."""
+        swap_pool = self.pool.stage(pool_config or serving_pool_config(settings), settings.routing)
+        max_tokens = default_max_tokens or settings.serve.default_max_tokens
+
+        def swap() -> None:
+            swap_pool()
+            self.default_max_tokens = max_tokens
+
+        return swap
+
+    def reconfigure(
+        self, settings: Settings, pool_config: PoolConfig | None = None, default_max_tokens: int | None = None
+    ) -> None:
+        """`stage` and swap at once."""
+        self.stage(settings, pool_config, default_max_tokens)()
 
     async def close(self) -> None:
         """Let go of the response cache's connections (the service is not used afterwards)."""

@@ -13,9 +13,11 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 
 from fastapi import Request
 
+from ..batching.routing import ROUTE_KEYS, RouteKeys
 from ..config import SecuritySettings, Settings
 from ..errors import MoorageError, Unauthorized
 from ..observability import metrics
@@ -43,6 +45,26 @@ class Guard:
         self.filters = Filters(self.settings.filters)
         self.audit = AuditLog(registry.catalog)
         self.writer = AuditWriter(self.audit, self.settings.audit_flush_ms / 1000) if self.settings.audit else None
+
+    def stage(self, settings: Settings) -> Callable[[], None]:
+        """Build the hot part of `settings.security` and return the swap that puts it in force (nothing
+        changes if this raises, e.g. on a rule that does not compile): rate limits, request limits and
+        content filters. A request already past the guard keeps the policy it was given; each key's
+        bucket keeps its level and refills at the new rate. Keys, audit and the Redis of shared buckets
+        are read at start (a release changing them waits for a restart)."""
+        new = settings.security
+        limits = new.limits.model_copy(update={"redis_url": self.settings.limits.redis_url})
+        security = self.settings.model_copy(update={"limits": limits, "filters": new.filters})
+        filters = Filters(security.filters)  # every rule compiled here, before anything changes
+
+        def swap() -> None:
+            self.settings, self.filters = security, filters
+
+        return swap
+
+    def reconfigure(self, settings: Settings) -> None:
+        """`stage` and swap at once."""
+        self.stage(settings)()
 
     def is_open(self, path: str) -> bool:
         return path in OPEN_PATHS or (path == "/metrics" and not self.settings.metrics_auth)
@@ -110,6 +132,8 @@ class SecurityMiddleware:
             principal = await self.guard.authenticate(headers)
             state["principal"] = principal
             await self.guard.admit(principal)
+            # what a traffic split keeps a caller sticky by, for everything this request resolves
+            ROUTE_KEYS.set(RouteKeys(None if principal is ANONYMOUS else principal.key_id, headers))
         except MoorageError as exc:
             metrics.SECURITY_REJECTIONS.labels(exc.code).inc()
             await reject(scope, receive, send, exc)

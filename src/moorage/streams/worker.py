@@ -41,14 +41,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 import orjson
 
 from ..batching import InferenceService, Result, ServedVersion, Task, encode_result
+from ..batching.settings import from_settings, stream_pool_config
+from ..config import Settings
 from ..errors import DeadlineExceeded, ModelNotFound, MoorageError
 from ..observability import metrics, tracing
+from ..refs import parse_ref
 from ..security.audit import MAX_AUDIT_TEXT, AuditEntry, AuditWriter, sha256_text
 from ..security.policy import Policy
 from .brokers import Broker, Message
@@ -353,6 +356,33 @@ class StreamWorker:
         self._sink_label = type(sink).__name__
         self._last_log = time.monotonic()
         self._last_counts = Counts()
+
+    def stage(self, settings: Settings) -> Callable[[], None]:
+        """Build the worker's hot settings (``stream.*``: batch size, waits, retries, backoff; the model's
+        engines; its policy: limits and content filter) and return the swap that puts them in force;
+        nothing changes if this raises. Messages already received finish with the values they started
+        with. The pipeline depth (``max_in_flight``) is read at start."""
+        config = replace(
+            from_settings(WorkerConfig, settings.stream, audit_inputs=settings.security.audit_inputs),
+            max_in_flight=self.config.max_in_flight,
+        )
+        swap_service = self.service.stage(settings, stream_pool_config(settings), settings.stream.default_max_tokens)
+        codec = self.codec if isinstance(self.codec, MessageCodec) else None
+        policy = None
+        if codec is not None and codec.policy is not None:
+            policy = Policy.for_model(settings.security, parse_ref(self.model).name)
+
+        def swap() -> None:
+            swap_service()
+            self.config = config
+            if codec is not None:
+                codec.config, codec.policy = config, policy
+
+        return swap
+
+    def reconfigure(self, settings: Settings) -> None:
+        """`stage` and swap at once."""
+        self.stage(settings)()
 
     async def run(self, stop: asyncio.Event) -> Counts:
         """Work until `stop` is set, then finish and acknowledge what was received, within

@@ -157,6 +157,10 @@ def read_rows(path: str, storage_options: dict[str, Any] | None = None) -> list[
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "a folder, not a file"
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:200] + "..."
 

@@ -14,6 +14,7 @@ from ..config import Settings
 from ..errors import ModelNotFound
 from ..registry import NoProgress, Progress, Registry, VersionInfo
 from ..runtime import GenerateInput, GenerationParams, Runtime
+from ..training.datasets import Datasets, DatasetVersion
 from . import assets
 
 DEMO_MODELS = (
@@ -87,8 +88,12 @@ def run_demo(
             info, created = ensure_registered(registry, name, task, package, folders[name], progress)
             table.add_row(name, task, str(info.version), "production", "registered" if created else "already there")
     console.print(table)
-    path, digest, count = assets.write_bbc_news(settings.home / "datasets")
-    console.print(f"dataset bbc-news: {count} labelled articles in {path} (sha256 {digest[:12]}...)")
+    path, _, count = assets.write_bbc_news(settings.home / "datasets")
+    dataset, created = Datasets.from_registry(registry).ensure("bbc-news", path, description="demo: BBC News")
+    console.print(
+        f"dataset {dataset.ref}: {count} labelled articles in {path}, {dataset.stats['rows']} once duplicates are "
+        f"removed, split {_split_sizes(dataset)} ({'registered' if created else 'already there'})"
+    )
 
     runtime = Runtime(registry, settings.runtime)
     vector = runtime.predict("minilm", ["moorage puts language models into production"])[0]
@@ -100,3 +105,7 @@ def run_demo(
     )[0]
     console.print(f"smollm2@production answers 'What is the capital of France?' with: {reply.text!r}")
     console.print(f"registry home: {settings.home}  (try: moorage models list)")
+
+
+def _split_sizes(dataset: DatasetVersion) -> str:
+    return " / ".join(f"{info.name} {info.rows}" for info in dataset.splits.values())

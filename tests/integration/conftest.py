@@ -70,6 +70,15 @@ def s3_store(s3_server):
     return f"s3://{bucket}/models", options
 
 
+@pytest.fixture(scope="session")
+def etcd_url():
+    """A real etcd (Debian's etcd-server) for the session; each test takes its own key prefix."""
+    from tests.services.etcd import etcd_server
+
+    with etcd_server() as url:
+        yield url
+
+
 # -- brokers: one real server per test session, a fresh topic per test ---------------------------
 @pytest.fixture(scope="session")
 def redis_base():

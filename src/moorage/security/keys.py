@@ -34,11 +34,14 @@ ROLES = ("invoker", "operator", "admin")
 PREFIX = "moor"
 # What each role may do, beyond calling models (every role may call the models its patterns allow).
 # subscribe_config: follow the config center's releases and report on them (what a server or stream
-# worker's key needs; releases carry filters and limits, so not an invoker's).
+# worker's key needs; releases carry filters and limits, so not an invoker's). manage_config: edit drafts,
+# publish, approve, roll back, promote and abandon config releases.
 PERMISSIONS = {
     "invoker": frozenset({"invoke"}),
-    "operator": frozenset({"invoke", "manage_models", "subscribe_config"}),
-    "admin": frozenset({"invoke", "manage_models", "subscribe_config", "manage_keys", "read_settings", "read_audit"}),
+    "operator": frozenset({"invoke", "manage_models", "subscribe_config", "manage_config"}),
+    "admin": frozenset(
+        {"invoke", "manage_models", "subscribe_config", "manage_config", "manage_keys", "read_settings", "read_audit"}
+    ),
 }
 _KEY_RE = re.compile(rf"^{PREFIX}_([0-9a-f]{{12}})_([A-Za-z0-9_-]{{20,128}})$")
 _PATTERN_RE = re.compile(r"^[a-z0-9_.*?\[\]-]{1,64}$")

@@ -18,6 +18,9 @@ from ..errors import MoorageError
 from ..observability.logging import quiet_libraries, setup_logging
 from . import audit, datasets, keys, models, report, serve, spark, stream
 from .context import AppState, RichProgress, console, err_console, state
+from .jobs import app as jobs_app
+from .train import app as train_app
+from .train import evaluate
 
 try:  # typer >= 0.22 carries its own copy of click, whose errors are TyperExceptions
     from typer import TyperException as CommandLineError
@@ -35,9 +38,12 @@ app.add_typer(datasets.app, name="datasets")
 app.add_typer(stream.app, name="stream")
 app.add_typer(spark.app, name="spark")
 app.add_typer(keys.app, name="keys")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(train_app, name="train")
 app.add_typer(audit.app, name="audit")
 app.command()(serve.serve)
 app.command()(report.report)
+app.command()(evaluate)
 
 
 def _version(value: bool) -> None:

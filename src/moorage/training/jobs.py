@@ -16,6 +16,7 @@ field is a 422 naming it, not a job that fails later.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..config import Settings
 from ..errors import Unprocessable
 from ..jobs.queue import WORK_KINDS, UnknownJobKind
 from ..jobs.store import Job
+from ..registry import Registry
 from .trainer import Progress, TrainSpec
 
 
@@ -83,10 +85,45 @@ def validate_spec(kind: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         raise Unprocessable(_first_error(exc), code="invalid_job_spec") from None
 
 
+def check_refs(registry: Registry, kind: str, request: Mapping[str, Any]) -> None:
+    """Refuse now what the job would fail on at once: an unknown model (404 ``model_not_found``) or
+    dataset (404 ``dataset_not_found``). The task checks (a base of the wrong task, a dataset of the
+    wrong kind) are the pipeline's, when the job runs."""
+    from .datasets import Datasets
+
+    registry.resolve(str(request["base"] if kind == "training" else request["model"]))
+    Datasets.from_registry(registry).get(str(request["dataset"]))
+
+
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(part) for part in error["loc"]) or "body"
     return f"{where}: {error['msg']}"
+
+
+def describe(job: Job) -> dict[str, Any]:
+    """A queued job as its submitter reads it (``GET /v1/training/jobs/{id}``, ``moorage jobs show``):
+    JSON-ready, times in seconds since the epoch."""
+
+    def seconds(at: Any) -> float | None:
+        return at.timestamp() if at is not None else None
+
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "model": job.model,
+        "status": job.status.value,
+        "priority": job.priority,
+        "spec": job.request,
+        "progress": job.progress,
+        "result": job.result,
+        "error": job.error.as_dict() if job.error else None,
+        "cancel_requested": job.cancel_requested,
+        "attempts": job.attempts,
+        "created_at": seconds(job.created_at),
+        "started_at": seconds(job.started_at),
+        "finished_at": seconds(job.finished_at),
+    }
 
 
 def work_dir_of(settings: Settings, job_id: str) -> Path:
@@ -102,18 +139,66 @@ def output_dir_of(settings: Settings, job_id: str) -> Path:
 def run_training_job(ctx: JobContext) -> dict[str, Any]:
     """Train, test and publish (`run_training`); the result names the registered version and its test
     metrics. Raises `TrainingCancelled` when `should_stop` says so (checkpoints kept)."""
-    raise NotImplementedError
+    from .pipeline import run_training
+
+    spec = TrainSpec.model_validate(ctx.job.request)
+    ctx.log(f"training {spec.task} {spec.name} from {spec.base} on {spec.dataset}; checkpoints in {ctx.work_dir}")
+    result = run_training(
+        ctx.settings,
+        spec,
+        ctx.work_dir,
+        user=ctx.job.owner or ctx.settings.user,
+        progress=ctx.progress,
+        should_stop=ctx.should_stop,
+    )
+    outcome = result.outcome
+    if outcome.resumed_from_step is not None:
+        ctx.log(f"resumed from the checkpoint of step {outcome.resumed_from_step}")
+    ctx.log(f"registered {result.version.ref} as {spec.name}@challenger")
+    return json_ready(
+        {
+            "model": result.version.name,
+            "version": result.version.version,
+            "ref": result.version.ref,
+            "alias": "challenger",
+            "test_metrics": result.test_metrics,
+            "metric": outcome.metric,
+            "best_metric": outcome.best_metric,
+            "best_step": outcome.best_step,
+            "resumed_from_step": outcome.resumed_from_step,
+        }
+    )
 
 
 def run_evaluation_job(ctx: JobContext) -> dict[str, Any]:
     """The metrics of `EvaluationSpec.model` on the split (`evaluate_version`)."""
-    raise NotImplementedError
+    from .pipeline import evaluate_version
+
+    spec = EvaluationSpec.model_validate(ctx.job.request)
+    ctx.log(f"evaluating {spec.model} on {spec.dataset} ({spec.split})")
+    metrics = evaluate_version(ctx.settings, spec.model, spec.dataset, spec.split)
+    return json_ready({"model": spec.model, "dataset": spec.dataset, "split": spec.split, "metrics": metrics})
 
 
 def run_batch_job(ctx: JobContext) -> dict[str, Any]:
     """The model over every row of the split, through the `InferenceService`; the result names the
     output file and counts the rows."""
-    raise NotImplementedError
+    from .batch import run_batch
+
+    return run_batch(ctx, BatchSpec.model_validate(ctx.job.request))
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with numpy scalars and other number types as plain floats and ints (a job's result is JSON)."""
+    return json.loads(json.dumps(value, default=_plain))
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 HANDLERS: dict[str, JobHandler] = {

@@ -1,0 +1,157 @@
+"""Batch inference jobs: a registered model over every row of a dataset split, through the same
+`InferenceService` as every edge (validation, the model's policy, batching), results to a file.
+
+The version is resolved once when the job starts and pinned, so an alias that moves meanwhile does
+not mix two versions in one output. Each output row carries its input's index and either the
+task's encoded result or the input's error (``{"code", "message"}``): one refused input does not
+fail the job. The file (``results.jsonl`` or ``results.parquet`` under ``HOME/jobs/<job id>/``) is
+written under a temporary name and renamed, so a reader never sees half of it; a job that a dead
+worker left behind simply runs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DeadlineExceeded, MoorageError
+from .trainer import Progress, TrainingCancelled
+
+if TYPE_CHECKING:
+    from ..batching import InferenceService
+    from ..security.policy import Policy
+    from .datasets import Example
+    from .jobs import BatchSpec, JobContext
+
+
+def run_batch(ctx: JobContext, spec: BatchSpec) -> dict[str, Any]:
+    """Run the job; the result names the pinned version, the file and the counts of rows and errors."""
+    from ..registry import Registry
+    from .datasets import Datasets
+    from .jobs import output_dir_of
+
+    datasets = Datasets.from_settings(ctx.settings)
+    dataset = datasets.get(spec.dataset)
+    examples = datasets.examples(dataset, spec.split)
+    registry = Registry.from_settings(ctx.settings)
+    version = registry.resolve(spec.model)
+    ctx.log(f"{version.ref} over {dataset.ref} ({spec.split}): {len(examples)} rows")
+    rows = asyncio.run(_infer_all(ctx, registry, version.ref, examples, spec))
+    path = _write(output_dir_of(ctx.settings, ctx.job.id), rows, spec.format)
+    errors = sum(1 for row in rows if row["error"] is not None)
+    ctx.log(f"wrote {len(rows)} rows ({errors} errors) to {path}")
+    return {
+        "model": version.ref,
+        "dataset": dataset.ref,
+        "split": spec.split,
+        "rows": len(rows),
+        "errors": errors,
+        "path": str(path),
+        "format": spec.format,
+    }
+
+
+def _input(example: Example, task: str) -> Any:
+    if task == "generate" and example.messages:
+        return {"messages": [dict(m) for m in example.messages]}
+    return example.text
+
+
+async def _infer_all(ctx: JobContext, registry, ref: str, examples: list[Example], spec: BatchSpec) -> list[dict]:
+    from ..batching import InferenceService, ModelPool
+    from ..batching.settings import stream_pool_config
+    from ..runtime import Runtime
+    from ..security.policy import Policy
+
+    settings = ctx.settings
+    base = stream_pool_config(settings)
+    config = replace(
+        base,
+        batch=replace(base.batch, max_queue=max(base.batch.max_queue, spec.batch_size)),
+        generation=replace(base.generation, max_waiting=max(base.generation.max_waiting, spec.batch_size)),
+        poll_interval_s=0.0,  # pinned: nothing to follow
+    )
+    pool = ModelPool(registry, Runtime(registry, settings.runtime), [ref], config)
+    await pool.start()
+    try:
+        service = InferenceService(pool, settings.stream.default_max_tokens)
+        policy = Policy.for_model(settings.security, ref.split(":")[0])
+        rows: list[dict] = []
+        for start in range(0, len(examples), spec.batch_size):
+            if ctx.should_stop():
+                raise TrainingCancelled(f"batch job stopped after {len(rows)} rows")
+            chunk = examples[start : start + spec.batch_size]
+            rows += await _chunk(service, ref, chunk, spec, policy, start, settings.stream.item_timeout_s)
+            ctx.progress(Progress("inference", len(rows), len(examples), 0.0, None, {}, None))
+        return rows
+    finally:
+        await pool.stop()
+
+
+async def _chunk(
+    service: InferenceService,
+    ref: str,
+    chunk: list[Example],
+    spec: BatchSpec,
+    policy: Policy,
+    offset: int,
+    timeout_s: float | None,
+) -> list[dict]:
+    """One chunk of rows: every input is prepared on its own, so a refused one is an error row."""
+    outcomes: list[MoorageError | asyncio.Future] = []
+    async with service.hold(ref) as sv:
+        task = sv.task
+        for example in chunk:
+            try:
+                call = service.prepare(task, [_input(example, task)], spec.parameters, policy=policy)
+                outcomes.append(service.submit(sv, call.items[0], timeout_s, policy))
+            except MoorageError as exc:
+                outcomes.append(exc)
+        futures = [o for o in outcomes if isinstance(o, asyncio.Future)]
+        await service.wait_all([(sv, futures, timeout_s)])
+    return [_row(offset + i, task, outcome) for i, outcome in enumerate(outcomes)]
+
+
+def _row(index: int, task: str, outcome: MoorageError | asyncio.Future) -> dict[str, Any]:
+    from ..batching import Task, encode_result
+
+    row: dict[str, Any] = {"index": index, "result": None, "error": None}
+    failure: BaseException | None = outcome if isinstance(outcome, MoorageError) else None
+    if isinstance(outcome, asyncio.Future):
+        if outcome.cancelled():  # wait_all gave up on an engine that showed no progress
+            failure = DeadlineExceeded("the model did not answer within the deadline and a grace")
+        elif (failure := outcome.exception()) is None:
+            row["result"] = encode_result(Task(task), outcome.result())
+    if isinstance(failure, MoorageError):
+        row["error"] = {"code": failure.code, "message": failure.client_message}
+    elif failure is not None:
+        row["error"] = {"code": "internal_error", "message": "the model failed on this input"}
+    return row
+
+
+def _write(folder: Path, rows: list[dict], fmt: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"results.{fmt}"
+    staging = folder / f".results.{fmt}.partial"
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist(
+            [{"index": r["index"], "result": _dumps(r["result"]), "error": _dumps(r["error"])} for r in rows]
+        )
+        pq.write_table(table, staging)
+    else:
+        with staging.open("w", encoding="utf-8") as file:
+            for row in rows:
+                file.write(json.dumps(row, ensure_ascii=False) + "\n")
+    staging.replace(path)
+    return path
+
+
+def _dumps(value: Any) -> str | None:
+    """Parquet keeps a result as its JSON text: the shape differs between tasks."""
+    return None if value is None else json.dumps(value, ensure_ascii=False)

@@ -10,14 +10,20 @@ and ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import MoorageError
+from ..errors import BadRequest, Conflict, MoorageError, require
+from .evaluation import classification_metrics, language_model_metrics
 
 if TYPE_CHECKING:
     from .datasets import Example
@@ -102,6 +108,13 @@ class TrainingCancelled(MoorageError):
     type = "invalid_request_error"
 
 
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+ADAPTER = "adapter"
+OUTCOME = "outcome.json"
+FINGERPRINT = "training.json"
+
+
 def train(
     spec: TrainSpec,
     base_dir: Path,
@@ -116,4 +129,395 @@ def train(
     """Fine-tune the model in `base_dir` on `train`, evaluating on `validation`; checkpoints go to
     `work_dir`, and a work dir holding checkpoints of the same spec resumes from the last one.
     `should_stop` is asked at every step: True stops within that step (TrainingCancelled)."""
-    raise NotImplementedError
+    tf = require("transformers", "training")
+    _check_data(spec, train, validation, label_map)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _claim_work_dir(work_dir, _fingerprint(spec, base_dir, train, validation, label_map))
+    if (work_dir / OUTCOME).is_file():  # finished before (the caller died after training): the same result
+        shutil.rmtree(work_dir / CHECKPOINTS, ignore_errors=True)
+        return _read_outcome(work_dir)
+    if should_stop is not None and should_stop():
+        raise TrainingCancelled("training cancelled before its first step")
+
+    tf.set_seed(spec.seed)  # the new head's (or adapter's) initial weights come from the seed
+    model, tokenizer = _load_model(spec, base_dir, label_map)
+    encode = _encode_classify if spec.task == "classify" else _encode_generate
+    args = _training_arguments(spec, work_dir / CHECKPOINTS)
+    trainer = _make_trainer(
+        model=model,
+        args=args,
+        train_dataset=encode(spec, tokenizer, train, label_map),
+        eval_dataset=encode(spec, tokenizer, validation, label_map),
+        processing_class=tokenizer,
+        data_collator=_collator(spec, tokenizer),
+        compute_metrics=_classify_metrics(model.config.id2label) if spec.task == "classify" else None,
+    )
+    trainer.remove_callback(tf.PrinterCallback)  # progress goes to the caller, not to stdout
+    if spec.early_stopping_patience is not None:
+        trainer.add_callback(tf.EarlyStoppingCallback(early_stopping_patience=spec.early_stopping_patience))
+    trainer.add_callback(_reporter(_Watch(progress, should_stop)))
+    resume = _last_complete_checkpoint(work_dir / CHECKPOINTS)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return _finish(spec, trainer, tokenizer, work_dir, _checkpoint_step(resume) if resume else None)
+
+
+def _check_data(
+    spec: TrainSpec, train: Sequence[Example], validation: Sequence[Example], label_map: dict[str, int]
+) -> None:
+    if not train:
+        raise BadRequest(f"the {spec.train_split!r} split is empty: nothing to train on", code="split_empty")
+    if not validation:
+        raise BadRequest(
+            f"the {spec.validation_split!r} split is empty: the best checkpoint is chosen on it", code="split_empty"
+        )
+    if spec.task != "classify":
+        return
+    if len(label_map) < 2:
+        raise BadRequest("a classifier needs at least two labels in the label map", code="single_class")
+    unknown = sorted({e.label for e in (*train, *validation) if e.label not in label_map}, key=str)
+    if unknown:
+        raise BadRequest(f"labels not in the label map: {', '.join(map(str, unknown[:5]))}", code="label_unknown")
+
+
+def _fingerprint(
+    spec: TrainSpec, base_dir: Path, train: Sequence[Example], validation: Sequence[Example], label_map: dict[str, int]
+) -> str:
+    """What a resumed run must share with the run that wrote the checkpoints: the spec, the base model's
+    weights and config (by size and name: hashing gigabytes at every start would be slow) and the data."""
+    digest = hashlib.sha256(spec.model_dump_json().encode())
+    for path in sorted(p for p in base_dir.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(base_dir)}:{path.stat().st_size}\n".encode())
+    for split in (train, validation):
+        for e in split:
+            digest.update(json.dumps([e.text, e.label, e.messages], sort_keys=True).encode())
+        digest.update(b"\x00")
+    digest.update(json.dumps(label_map, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _claim_work_dir(work_dir: Path, fingerprint: str) -> None:
+    marker = work_dir / FINGERPRINT
+    if marker.is_file():
+        if json.loads(marker.read_text()).get("fingerprint") != fingerprint:
+            raise Conflict(
+                f"{work_dir} holds checkpoints of another training (a different spec, base model or data); "
+                "use a new work dir for this one",
+                code="work_dir_conflict",
+            )
+        return
+    _write_json(marker, {"fingerprint": fingerprint})
+
+
+def _load_model(spec: TrainSpec, base_dir: Path, label_map: dict[str, int]) -> tuple[Any, Any]:
+    tf = require("transformers", "training")
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+    common = {"local_files_only": True, "use_safetensors": True}
+    if spec.task == "classify":
+        id2label = {i: label for label, i in sorted(label_map.items(), key=lambda kv: kv[1])}
+        model = tf.AutoModelForSequenceClassification.from_pretrained(
+            str(base_dir), num_labels=len(label_map), id2label=id2label, label2id=dict(label_map), **common
+        )
+        return model, tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = tf.AutoModelForCausalLM.from_pretrained(str(base_dir), **common)
+    if spec.method == "lora":
+        peft = require("peft", "training")
+        config = peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            r=spec.lora_r,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.lora_dropout,
+            target_modules=list(spec.lora_target_modules),
+        )
+        try:
+            model = peft.get_peft_model(model, config)
+        except ValueError as exc:  # e.g. target modules the model does not have
+            raise BadRequest(f"LoRA: {exc}", code="invalid_lora") from None
+    return model, tokenizer
+
+
+def _encode_classify(spec: TrainSpec, tokenizer: Any, examples: Sequence[Example], label_map: dict[str, int]) -> list:
+    encoded = tokenizer([e.text for e in examples], truncation=True, max_length=spec.max_length)
+    return [
+        {"input_ids": ids, "attention_mask": mask, "labels": label_map[e.label]}  # type: ignore[index]
+        for ids, mask, e in zip(encoded["input_ids"], encoded["attention_mask"], examples)
+    ]
+
+
+def _encode_generate(spec: TrainSpec, tokenizer: Any, examples: Sequence[Example], label_map: dict[str, int]) -> list:
+    """Token ids and labels of each text or conversation. A conversation's loss is on what the assistant
+    says (its turns' tokens, found by character offsets); plain text, a tokenizer without offsets or a
+    template that does not render turn by turn learn every token."""
+    rows = []
+    for example in examples:
+        if example.messages:
+            text, spans = _render_chat(tokenizer, [dict(m) for m in example.messages])
+        else:
+            text, spans = example.text, None
+        if not tokenizer.is_fast:
+            spans = None  # no character offsets to find the turns by
+        encoded = tokenizer(
+            text,
+            truncation=True,
+            max_length=spec.max_length,
+            add_special_tokens=not example.messages,
+            return_offsets_mapping=spans is not None,
+        )
+        ids = encoded["input_ids"]
+        labels = list(ids)
+        if spans is not None:
+            turns = spans
+            labels = [t if _inside(span, turns) else -100 for t, span in zip(ids, encoded["offset_mapping"])]
+            if all(label == -100 for label in labels):  # the assistant's turns were cut off: learn the rest
+                labels = list(ids)
+        rows.append({"input_ids": ids, "attention_mask": encoded["attention_mask"], "labels": labels})
+    return rows
+
+
+def _render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]] | None]:
+    """The conversation as the model reads it, and the character spans of the assistant's turns (None
+    when the template does not render a conversation as the prefix of its continuation)."""
+
+    def render(upto: int, prompt: bool) -> str:
+        if tokenizer.chat_template:
+            return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=prompt)
+        turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:upto])
+        return turns + ("assistant: " if prompt else "")
+
+    text = render(len(messages), False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before, after = render(i, True), render(i + 1, False)
+        if not (after.startswith(before) and text.startswith(after)):
+            return text, None
+        spans.append((len(before), len(after)))
+    return text, spans
+
+
+def _inside(token: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
+    start, end = token
+    return end > start and any(a <= start < b for a, b in spans)
+
+
+def _collator(spec: TrainSpec, tokenizer: Any) -> Any:
+    tf = require("transformers", "training")
+    if spec.task == "classify":
+        return tf.DataCollatorWithPadding(tokenizer)
+    return tf.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)  # pads labels with -100, not pad ids
+
+
+def _classify_metrics(id2label: dict[int, str]) -> Callable[[Any], dict[str, float]]:
+    labels = [id2label[i] for i in range(len(id2label))]
+
+    def compute(prediction: Any) -> dict[str, float]:
+        predicted = [labels[i] for i in prediction.predictions.argmax(axis=-1)]
+        truth = [labels[i] for i in prediction.label_ids]
+        metrics = classification_metrics(truth, predicted, labels)
+        return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+
+    return compute
+
+
+def _training_arguments(spec: TrainSpec, output_dir: Path) -> Any:
+    tf, torch = require("transformers", "training"), require("torch", "training")
+    strategy = "steps" if spec.eval_steps else "epoch"
+    return tf.TrainingArguments(
+        output_dir=str(output_dir),
+        use_cpu=not torch.cuda.is_available(),
+        seed=spec.seed,
+        data_seed=spec.seed,  # the data order of epoch e comes from (seed, e): the same after a resume
+        num_train_epochs=spec.epochs,
+        learning_rate=spec.learning_rate,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        weight_decay=spec.weight_decay,
+        warmup_steps=spec.warmup_ratio,  # below 1: a share of the training steps
+        lr_scheduler_type=spec.lr_scheduler,
+        # every evaluation point is a checkpoint: the best one can be kept, and a kill loses at most one interval
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        eval_steps=spec.eval_steps,
+        save_steps=spec.eval_steps or 500,
+        load_best_model_at_end=True,
+        metric_for_best_model=spec.best_metric,
+        greater_is_better=spec.greater_is_better,
+        save_total_limit=1,  # the best checkpoint and the last one (to resume from), nothing else
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience count survives a resume
+        label_names=["labels"],  # a PEFT model's forward does not name them
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+    )
+
+
+def _make_trainer(**kwargs: Any) -> Any:
+    """transformers' Trainer, whose evaluations of a language model also report perplexity (so it can be
+    the best metric too)."""
+    tf = require("transformers", "training")
+
+    base: Any = tf.Trainer
+
+    class Trainer(base):
+        def evaluation_loop(self, *args: Any, **kw: Any) -> Any:
+            output = super().evaluation_loop(*args, **kw)
+            prefix = kw.get("metric_key_prefix", "eval")
+            if self.compute_metrics is None and f"{prefix}_loss" in output.metrics:
+                lm = language_model_metrics(output.metrics[f"{prefix}_loss"])
+                output.metrics[f"{prefix}_perplexity"] = lm["perplexity"]
+            return output
+
+    return Trainer(**kwargs)
+
+
+class _Watch:
+    """What the progress callback keeps between steps: the last loss and validation metrics, and when
+    this run began (the ETA counts only the steps this run made, not those a resume skipped)."""
+
+    def __init__(self, progress: Callable[[Progress], None] | None, should_stop: Callable[[], bool] | None) -> None:
+        self.progress, self.should_stop = progress, should_stop
+        self.loss: float | None = None
+        self.metrics: dict[str, float] = {}
+        self.started: tuple[float, int] | None = None  # (monotonic time, global step)
+
+    def report(self, phase: str, state: Any) -> None:
+        if self.progress is None:
+            return
+        eta = None
+        if self.started is not None and state.global_step > self.started[1]:
+            per_step = (time.monotonic() - self.started[0]) / (state.global_step - self.started[1])
+            eta = per_step * max(0, state.max_steps - state.global_step)
+        epoch = float(state.epoch or 0)
+        self.progress(Progress(phase, state.global_step, state.max_steps, epoch, self.loss, self.metrics, eta))
+
+    def stop_if_asked(self, state: Any) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise TrainingCancelled(
+                f"training cancelled at step {state.global_step} of {state.max_steps}; "
+                "its checkpoints are kept and the same work dir resumes it"
+            )
+
+
+def _reporter(watch: _Watch) -> Any:
+    """A Trainer callback that reports progress at every step and evaluation, and stops within a step
+    when asked."""
+    tf = require("transformers", "training")
+    base: Any = tf.TrainerCallback
+
+    class Reporter(base):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            watch.started = (time.monotonic(), state.global_step)
+            watch.report("training", state)
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            watch.stop_if_asked(state)
+
+        def on_substep_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            watch.stop_if_asked(state)  # between the micro-batches of one step (gradient accumulation)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            watch.stop_if_asked(state)
+            watch.report("evaluating" if control.should_evaluate else "training", state)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                watch.loss = float(logs["loss"])
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw: Any) -> None:
+            watch.metrics = _strip_prefix(metrics or {})
+            watch.report("training", state)
+
+    return Reporter()
+
+
+def _strip_prefix(metrics: dict[str, Any]) -> dict[str, float]:
+    """Validation metrics under their own names: eval_accuracy -> accuracy (timings left out)."""
+    left_out = ("runtime", "samples_per_second", "steps_per_second", "epoch", "step")
+    return {
+        k.removeprefix("eval_"): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and k.removeprefix("eval_") not in left_out
+    }
+
+
+def _last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint whose trainer state was written (it is written last, so a kill during a save
+    leaves a checkpoint without it); incomplete ones are removed."""
+    if not folder.is_dir():
+        return None
+    for checkpoint in sorted(folder.glob("checkpoint-*"), key=_checkpoint_step, reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            continue
+        return checkpoint
+    return None
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    suffix = checkpoint.name.rpartition("-")[2]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def _finish(spec: TrainSpec, trainer: Any, tokenizer: Any, work_dir: Path, resumed_from: int | None) -> TrainOutcome:
+    """Save the best model (loaded back by the Trainer) as a clean folder, record the outcome, and drop
+    the checkpoints: optimizer and RNG state are for resuming, never for the registry."""
+    state = trainer.state
+    staging = work_dir / ".best-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    model = trainer.model
+    if spec.method == "lora":
+        model.save_pretrained(staging / ADAPTER, safe_serialization=True)
+        model = model.merge_and_unload()  # served merged: one plain model folder, no peft at load time
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(work_dir / BEST, ignore_errors=True)
+    staging.rename(work_dir / BEST)
+    history = [
+        {"step": int(entry["step"]), "epoch": entry.get("epoch"), **_strip_prefix(entry)}
+        for entry in state.log_history
+        if "eval_loss" in entry
+    ]
+    hyperparameters = _json_safe(trainer.args.to_dict())
+    if spec.method == "lora":
+        peft_config = trainer.model.peft_config["default"] if hasattr(trainer.model, "peft_config") else None
+        hyperparameters["lora"] = _json_safe(peft_config.to_dict()) if peft_config is not None else {}
+    outcome = TrainOutcome(
+        best_dir=work_dir / BEST,
+        adapter_dir=work_dir / BEST / ADAPTER if spec.method == "lora" else None,
+        metric=spec.best_metric,
+        best_metric=float(state.best_metric),
+        best_step=int(state.best_global_step),
+        history=history,
+        hyperparameters=hyperparameters,
+        resumed_from_step=resumed_from,
+    )
+    record = {**asdict(outcome), "best_dir": BEST, "adapter_dir": f"{BEST}/{ADAPTER}" if outcome.adapter_dir else None}
+    _write_json(work_dir / OUTCOME, record)
+    shutil.rmtree(work_dir / CHECKPOINTS, ignore_errors=True)
+    return outcome
+
+
+def _read_outcome(work_dir: Path) -> TrainOutcome:
+    record = json.loads((work_dir / OUTCOME).read_text())
+    record["best_dir"] = work_dir / record["best_dir"]
+    record["adapter_dir"] = work_dir / record["adapter_dir"] if record["adapter_dir"] else None
+    return TrainOutcome(**record)
+
+
+def _json_safe(value: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """Written whole or not at all (a kill mid-write leaves the old file or none)."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(value, indent=2))
+    os.replace(staging, path)

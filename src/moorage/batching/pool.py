@@ -89,7 +89,14 @@ class ServedVersion:
 
 
 class ModelPool:
-    def __init__(self, registry: Registry, runtime: Runtime, refs: list[str], config: PoolConfig) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        runtime: Runtime,
+        refs: list[str],
+        config: PoolConfig,
+        routing: Mapping[str, RouteSettings] | None = None,
+    ) -> None:
         if not refs:
             raise BadRequest("no model to serve: pass --model NAME[@ALIAS|:VERSION] (or set serve.models)")
         self.registry = registry
@@ -100,7 +107,7 @@ class ModelPool:
             parsed = parse_ref(ref)
             self.refs[str(parsed)] = parsed
         self._served: dict[str, ServedVersion] = {}
-        self._routes: dict[str, Router] = {}  # traffic splits by bare model name (routing.*)
+        self._routes = self._routers(routing or {})  # traffic splits by bare model name (routing.*)
         self._swap_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._watcher: asyncio.Task | None = None

@@ -40,7 +40,7 @@ from .contract import (
     parse_parameters,
 )
 from .generation import GenerationEngine, TokenEvent
-from .pool import ModelPool, PoolConfig, ServedVersion
+from .pool import ModelPool, ServedVersion
 from .settings import serving_pool_config
 
 if TYPE_CHECKING:
@@ -92,14 +92,13 @@ class InferenceService:
         self.grace_s = grace_s
         self.cache = cache
 
-    def stage(
-        self, settings: Settings, pool_config: PoolConfig | None = None, default_max_tokens: int | None = None
-    ) -> Callable[[], None]:
-        """Check the hot settings of the engines (``serve.*`` unless `pool_config` is given: a stream
-        worker's) and the traffic splits (``routing``), and return the swap that puts them in force;
-        nothing changes if this raises. A call already submitted runs with the values it started with."""
-        swap_pool = self.pool.stage(pool_config or serving_pool_config(settings), settings.routing)
-        max_tokens = default_max_tokens or settings.serve.default_max_tokens
+    def stage(self, settings: Settings) -> Callable[[], None]:
+        """Check the hot settings of a server's engines (``serve.*``) and its traffic splits
+        (``routing``), and return the swap that puts them in force; nothing changes if this raises. A
+        call already submitted runs with the values it started with. (A stream worker stages its own:
+        `StreamWorker.stage`.)"""
+        swap_pool = self.pool.stage(serving_pool_config(settings), settings.routing)
+        max_tokens = settings.serve.default_max_tokens
 
         def swap() -> None:
             swap_pool()
@@ -107,11 +106,9 @@ class InferenceService:
 
         return swap
 
-    def reconfigure(
-        self, settings: Settings, pool_config: PoolConfig | None = None, default_max_tokens: int | None = None
-    ) -> None:
+    def reconfigure(self, settings: Settings) -> None:
         """`stage` and swap at once."""
-        self.stage(settings, pool_config, default_max_tokens)()
+        self.stage(settings)()
 
     async def close(self) -> None:
         """Let go of the response cache's connections (the service is not used afterwards)."""

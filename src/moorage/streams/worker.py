@@ -361,19 +361,22 @@ class StreamWorker:
         """Build the worker's hot settings (``stream.*``: batch size, waits, retries, backoff; the model's
         engines; its policy: limits and content filter) and return the swap that puts them in force;
         nothing changes if this raises. Messages already received finish with the values they started
-        with. The pipeline depth (``max_in_flight``) is read at start."""
+        with. The pipeline depth (``max_in_flight``) is read at start. Traffic splits (``routing``) are
+        not the worker's: it serves the one reference its messages are for."""
         config = replace(
             from_settings(WorkerConfig, settings.stream, audit_inputs=settings.security.audit_inputs),
             max_in_flight=self.config.max_in_flight,
         )
-        swap_service = self.service.stage(settings, stream_pool_config(settings), settings.stream.default_max_tokens)
+        swap_pool = self.pool.stage(stream_pool_config(settings), {})
+        max_tokens = settings.stream.default_max_tokens
         codec = self.codec if isinstance(self.codec, MessageCodec) else None
         policy = None
         if codec is not None and codec.policy is not None:
             policy = Policy.for_model(settings.security, parse_ref(self.model).name)
 
         def swap() -> None:
-            swap_service()
+            swap_pool()
+            self.service.default_max_tokens = max_tokens
             self.config = config
             if codec is not None:
                 codec.config, codec.policy = config, policy

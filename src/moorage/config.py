@@ -228,6 +228,9 @@ class TrainingSettings(BaseModel):
     promotion_min_delta: float = Field(
         0.0, description="how much better than production the challenger's metric must be (negative: a tolerance)"
     )
+    run_in_server: bool = Field(
+        False, description="the HTTP server also runs queued jobs (default: only `moorage jobs worker` processes)"
+    )
 
 
 class ConfigCenterSettings(BaseModel):

@@ -279,11 +279,13 @@ class Subscriber:
 
     async def _run(self) -> None:
         require("tenacity", "serve")  # the message names the extra when it is missing
-        from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+        from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
         while True:  # a fresh backoff after every step that reached the center
             retrying = AsyncRetrying(
-                wait=wait_exponential_jitter(initial=0.2, max=10.0),
+                wait=wait_random_exponential(
+                    multiplier=0.2, max=10.0
+                ),  # full jitter: a fleet does not reconnect in step
                 retry=retry_if_exception_type(SourceUnavailable),
                 before_sleep=_log_retry,
             )

@@ -13,12 +13,14 @@ from fastapi import FastAPI
 from .. import __version__
 from ..batching import InferenceService, ModelPool
 from ..batching.cache import ResponseCache
+from ..batching.hot import apply_hot
 from ..batching.settings import serving_pool_config
 from ..config import Settings
+from ..configcenter.releases import ConfigCenter
 from ..observability import metrics, tracing
 from ..registry import Registry
 from ..runtime import Runtime
-from . import admin, classify, health, inference, jobs, openai, promotion, responses
+from . import admin, classify, config_watch, health, inference, jobs, openai, promotion, responses
 from .edge import EdgeMiddleware
 from .errors import ERROR_RESPONSES, install_error_handlers
 from .security import Guard, SecurityMiddleware
@@ -48,6 +50,7 @@ def create_app(
         app.state.loading = loop.create_task(_load(pool))
         watchdog = loop.create_task(_on_engine_failure(pool, settings.serve.exit_on_engine_failure))
         await guard.start()
+        await app.state.config_delivery.start()  # the first release is in force before any request
         await app.state.jobs.start()
         if load_before_serving:
             await asyncio.wait([app.state.loading])  # a failure is kept for /readyz, as in the background
@@ -57,6 +60,8 @@ def create_app(
             watchdog.cancel()
             app.state.loading.cancel()
             await app.state.jobs.stop()
+            await app.state.config_delivery.stop()
+            center.close()
             await pool.stop()
             await app.state.service.close()
             await guard.stop()
@@ -80,6 +85,13 @@ def create_app(
     app.state.registry = registry
     app.state.guard = guard
     app.state.jobs = jobs.JobRunner(settings, app.state.service, registry.catalog, guard)
+    center = ConfigCenter.from_settings(settings, registry=registry)
+    app.state.config_center = center
+
+    def apply_config(new: Settings, _effective) -> None:  # every part checks the release before any swaps
+        apply_hot(new, guard.stage, app.state.service.stage)
+
+    app.state.config_delivery = config_watch.ConfigDelivery(settings, center, apply_config, registry)
     install_error_handlers(app)
     app.add_middleware(SecurityMiddleware, guard=guard)  # inside the edge: bounded bodies, counted requests
     app.add_middleware(
@@ -94,6 +106,7 @@ def create_app(
     app.include_router(responses.router)
     app.include_router(jobs.router)
     app.include_router(admin.router)
+    app.include_router(config_watch.router)
     app.include_router(promotion.router)
     app.openapi = lambda: _openapi_with_auth(app, guard)  # type: ignore[method-assign]  # FastAPI's documented override
     return app

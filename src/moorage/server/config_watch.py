@@ -19,13 +19,16 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from ..config import Settings
 from ..configcenter.snapshot import effective_json
+from ..configcenter.subscriber import Apply, LocalSource, Subscriber, new_instance
 from ..errors import BadRequest
-from .common import FastJSON
+from .common import FastJSON, unless_disconnected
 from .security import require
 
 if TYPE_CHECKING:
-    from ..configcenter.releases import ConfigCenter, Instance
+    from ..configcenter.releases import ConfigCenter, Effective, Instance
+    from ..registry import Registry
 
 log = logging.getLogger("moorage.server")
 router = APIRouter(tags=["config"])
@@ -51,7 +54,10 @@ class Revisions:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.revision = await asyncio.to_thread(self.center.revision)
+        try:
+            self.revision = await asyncio.to_thread(self.center.revision)
+        except Exception as exc:  # a backend that is down at start: the thread follows it once it is up
+            log.warning("config center: cannot read its revision: %s: %s", type(exc).__name__, exc)
         self._thread = threading.Thread(target=self._follow, args=(loop,), name="config-revisions", daemon=True)
         self._thread.start()
 
@@ -97,12 +103,46 @@ class Revisions:
         return True
 
 
+class FollowedSource(LocalSource):
+    """The server's own subscriber, on the center it serves: it waits on the same `Revisions` as
+    every long-poll (no thread of its own)."""
+
+    def __init__(self, revisions: Revisions) -> None:
+        super().__init__(revisions.center)
+        self.revisions = revisions
+
+    async def watch(self, instance: Instance, after: int, hold_s: float) -> Effective | None:
+        if not await self.revisions.wait_past(after, hold_s):
+            return None
+        return await self.effective(instance)
+
+
+class ConfigDelivery:
+    """A server's part of config delivery: the revision follower the watch route awaits, and the
+    server's own subscriber (over HTTP to ``config.center_url`` when it is set, else on the center
+    it serves), which hands each release to `apply`."""
+
+    def __init__(self, settings: Settings, center: ConfigCenter, apply: Apply, registry: Registry | None = None):
+        self.revisions = Revisions(center)
+        source = None if settings.config.center_url else FollowedSource(self.revisions)
+        instance = new_instance(settings, "servers")
+        self.subscriber = Subscriber(settings, instance, apply, source=source, registry=registry)
+
+    async def start(self) -> None:
+        await self.revisions.start()
+        await self.subscriber.start()
+
+    async def stop(self) -> None:
+        await self.subscriber.stop()
+        self.revisions.stop()
+
+
 def _center(request: Request) -> ConfigCenter:
     return request.app.state.config_center
 
 
 def _revisions(request: Request) -> Revisions:
-    return request.app.state.config_revisions
+    return request.app.state.config_delivery.revisions
 
 
 def _instance(instance_id: str, group: str, labels: dict[str, str]) -> Instance:
@@ -139,9 +179,8 @@ async def watch(
     for -1), else 304 at the end of the hold."""
     who = _instance(instance, group, _labels(labels))
     hold_s = min(hold or request.app.state.settings.config.hold_s, request.app.state.settings.config.hold_s)
-    if after >= 0 and not await _revisions(request).wait_past(after, hold_s):
-        return Response(status_code=304)
-    if await request.is_disconnected():  # woken for a client that has gone: no config to compute
+    # a client that goes away mid-hold ends its wait at once (ClientGone): it is not woken for nothing
+    if after >= 0 and not await unless_disconnected(request, _revisions(request).wait_past(after, hold_s)):
         return Response(status_code=304)
     effective = await asyncio.to_thread(_center(request).effective, who)
     return FastJSON(effective_json(effective))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import shutil
 from dataclasses import dataclass
@@ -305,5 +306,49 @@ def test_the_trained_classifier_answers_classify_and_predict_and_promotes_over_h
         assert [r["detail"]["accepted"] for r in audit.rows(action="promote")] == [True, False]
         assert {r["action"] for r in audit.rows(model="topics")} >= {"classify", "predict", "promote_model"}
         assert audit.verify()[1] == []
+    finally:
+        registry.close()
+
+
+def test_a_run_started_again_in_its_work_dir_finds_the_version_it_registered(trained):
+    """A job whose process died after registering runs again: the same version, not a second one."""
+    world, _, good = trained
+    again = world.train(world.spec("topics"), "good")
+    registry = Registry.from_settings(world.settings)
+    try:
+        assert again.version.ref == good.version.ref == "topics:2"
+        assert [v.version for v in registry.list_versions("topics")] == [1, 2]
+    finally:
+        registry.close()
+
+
+def test_a_lora_adapter_on_a_causal_lm_is_a_child_version_tested_on_its_loss(world, tmp_path):
+    rng = random.Random(0)
+    rows = []
+    for i in range(20):
+        topic = rng.choice(sorted(TOPICS))
+        question = " ".join(rng.sample(TOPICS[topic], 4))
+        rows.append(
+            {"messages": [{"role": "user", "content": f"{question} {i}"}, {"role": "assistant", "content": topic}]}
+        )
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat = Datasets.from_settings(world.settings).add("chat", str(data), label=None, messages="messages")
+    registry = Registry.from_settings(world.settings)
+    try:
+        base = registry.register(tiny_llama(tmp_path / "llama"), "tiny-llama", "generate")
+        spec = TrainSpec(
+            task="generate", method="lora", base=base.ref, dataset=chat.ref, name="chatty", epochs=1, batch_size=4,
+            max_length=32, early_stopping_patience=None,
+        )  # fmt: skip
+        result = world.train(spec, "lora")
+        info = result.version
+        assert (info.task, info.manifest.lineage.parent, info.aliases) == ("generate", base.ref, ("challenger",))
+        assert "lora" in info.manifest.lineage.hyperparameters["trainer"]
+        metrics = info.manifest.metrics
+        assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+        assert metrics["evaluated_on"]["split_sha256"] == chat.splits["test"].digest
+        again = evaluate_version(world.settings, info.ref, chat.ref)
+        assert again["loss"] == metrics["loss"]
     finally:
         registry.close()

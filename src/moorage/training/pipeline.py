@@ -21,8 +21,8 @@ from ..runtime.base import TaskHandler
 from ..runtime.loader import handler_for
 from .datasets import Datasets, DatasetVersion, Example
 from .evaluation import classification_metrics, language_model_metrics
-from .publish import publish, unpublish
-from .trainer import Progress, TrainingCancelled, TrainOutcome, TrainSpec, train
+from .publish import publish, published, run_id, unpublish
+from .trainer import Progress, TrainingCancelled, TrainOutcome, TrainSpec, _encode_generate, train
 
 # The registered tasks a base may have, per training task: a classifier starts from an encoder
 # (an embedding model, or another classifier), a generator from a causal LM.
@@ -59,26 +59,29 @@ def run_training(
         base = check_base(registry, spec)
         dataset = check_dataset(datasets, spec)
         check_target(registry, spec)
-        train_rows = datasets.examples(dataset, spec.train_split)
-        validation_rows = datasets.examples(dataset, spec.validation_split)
         with base_folder(registry, base) as base_dir:
             outcome = train(
                 spec,
                 base_dir,
-                train_rows,
-                validation_rows,
+                datasets.examples(dataset, spec.train_split),
+                datasets.examples(dataset, spec.validation_split),
                 dataset.label_map,
                 Path(work_dir),
                 progress=progress,
                 should_stop=should_stop,
             )
+        run = run_id(spec, base, dataset, Path(work_dir))
+        done = published(registry, spec.name, run)
+        if done is not None:  # this run registered it before its process stopped: the same version
+            datasets.record_use(dataset, done.name, done.version)
+            return TrainingResult(done, dict(done.manifest.metrics), outcome)
         _report(progress, "testing", outcome)
         test_rows = datasets.examples(dataset, spec.test_split)
-        test_metrics = evaluate_folder(settings, outcome.best_dir, spec.task, test_rows, dataset, spec.test_split)
+        test_metrics = evaluate_folder(settings, outcome.best_dir, spec.task, test_rows, dataset, spec.test_split, spec)
         if should_stop is not None and should_stop():
             raise TrainingCancelled(f"training of {spec.name} was cancelled before it was registered")
         _report(progress, "publishing", outcome)
-        info, previous = publish(registry, spec, outcome, base, dataset, test_metrics)
+        info, previous = publish(registry, spec, outcome, base, dataset, test_metrics, run)
         try:
             datasets.record_use(dataset, info.name, info.version)
         except BaseException:
@@ -100,13 +103,20 @@ def evaluate_version(settings: Settings, ref: str, dataset: str, split: str = "t
         _check_kind(info.task, data)
         _check_split(data, split)
         loaded = Runtime(registry, settings.runtime).load(info)
-        return _metrics(loaded.handler, info.task, datasets.examples(data, split), data, split, settings)
+        rows = datasets.examples(data, split)
+        return _metrics(loaded.handler, info.task, rows, data, split, settings, _spec_of(info, data, loaded.handler))
     finally:
         registry.close()
 
 
 def evaluate_folder(
-    settings: Settings, folder: Path, task: str, rows: Sequence[Example], dataset: DatasetVersion, split: str
+    settings: Settings,
+    folder: Path,
+    task: str,
+    rows: Sequence[Example],
+    dataset: DatasetVersion,
+    split: str,
+    spec: TrainSpec | None = None,
 ) -> dict[str, Any]:
     """The metrics of an unregistered model folder, loaded by the handler the registry and the
     runtime would pick for it (the one that serves it once registered)."""
@@ -115,7 +125,7 @@ def evaluate_folder(
     handler.load(
         folder, Manifest(name="candidate", version=0, task=task, framework=framework, files=[]), settings.runtime
     )
-    return _metrics(handler, task, rows, dataset, split, settings)
+    return _metrics(handler, task, rows, dataset, split, settings, spec)
 
 
 # ---- checks, all before any training ------------------------------------------------------------
@@ -190,6 +200,7 @@ def _metrics(
     dataset: DatasetVersion,
     split: str,
     settings: Settings,
+    spec: TrainSpec | None = None,
 ) -> dict[str, Any]:
     if not rows:
         raise BadRequest(
@@ -198,7 +209,9 @@ def _metrics(
     if task == "classify":
         metrics = _classification(handler, rows, dataset.label_map, settings.serve.max_batch_size)
     else:
-        metrics = language_model_metrics(_mean_token_loss(handler, rows))
+        if spec is None:
+            raise TypeError("a language model is scored with the spec it was trained with")
+        metrics = language_model_metrics(_mean_token_loss(handler, rows, spec))
     return {**metrics, "evaluated_on": _evaluated_on(dataset, split, len(rows))}
 
 
@@ -213,24 +226,38 @@ def _classification(
     return classification_metrics([str(r.label) for r in rows], predicted, labels)
 
 
-def _mean_token_loss(handler: TaskHandler, rows: Sequence[Example]) -> float:
-    """Mean next-token cross-entropy of the served causal LM over the rows (chat rows rendered by its
-    chat template), each token weighted alike."""
+def _mean_token_loss(handler: TaskHandler, rows: Sequence[Example], spec: TrainSpec) -> float:
+    """Mean next-token cross-entropy of the served causal LM over the rows, on the tokens the trainer
+    learns (a conversation's assistant turns, all of a plain text): the validation loss's definition,
+    with the trainer's own encoding."""
     torch = require("torch", "ml")
     model, tokenizer = handler.model, handler.tokenizer  # type: ignore[attr-defined]
+    encoded = _encode_generate(spec, tokenizer, rows, {})
     total, count = 0.0, 0
     with torch.inference_mode():
-        for row in rows:
-            text = row.text
-            if row.messages and tokenizer.chat_template:
-                text = tokenizer.apply_chat_template(list(row.messages), tokenize=False)
-            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=handler.max_context)["input_ids"]  # type: ignore[attr-defined]
-            if ids.shape[-1] < 2:
+        for row in encoded:
+            labels = torch.tensor([row["labels"]], device=model.device)
+            learned = int((labels[0, 1:] != -100).sum())
+            if learned == 0:
                 continue
-            ids = ids.to(model.device)
-            loss = model(input_ids=ids, labels=ids).loss.float().item()
-            total, count = total + loss * (ids.shape[-1] - 1), count + ids.shape[-1] - 1
-    return total / max(count, 1)
+            ids = torch.tensor([row["input_ids"]], device=model.device)
+            loss = model(input_ids=ids, labels=labels).loss.float().item()
+            total, count = total + loss * learned, count + learned
+    if count == 0:
+        raise BadRequest("no row of the split has a token to score", code="empty_split")
+    return total / count
+
+
+def _spec_of(info: VersionInfo, dataset: DatasetVersion, handler: TaskHandler) -> TrainSpec | None:
+    """The spec a version was trained with (its tokens' length and encoding), or for a language model
+    registered by hand one that reads whole texts up to the model's context."""
+    recorded = info.manifest.lineage.hyperparameters.get("spec")
+    if recorded:
+        return TrainSpec.model_validate(recorded)
+    if info.task != "generate":
+        return None
+    context = int(getattr(handler, "max_context", 2048))
+    return TrainSpec(task="generate", base=info.ref, dataset=dataset.ref, name=info.name, max_length=max(8, context))
 
 
 def _evaluated_on(dataset: DatasetVersion, split: str, rows: int) -> dict[str, Any]:
@@ -245,5 +272,8 @@ def _evaluated_on(dataset: DatasetVersion, split: str, rows: int) -> dict[str, A
 
 def _report(progress: Callable[[Progress], None] | None, phase: str, outcome: TrainOutcome) -> None:
     if progress is not None:
+        last = outcome.history[-1] if outcome.history else {}
         best = {outcome.metric: outcome.best_metric}
-        progress(Progress(phase, outcome.best_step, outcome.best_step, 0.0, None, best, None))
+        progress(
+            Progress(phase, int(last.get("step", 0)), int(last.get("step", 0)), last.get("epoch") or 0.0, None, best)
+        )

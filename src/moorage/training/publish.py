@@ -4,6 +4,8 @@ history) and its registration as the model's ``challenger``, undone if what foll
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     from .datasets import DatasetVersion
 
 CHALLENGER = "challenger"
+RUN_TAG = "training_run"  # one training run (spec, base, data, work dir): registered once, even when run again
 # What trained the version: its weights depend on these (the rest of the environment does not).
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "sentence-transformers", "scikit-learn", "moorage")
 
@@ -82,9 +85,10 @@ def publish(
     base: VersionInfo,
     dataset: DatasetVersion,
     test_metrics: dict[str, Any],
+    run: str,
 ) -> tuple[VersionInfo, int | None]:
-    """Register the best folder as the next version of ``spec.name`` with alias ``challenger``.
-    Returns the version and the one ``challenger`` pointed at before (for `unpublish`)."""
+    """Register the best folder as the next version of ``spec.name`` with alias ``challenger``, tagged
+    with its `run`. Returns the version and the one ``challenger`` pointed at before (for `unpublish`)."""
     previous = challenger_of(registry, spec.name)
     info = registry.register(
         outcome.best_dir,
@@ -95,8 +99,23 @@ def publish(
         metrics=test_metrics,
         lineage=lineage(spec, outcome, base, dataset),
         reason=f"trained from {base.ref} on {dataset.ref}; {_summary(test_metrics)}",
+        tags={RUN_TAG: run},
     )
     return info, previous
+
+
+def run_id(spec: TrainSpec, base: VersionInfo, dataset: DatasetVersion, work_dir: Path) -> str:
+    """What identifies one training run: a job that is run again in its work dir (after its process
+    died between registering and reporting) finds the version it registered instead of adding one."""
+    identity = [spec.model_dump(mode="json"), base.manifest_sha256, dataset.digest, str(work_dir.resolve())]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def published(registry: Registry, name: str, run: str) -> VersionInfo | None:
+    """The ready version of `name` registered by `run`, if there is one."""
+    if name not in {m.name for m in registry.list_models()}:
+        return None
+    return next((v for v in registry.list_versions(name) if v.status == "ready" and v.tags.get(RUN_TAG) == run), None)
 
 
 def unpublish(registry: Registry, info: VersionInfo, previous: int | None) -> None:

@@ -95,12 +95,20 @@ ENDPOINTS = [
     ("GET", "/admin/settings", None, "read_settings", None),
     ("GET", "/admin/audit", None, "read_audit", None),
     ("GET", "/admin/audit/verify", None, "read_audit", None),
+    ("GET", "/v1/config/watch", {"instance": "matrix"}, "subscribe_config", None),  # a query, not a body
+    (
+        "POST",
+        "/v1/config/reports",
+        {"instance": "matrix", "revision": 0, "status": "applied"},
+        "subscribe_config",
+        None,
+    ),
 ]
 OPEN = [("GET", "/healthz"), ("GET", "/readyz")]
 ROLE_RIGHTS = {
-    "admin": {"invoke", "manage_models", "manage_keys", "read_settings", "read_audit"},
-    "operator": {"invoke", "manage_models"},
-    "operator-gen": {"invoke", "manage_models"},
+    "admin": {"invoke", "manage_models", "subscribe_config", "manage_keys", "read_settings", "read_audit"},
+    "operator": {"invoke", "manage_models", "subscribe_config"},
+    "operator-gen": {"invoke", "manage_models", "subscribe_config"},
     "invoker": {"invoke"},
 }
 PATTERNS = {"admin": "*", "operator": "*", "operator-gen": "gen", "invoker": "emb*"}
@@ -142,6 +150,8 @@ async def test_roles_by_endpoints_every_cell(secured, serving, fake_model):
                 spare = KeyStore(registry.catalog).create("invoker")[0].id
                 url = path.format(model=model, name=model, alias="staging", job_id=job_id, key_id=spare)
                 kwargs = {"content": upload, "params": {"task": "embed"}} if body == "upload" else {"json": body}
+                if method == "GET" and body is not None:
+                    kwargs = {"params": body}
                 r = await c.request(method, url, headers=headers, **kwargs)
                 expected = _expected(caller, permission, model)
                 if path == "/v1/jobs/{job_id}" and caller in ROLE_RIGHTS and caller != "admin":

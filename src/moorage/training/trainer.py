@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from .datasets import Example
 
 
+# The validation metrics each task reports (and the best checkpoint and early stopping can go by).
+METRICS = {"classify": ("accuracy", "macro_f1", "loss"), "generate": ("loss", "perplexity")}
+
+
 class TrainSpec(BaseModel):
     """What to train, on what, and how. Every field is a hyper-parameter recorded in the lineage."""
 
@@ -46,7 +50,9 @@ class TrainSpec(BaseModel):
     max_length: int = Field(256, ge=8)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    lr_scheduler: str = "linear"
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = "linear"
     eval_steps: int | None = Field(None, ge=1, description="None: evaluate and checkpoint at each epoch end")
     metric: str | None = Field(None, description="best/early-stopping metric; default accuracy or loss")
     early_stopping_patience: int | None = Field(2, ge=1)
@@ -60,9 +66,11 @@ class TrainSpec(BaseModel):
     test_split: str = "test"
 
     @model_validator(mode="after")
-    def _lora_generates(self) -> TrainSpec:
+    def _fits_the_task(self) -> TrainSpec:
         if self.method == "lora" and self.task != "generate":
             raise ValueError("method 'lora' is for task 'generate'; a classifier is fine-tuned in full")
+        if self.metric is not None and self.metric not in METRICS[self.task]:
+            raise ValueError(f"metric {self.metric!r}: a {self.task} training reports {', '.join(METRICS[self.task])}")
         return self
 
     @property
@@ -424,6 +432,10 @@ def _reporter(watch: _Watch) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             watch.stop_if_asked(state)
             watch.report("evaluating" if control.should_evaluate else "training", state)
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if control.should_evaluate:
+                watch.report("evaluating", state)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
             if logs and "loss" in logs:

@@ -396,14 +396,15 @@ def _check_folds(labels, folds: int, stratified: bool) -> None:
 
 
 def _shares(indices, labels, spec: SplitSpec, stratified: bool, model_selection) -> dict[str, Any]:
-    """train / validation / test: the test rows first, then validation out of what is left."""
+    """train / validation / test: the test rows first, then validation out of what is left. Each share
+    becomes a whole number of rows of the whole dataset (at least one), so no float rounding moves a row."""
     parts = {}
     rest = indices
-    for name, share in (("test", spec.test), ("validation", spec.validation / (1.0 - spec.test))):
+    for name, share in (("test", spec.test), ("validation", spec.validation)):
         if share <= 0:
             continue
         splitter = (model_selection.StratifiedShuffleSplit if stratified else model_selection.ShuffleSplit)(
-            n_splits=1, test_size=share, random_state=spec.seed
+            n_splits=1, test_size=max(1, round(share * len(indices))), random_state=spec.seed
         )
         keep, held = next(splitter.split(rest, labels[rest]))
         parts[name] = rest[held]

@@ -10,6 +10,7 @@ import logging
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from moorage.config import load_settings
 from moorage.configcenter.releases import ConfigCenter, Instance
@@ -17,6 +18,7 @@ from moorage.configcenter.subscriber import HttpSource, Subscriber
 from moorage.registry import Registry
 from moorage.security.keys import KeyStore
 from moorage.server import create_app
+from moorage.streams.runner import StreamJob, run_stream
 
 from tests.services.tcp_proxy import CuttableProxy
 from tests.support import eventually, serve_in_thread
@@ -208,3 +210,26 @@ async def test_without_the_center_a_restarted_process_serves_its_snapshot(center
     finally:
         center.close()
         registry.close()
+
+
+async def test_a_stream_worker_follows_its_group_over_http(center_settings, center_server, tmp_path):
+    url, key, center = center_server
+    config = center_settings.config.model_copy(update={"center_url": url, "api_key": SecretStr(key)})
+    settings = center_settings.model_copy(update={"config": config})
+    job = StreamJob(f"sqlite:///{tmp_path}/queue.db?topic=in", f"jsonl://{tmp_path}/out", "emb")
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_stream(settings, job, stop, follow_config=True))
+
+    def worker_on(revision: int) -> bool:
+        mine = [i for i in center.status()["instances"] if i["group"] == "stream:emb"]
+        return len(mine) == 1 and mine[0]["revision"] == revision and mine[0]["status"] == "applied"
+
+    try:
+        await eventually(lambda: worker_on(0) or worker.done(), what="the worker's first report")
+        assert not worker.done()
+        center.edit_draft("group:stream:emb", {"stream": {"batch_size": 5}}, author="tester")
+        center.publish("group:stream:emb", author="tester", comment="smaller stream batches")
+        await eventually(lambda: worker_on(center.revision()), what="the worker on the group's release")
+    finally:
+        stop.set()
+        await worker

@@ -130,12 +130,14 @@ def _error_text(response) -> str:
 
 
 class LocalSource:
-    """A `ConfigCenter` this process holds. Its blocking calls run in threads; a wait is cut into
-    short slices so that stopping the subscriber leaves no thread waiting for long."""
+    """A `ConfigCenter` this process holds (closed with the source when `owned`). Its blocking calls
+    run in threads; a wait is cut into short slices so that stopping the subscriber leaves no thread
+    waiting for long."""
 
-    def __init__(self, center: ConfigCenter, *, wait_slice_s: float = 1.0) -> None:
+    def __init__(self, center: ConfigCenter, *, wait_slice_s: float = 1.0, owned: bool = False) -> None:
         self.center = center
         self.wait_slice_s = wait_slice_s
+        self.owned = owned
 
     async def effective(self, instance: Instance) -> Effective:
         return await self._call(self.center.effective, instance)
@@ -158,7 +160,8 @@ class LocalSource:
             raise SourceUnavailable(f"config center unavailable: {type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
-        return None
+        if self.owned:
+            self.center.close()
 
 
 Apply = Callable[[Settings, "Effective"], None]
@@ -173,14 +176,15 @@ def new_instance(settings: Settings, group: str) -> Instance:
     return Instance(id=instance_id, group=settings.config.group or group, labels=dict(settings.config.labels))
 
 
-def default_source(settings: Settings) -> Source:
-    """`HttpSource` on ``config.center_url`` when it is set, else the backend in-process."""
+def default_source(settings: Settings, registry: Registry | None = None) -> Source:
+    """`HttpSource` on ``config.center_url`` when it is set, else the backend in-process (on the
+    catalog of `registry` when given)."""
     cfg = settings.config
     if cfg.center_url:
         return HttpSource(cfg.center_url, cfg.api_key.get_secret_value() if cfg.api_key else None)
     from .releases import ConfigCenter
 
-    return LocalSource(ConfigCenter.from_settings(settings))
+    return LocalSource(ConfigCenter.from_settings(settings, registry=registry), owned=True)
 
 
 class Subscriber:
@@ -204,7 +208,7 @@ class Subscriber:
         self.settings = settings
         self.instance = instance
         self._apply = apply
-        self._source = source or default_source(settings)
+        self._source = source or default_source(settings, registry)
         self._registry = registry
         self.snapshot = Snapshot(snapshot_path(settings, instance.group))
         self._current: Effective | None = None

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 from ..batching import InferenceService, ModelPool
 from ..batching.cache import ResponseCache
+from ..batching.hot import apply_hot
 from ..batching.settings import from_settings, stream_pool_config
 from ..config import Settings
+from ..configcenter.subscriber import Subscriber, new_instance
 from ..errors import EngineFailed
 from ..observability import tracing
 from ..refs import parse_ref
@@ -45,9 +47,11 @@ async def run_stream(
     registry: Registry | None = None,
     name: str = "part",
     health: Health | None = None,
+    follow_config: bool = False,
 ) -> Counts:
     """One worker until `stop` is set (or SIGTERM/SIGINT when run as a program); `health` says
-    whether it is making progress."""
+    whether it is making progress. With `follow_config` it applies the config center's releases
+    while it runs (`config_subscriber`)."""
     registry = registry or Registry.from_settings(settings)
     tracing.configure(settings.observability)  # off: nothing of OpenTelemetry is imported
     pool = ModelPool(registry, Runtime(registry, settings.runtime), [job.model], stream_pool_config(settings))
@@ -65,11 +69,16 @@ async def run_stream(
             worker = StreamWorker(source, sink, service, job.model, config, policy, audit, health=health)
             if audit is not None:
                 await audit.start()
+            subscriber = config_subscriber(settings, job, worker, registry) if follow_config else None
+            if subscriber is not None:
+                await subscriber.start()  # the first release is in force before the first message
             watchdog = asyncio.ensure_future(_stop_when_failed(pool, stop))
             try:
                 counts = await worker.run(stop)
             finally:
                 watchdog.cancel()
+                if subscriber is not None:
+                    await subscriber.stop()
                 await service.close()
                 if audit is not None:
                     await audit.stop()
@@ -78,6 +87,13 @@ async def run_stream(
     if pool.failed.is_set():  # what was received went back to the broker; a new process takes over
         raise EngineFailed(f"the model's engine stopped ({pool.engine_failure}); restart this worker")
     return counts
+
+
+def config_subscriber(settings: Settings, job: StreamJob, worker: StreamWorker, registry: Registry) -> Subscriber:
+    """The worker's subscriber to the config center (over HTTP when ``config.center_url`` is set, else on
+    the backend), as an instance of group ``config.group`` or ``stream:<model name>``."""
+    instance = new_instance(settings, f"stream:{parse_ref(job.model).name}")
+    return Subscriber(settings, instance, lambda new, _effective: apply_hot(new, worker.stage), registry=registry)
 
 
 async def _stop_when_failed(pool: ModelPool, stop: asyncio.Event) -> None:
@@ -101,7 +117,7 @@ def run_forever(settings: Settings, job: StreamJob, name: str = "part") -> Count
         if settings.stream.metrics_port is not None:  # /metrics and /healthz
             server = serve_health(settings.stream.metrics_port, health)
         try:
-            return await run_stream(settings, job, stop, name=name, health=health)
+            return await run_stream(settings, job, stop, name=name, health=health, follow_config=True)
         finally:
             if server is not None:
                 server.shutdown()

@@ -105,6 +105,10 @@ class Datasets:
         """The datasets next to `registry`, sharing its catalog connection and store."""
         return cls(registry.catalog, registry.store, user=registry.user)
 
+    def close(self) -> None:
+        """Release the catalog's connections (a `from_registry` instance shares them with its registry)."""
+        self.catalog.dispose()
+
     def add(
         self,
         name: str,

@@ -135,6 +135,12 @@ def test_the_registered_version_names_its_base_data_splits_and_every_hyperparame
     assert lineage.packages == package_versions() and {"torch", "transformers", "moorage"} <= set(lineage.packages)
     assert lineage.code_version
     # which data made this model, and which models came from this dataset
+    shown = CliRunner().invoke(_cli(), ["models", "show", "topics:2"], env=_env(world.settings))
+    assert shown.exit_code == 0, shown.output
+    assert (
+        f"parent:  {base.ref}" in shown.output
+        and f"dataset: {dataset.ref} (sha256 {dataset.digest[:12]}" in shown.output
+    )
     assert ("topics", 2, "trained") in datasets.uses("toy") and ("topics", 1, "trained") in datasets.uses("toy")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ __all__ = [
     "SplitInfo",
     "SplitSpec",
 ]
+
+log = logging.getLogger("moorage.datasets")
 
 STORE_PREFIX = "_datasets"  # no model name starts with "_", so this never meets a model's folder
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -167,7 +170,10 @@ class Datasets:
                     .values(status="ready")
                 )
         except BaseException:
-            self._discard(name, row.version, row.path)
+            try:
+                self._discard(name, row.version, row.path)
+            except Exception:  # the store or catalog failed twice: readers skip the pending row anyway
+                log.warning("could not remove the pending dataset version %s:%s", name, row.version, exc_info=True)
             raise
         return _to_version(row), True
 

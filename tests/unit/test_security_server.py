@@ -103,12 +103,30 @@ ENDPOINTS = [
         "subscribe_config",
         None,
     ),
+    ("GET", "/v1/config/drafts/{scope}", None, "manage_config", None),
+    ("PUT", "/v1/config/drafts/{scope}", {"values": {"serve": {"max_batch_size": 8}}}, "manage_config", None),
+    ("GET", "/v1/config/drafts/{scope}/diff", None, "manage_config", None),
+    ("POST", "/v1/config/releases", {"scope": "global"}, "manage_config", None),
+    ("GET", "/v1/config/releases", None, "manage_config", None),
+    ("POST", "/v1/config/releases/{number}/approve", None, "manage_config", None),
+    ("POST", "/v1/config/releases/{number}/promote", None, "manage_config", None),
+    ("POST", "/v1/config/releases/{number}/abandon", None, "manage_config", None),
+    ("POST", "/v1/config/rollback", {"scope": "global", "to": 1}, "manage_config", None),
+    ("GET", "/v1/config/status", None, "manage_config", None),
 ]
 OPEN = [("GET", "/healthz"), ("GET", "/readyz")]
 ROLE_RIGHTS = {
-    "admin": {"invoke", "manage_models", "subscribe_config", "manage_keys", "read_settings", "read_audit"},
-    "operator": {"invoke", "manage_models", "subscribe_config"},
-    "operator-gen": {"invoke", "manage_models", "subscribe_config"},
+    "admin": {
+        "invoke",
+        "manage_models",
+        "subscribe_config",
+        "manage_config",
+        "manage_keys",
+        "read_settings",
+        "read_audit",
+    },
+    "operator": {"invoke", "manage_models", "subscribe_config", "manage_config"},
+    "operator-gen": {"invoke", "manage_models", "subscribe_config", "manage_config"},
     "invoker": {"invoke"},
 }
 PATTERNS = {"admin": "*", "operator": "*", "operator-gen": "gen", "invoker": "emb*"}
@@ -148,7 +166,9 @@ async def test_roles_by_endpoints_every_cell(secured, serving, fake_model):
                 headers = {"X-API-Key": keys[caller]}  # the other header clients use
             for method, path, body, permission, model in ENDPOINTS:
                 spare = KeyStore(registry.catalog).create("invoker")[0].id
-                url = path.format(model=model, name=model, alias="staging", job_id=job_id, key_id=spare)
+                url = path.format(
+                    model=model, name=model, alias="staging", job_id=job_id, key_id=spare, scope="global", number=1
+                )
                 kwargs = {"content": upload, "params": {"task": "embed"}} if body == "upload" else {"json": body}
                 if method == "GET" and body is not None:
                     kwargs = {"params": body}

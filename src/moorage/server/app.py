@@ -20,7 +20,7 @@ from ..configcenter.releases import ConfigCenter
 from ..observability import metrics, tracing
 from ..registry import Registry
 from ..runtime import Runtime
-from . import admin, classify, config_watch, health, inference, jobs, openai, promotion, responses
+from . import admin, classify, config, config_watch, health, inference, jobs, openai, promotion, responses
 from .edge import EdgeMiddleware
 from .errors import ERROR_RESPONSES, install_error_handlers
 from .security import Guard, SecurityMiddleware
@@ -106,6 +106,7 @@ def create_app(
     app.include_router(responses.router)
     app.include_router(jobs.router)
     app.include_router(admin.router)
+    app.include_router(config.router)
     app.include_router(config_watch.router)
     app.include_router(promotion.router)
     app.openapi = lambda: _openapi_with_auth(app, guard)  # type: ignore[method-assign]  # FastAPI's documented override

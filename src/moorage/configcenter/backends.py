@@ -238,9 +238,10 @@ class EtcdBackend:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         self.url = url
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
-        self.client = etcd3gw.Etcd3Client(
-            host=parts.hostname or "127.0.0.1", port=parts.port or 2379, protocol=parts.scheme, timeout=timeout_s
-        )
+        address = {"host": parts.hostname or "127.0.0.1", "port": parts.port or 2379, "protocol": parts.scheme}
+        self.client = etcd3gw.Etcd3Client(**address, timeout=timeout_s)
+        # the watch has a client of its own: ending a watch closes its session's connection pool
+        self._watch_client = etcd3gw.Etcd3Client(**address)
         self._waiters = Waiters(self._next_revision)
 
     # plumbing: every etcd3gw error becomes BackendUnavailable (or, for a refused txn, a retry)
@@ -250,7 +251,7 @@ class EtcdBackend:
         try:
             return fn(*args, **kwargs)
         except Etcd3Exception as exc:
-            log.warning("etcd %s failed: %s", self.url, exc)
+            log.warning("etcd %s failed: %r", self.url, exc)
             raise BackendUnavailable(f"etcd {self.url} failed: {exc}") from None
 
     def _get(self, key: str) -> tuple[Any, int]:
@@ -332,7 +333,9 @@ class EtcdBackend:
         from etcd3gw.exceptions import WatchTimedOut
 
         try:
-            event = self.client.watch_once(self.prefix + "rev", timeout=self.watch_slice_s, start_revision=known + 1)
+            event = self._watch_client.watch_once(
+                self.prefix + "rev", timeout=self.watch_slice_s, start_revision=known + 1
+            )
         except WatchTimedOut:
             return known
         except Exception as exc:  # the watch runs in etcd3gw's threads: any failure there means etcd is gone
@@ -348,3 +351,4 @@ class EtcdBackend:
 
     def close(self) -> None:
         self.client.session.close()
+        self._watch_client.session.close()

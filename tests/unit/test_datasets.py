@@ -311,3 +311,24 @@ def test_uses_answer_which_models_came_from_a_dataset(datasets, settings, fake_m
 def test_datasets_live_apart_from_models(datasets, tmp_path):
     datasets.add("a", _jsonl(tmp_path / "a.jsonl", _rows()))
     assert all(Path(p).relative_to(datasets.store.root).parts[0] == STORE_PREFIX for p in _stored_files(datasets))
+
+
+def test_a_split_the_rows_cannot_fill_is_refused(datasets, tmp_path):
+    path = _jsonl(tmp_path / "small.jsonl", _rows({"sport": 3, "tech": 3}))
+    with pytest.raises(MoorageError) as caught:
+        datasets.add("small", path, split=SplitSpec(folds=5))
+    assert caught.value.code == "split_impossible" and "smallest has 3" in caught.value.message
+    assert datasets.list() == [] and _stored_files(datasets) == []
+
+
+def test_a_json_array_and_compressed_json_lines(datasets, tmp_path):
+    import gzip
+
+    rows = _rows()
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    array, compressed = (
+        datasets.add("array", str(tmp_path / "a.json")),
+        datasets.add("gz", str(tmp_path / "a.jsonl.gz")),
+    )
+    assert array.digest == compressed.digest and array.stats["rows"] == 60

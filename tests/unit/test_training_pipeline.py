@@ -358,3 +358,37 @@ def test_a_lora_adapter_on_a_causal_lm_is_a_child_version_tested_on_its_loss(wor
         assert again["loss"] == metrics["loss"]
     finally:
         registry.close()
+
+
+def test_classify_needs_the_invoke_right_on_the_model_and_promote_the_operator_role(trained, tmp_path, serving):
+    from moorage.security.keys import KeyStore
+
+    world = copy_world(trained[0], tmp_path)
+    settings = load_settings(environ={"MOORAGE_HOME": str(world.settings.home), "MOORAGE_USER": "tester"})
+    registry = Registry.from_settings(settings)
+    store = KeyStore(registry.catalog)
+    keys = {
+        "invoker": store.create("invoker", models=["topics"])[1],
+        "other": store.create("invoker", models=["other*"])[1],
+        "operator": store.create("operator", models=["topics"])[1],
+    }
+
+    async def main():
+        async with serving(settings, registry, ("topics@challenger",)) as (_, c):
+
+            async def post(path: str, key: str, body: dict) -> tuple[int, str]:
+                r = await c.post(path, json=body, headers={"Authorization": f"Bearer {keys[key]}"})
+                return r.status_code, r.json().get("error", {}).get("code", "")
+
+            texts = {"model": "topics@challenger", "input": ["goal match team"]}
+            assert (await post("/v1/classify", "invoker", texts))[0] == 200
+            assert await post("/v1/classify", "other", texts) == (403, "model_not_allowed")
+            assert (await c.post("/v1/classify", json=texts)).status_code == 401
+            assert (await post("/v1/models/topics/promote", "invoker", {}))[0] == 403
+            assert (await post("/v1/models/topics/promote", "operator", {}))[0] == 200
+
+    try:
+        asyncio.run(main())
+        assert registry.resolve("topics@production").version == 2
+    finally:
+        registry.close()

@@ -9,9 +9,12 @@ from collections import Counter
 import pytest
 from pydantic import ValidationError
 
-from moorage.batching.routing import BUCKETS, ROUTE_KEYS, RouteKeys, Router, bucket
+from moorage.batching.hot import apply_hot
+from moorage.batching.routing import BUCKETS, ROUTE_KEYS, RequestGray, RouteKeys, Router, bucket, lane_of
 from moorage.config import RouteSettings, Settings
+from moorage.configcenter.releases import Effective
 from moorage.errors import Unprocessable
+from moorage.server.security import request_gray
 
 
 def _route(canary: int, sticky: str | None = "api_key") -> Router:
@@ -180,3 +183,50 @@ def test_the_route_keys_of_the_context_choose_the_arm(settings, two_versions, se
 
     for version, ref in asyncio.run(main()).values():
         assert version == (2 if ref == "emb@canary" else 1)
+
+
+# -- gray releases by request share ------------------------------------------------------------------
+def test_a_request_share_gray_release_takes_a_sticky_share_and_keeps_its_keys_as_it_grows():
+    def covered(percent: int) -> set[str]:
+        gray = RequestGray(7, "global", percent, "api_key")
+        return {k for k in KEYS if gray.covers(RouteKeys(api_key=k))}
+
+    at_10, at_30 = covered(10), covered(30)
+    assert abs(len(at_10) / len(KEYS) - 0.10) <= 0.01 and at_10 <= at_30
+    assert not RequestGray(7, "global", 99, "header:X-User").covers(RouteKeys(api_key="k"))  # no header: main line
+    small, large = RequestGray(5, "model:emb", 1, "api_key"), RequestGray(7, "global", 99, "api_key")
+    for key in KEYS[:100]:  # the first release that covers a request is its lane
+        keys = RouteKeys(api_key=key)
+        expected = 5 if small.covers(keys) else 7 if large.covers(keys) else None
+        assert lane_of([small, large], keys) == expected
+
+
+def test_requests_in_a_gray_lane_get_its_filter_and_its_split_and_the_others_the_main_line(
+    settings, two_versions, serving
+):
+    lane_values = {
+        "security": {"filters": {"emb": {"input_deny": ["forbidden"]}}},
+        "routing": {"emb": {"split": [{"target": "canary", "weight": 100}]}},
+    }
+    effective = Effective(3, {}, (), "x", ({"number": 2, "scope": "global", "percent": 50, "key": "header:x-user",
+                                            "values": lane_values},))  # fmt: skip
+    main_line = _split(settings, 0)  # the main line: all on production
+    gray = request_gray(main_line, effective)
+    users = [f"user-{i}" for i in range(40)]
+    in_lane = {u for u in users if gray[0][0].covers(RouteKeys(headers={b"x-user": u.encode()}))}
+
+    async def main():
+        async with serving(settings, two_versions, ("emb@production", "emb@canary")) as (app, client):
+            apply_hot(main_line, app.state.guard.stage, app.state.service.stage, gray=gray)
+            got = {}
+            for user in users:
+                headers = {"X-User": user}
+                r = await client.post("/v1/models/emb/predict", json={"inputs": ["hello"]}, headers=headers)
+                blocked = await client.post("/v1/models/emb/predict", json={"inputs": ["forbidden"]}, headers=headers)
+                got[user] = (r.json()["version"], blocked.status_code)
+            return got
+
+    got = asyncio.run(main())
+    assert 0 < len(in_lane) < len(users)
+    for user, (version, blocked) in got.items():
+        assert (version, blocked) == ((2, 400) if user in in_lane else (1, 200)), user

@@ -11,20 +11,23 @@ started with.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..config import Settings
+from .routing import RequestGray
 
-Stage = Callable[[Settings], Callable[[], None]]
+Gray = Sequence[tuple[RequestGray, Settings]]
+Stage = Callable[[Settings, Gray], Callable[[], None]]
 
 # the loggers whose level is moorage's (`observability.logging.setup_logging` gives uvicorn's the same)
 MOORAGE_LOGGERS = ("moorage", "uvicorn", "uvicorn.error")
 
 
-def apply_hot(settings: Settings, *stages: Stage) -> None:
+def apply_hot(settings: Settings, *stages: Stage, gray: Gray = ()) -> None:
     """Stage `settings` on every object (e.g. ``guard.stage, service.stage``), then swap them all and
-    set moorage's log level; raises, with nothing changed, if any refuses them."""
-    swaps = [stage(settings) for stage in stages]
+    set moorage's log level; raises, with nothing changed, if any refuses them. `gray`: request-share
+    gray releases with the settings of their lane (`server.security.request_gray`)."""
+    swaps = [stage(settings, gray) for stage in stages]
     for swap in swaps:
         swap()
     for name in MOORAGE_LOGGERS:

@@ -108,6 +108,7 @@ class ModelPool:
             self.refs[str(parsed)] = parsed
         self._served: dict[str, ServedVersion] = {}
         self._routes = self._routers(routing or {})  # traffic splits by bare model name (routing.*)
+        self._gray_routes: dict[int, dict[str, Router]] = {}  # those of each request-share gray release
         self._swap_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._watcher: asyncio.Task | None = None
@@ -170,8 +171,7 @@ class ModelPool:
             raise EngineFailed(f"not serving: an engine stopped ({dead}); this process is restarting")
         if not self.is_ready:
             raise NotReady("models are still loading")
-        router = self._routes.get(model)
-        served = self._served.get(router.pick(ROUTE_KEYS.get()) if router is not None else model)
+        served = self._served.get(self._routed(model))
         if served is None:
             parse_ref(model)  # a malformed reference is a 400, not an unknown model
             matches = [sv for key, sv in self._served.items() if self.refs[key].name == model]
@@ -183,6 +183,13 @@ class ModelPool:
             served = matches[0]
         return served
 
+    def _routed(self, model: str) -> str:
+        """`model`, or the arm of its split this request goes to (its gray lane's split, if it has one)."""
+        keys = ROUTE_KEYS.get()
+        routes = self._routes if keys is None or keys.lane is None else self._gray_routes.get(keys.lane, self._routes)
+        router = routes.get(model)
+        return router.pick(keys) if router is not None else model
+
     def served(self) -> dict[str, ServedVersion]:
         return dict(self._served)
 
@@ -191,27 +198,39 @@ class ModelPool:
         return dict(self._routes)
 
     # -- hot settings ------------------------------------------------------------------------
-    def stage(self, config: PoolConfig, routing: Mapping[str, RouteSettings]) -> Callable[[], None]:
+    def stage(
+        self,
+        config: PoolConfig,
+        routing: Mapping[str, RouteSettings],
+        gray: Mapping[int, Mapping[str, RouteSettings]] | None = None,
+    ) -> Callable[[], None]:
         """Check `config` and `routing` against what this pool serves and build what they need; return
         the swap that puts them in force (the config center's apply: nothing changes if this raises).
 
         Every engine takes the new limits for what it accepts from then on; a batch or a sequence
         already running finishes as it started. The alias poll interval is kept (it is read at start).
         A split of a model served here must name targets served here (serve.models): a release whose
-        target is not loaded is refused with the reason, rather than loading models on the side."""
+        target is not loaded is refused with the reason, rather than loading models on the side.
+        `gray`: the splits of each request-share gray release, by its number (`RouteKeys.lane`)."""
         config = replace(config, poll_interval_s=self.config.poll_interval_s)
         routes = self._routers(routing)
+        gray_routes = {number: self._routers(lane) for number, lane in (gray or {}).items()}
 
         def swap() -> None:
             self.config = config
-            self._routes = routes
+            self._routes, self._gray_routes = routes, gray_routes
             for sv in self._served.values():
                 _reconfigure(sv.engine, config)
 
         return swap
 
-    def reconfigure(self, config: PoolConfig, routing: Mapping[str, RouteSettings]) -> None:
-        self.stage(config, routing)()
+    def reconfigure(
+        self,
+        config: PoolConfig,
+        routing: Mapping[str, RouteSettings],
+        gray: Mapping[int, Mapping[str, RouteSettings]] | None = None,
+    ) -> None:
+        self.stage(config, routing, gray)()
 
     def _routers(self, routing: Mapping[str, RouteSettings]) -> dict[str, Router]:
         served_names = {ref.name for ref in self.refs.values()}

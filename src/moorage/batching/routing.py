@@ -10,6 +10,10 @@ its bucket at random.
 
 The edge that knows the caller (the HTTP security middleware) sets `ROUTE_KEYS` for the request;
 everything below reads it from the context, so the split applies wherever a bare name is resolved.
+
+A gray release by request share (`RequestGray`) uses the same buckets: a request whose key falls in
+its first ``percent`` of buckets runs in the release's lane (its policy and its splits), the others
+on the main line; a request without the key stays on the main line.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -34,12 +38,13 @@ class RouteKeys:
 
     api_key: str | None = None
     headers: Mapping[bytes, bytes] = field(default_factory=dict)
+    lane: int | None = None  # the request-share gray release this request runs in (its number), if any
 
     def get(self, sticky: str) -> str | None:
         """The value of `sticky` ("api_key" or "header:NAME") for this request, if it has one."""
         if sticky == "api_key":
             return self.api_key
-        value = self.headers.get(sticky.removeprefix("header:").encode("latin-1"))
+        value = self.headers.get(sticky.removeprefix("header:").lower().encode("latin-1"))
         return value.decode("latin-1") if value else None
 
 
@@ -80,3 +85,24 @@ class Router:
 
 def routers(routing: Mapping[str, RouteSettings]) -> dict[str, Router]:
     return {name: Router.from_settings(name, route) for name, route in routing.items()}
+
+
+@dataclass(frozen=True)
+class RequestGray:
+    """A gray release served to a sticky share of requests: those whose `key` ("api_key" or
+    "header:NAME") falls in the first `percent` of the buckets of its scope. A key in at 10 % stays in
+    when a later gray release of the same scope takes 30 %."""
+
+    number: int
+    scope: str
+    percent: int
+    key: str
+
+    def covers(self, keys: RouteKeys | None) -> bool:
+        value = keys.get(self.key) if keys is not None else None
+        return value is not None and bucket(value, self.scope) < self.percent * BUCKETS // 100
+
+
+def lane_of(grays: Sequence[RequestGray], keys: RouteKeys | None) -> int | None:
+    """The number of the first gray release that covers this request, or None: the main line."""
+    return next((g.number for g in grays if g.covers(keys)), None)

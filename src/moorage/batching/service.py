@@ -41,6 +41,7 @@ from .contract import (
 )
 from .generation import GenerationEngine, TokenEvent
 from .pool import ModelPool, ServedVersion
+from .routing import RequestGray
 from .settings import serving_pool_config
 
 if TYPE_CHECKING:
@@ -92,12 +93,14 @@ class InferenceService:
         self.grace_s = grace_s
         self.cache = cache
 
-    def stage(self, settings: Settings) -> Callable[[], None]:
+    def stage(self, settings: Settings, gray: Sequence[tuple[RequestGray, Settings]] = ()) -> Callable[[], None]:
         """Check the hot settings of a server's engines (``serve.*``) and its traffic splits
         (``routing``), and return the swap that puts them in force; nothing changes if this raises. A
         call already submitted runs with the values it started with. (A stream worker stages its own:
-        `StreamWorker.stage`.)"""
-        swap_pool = self.pool.stage(serving_pool_config(settings), settings.routing)
+        `StreamWorker.stage`.) `gray`: request-share gray releases and the settings of their lane, whose
+        splits the requests in that lane follow (engine limits are the process's: one engine serves both)."""
+        lanes = {g.number: lane.routing for g, lane in gray}
+        swap_pool = self.pool.stage(serving_pool_config(settings), settings.routing, lanes)
         max_tokens = settings.serve.default_max_tokens
 
         def swap() -> None:
@@ -106,9 +109,9 @@ class InferenceService:
 
         return swap
 
-    def reconfigure(self, settings: Settings) -> None:
+    def reconfigure(self, settings: Settings, gray: Sequence[tuple[RequestGray, Settings]] = ()) -> None:
         """`stage` and swap at once."""
-        self.stage(settings)()
+        self.stage(settings, gray)()
 
     async def close(self) -> None:
         """Let go of the response cache's connections (the service is not used afterwards)."""

@@ -13,11 +13,13 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from ..batching.routing import ROUTE_KEYS, RouteKeys
+from ..batching.routing import ROUTE_KEYS, RequestGray, RouteKeys, lane_of
 from ..config import SecuritySettings, Settings
 from ..errors import MoorageError, Unauthorized
 from ..observability import metrics
@@ -29,6 +31,9 @@ from ..security.keys import ANONYMOUS, KeyStore, Principal, claimed_key_id
 from ..security.limits import rate_limiter
 from ..security.policy import Policy
 from .edge import reject, track_status
+
+if TYPE_CHECKING:
+    from ..configcenter.releases import Effective
 
 log = logging.getLogger("moorage.security")
 
@@ -43,28 +48,47 @@ class Guard:
         self.keys = KeyStore(registry.catalog, self.settings.key_cache_s, self.settings.key_stale_s)
         self.limiter = rate_limiter(self.settings.limits.redis_url)
         self.filters = Filters(self.settings.filters)
+        self.grays: tuple[RequestGray, ...] = ()  # request-share gray releases, and the policy of each lane
+        self._lanes: dict[int, tuple[SecuritySettings, Filters]] = {}
         self.audit = AuditLog(registry.catalog)
         self.writer = AuditWriter(self.audit, self.settings.audit_flush_ms / 1000) if self.settings.audit else None
 
-    def stage(self, settings: Settings) -> Callable[[], None]:
+    def stage(self, settings: Settings, gray: Sequence[tuple[RequestGray, Settings]] = ()) -> Callable[[], None]:
         """Build the hot part of `settings.security` and return the swap that puts it in force (nothing
         changes if this raises, e.g. on a rule that does not compile): rate limits, request limits and
         content filters. A request already past the guard keeps the policy it was given; each key's
         bucket keeps its level and refills at the new rate. Keys, audit and the Redis of shared buckets
-        are read at start (a release changing them waits for a restart)."""
-        new = settings.security
-        limits = new.limits.model_copy(update={"redis_url": self.settings.limits.redis_url})
-        security = self.settings.model_copy(update={"limits": limits, "filters": new.filters})
-        filters = Filters(security.filters)  # every rule compiled here, before anything changes
+        are read at start (a release changing them waits for a restart). `gray`: request-share gray
+        releases and the settings of their lane, whose policy the requests in that lane get."""
+        security, filters = self._hot(settings)
+        lanes = {g.number: self._hot(lane) for g, lane in gray}
+        grays = tuple(g for g, _ in gray)
 
         def swap() -> None:
-            self.settings, self.filters = security, filters
+            self.settings, self.filters, self.grays, self._lanes = security, filters, grays, lanes
 
         return swap
 
-    def reconfigure(self, settings: Settings) -> None:
+    def _hot(self, settings: Settings) -> tuple[SecuritySettings, Filters]:
+        new = settings.security
+        limits = new.limits.model_copy(update={"redis_url": self.settings.limits.redis_url})
+        security = self.settings.model_copy(update={"limits": limits, "filters": new.filters})
+        return security, Filters(security.filters)  # every rule compiled here, before anything changes
+
+    def reconfigure(self, settings: Settings, gray: Sequence[tuple[RequestGray, Settings]] = ()) -> None:
         """`stage` and swap at once."""
-        self.stage(settings)()
+        self.stage(settings, gray)()
+
+    def in_force(self) -> tuple[SecuritySettings, Filters]:
+        """The security settings and filters of this request: its gray lane's, else the main line's."""
+        keys = ROUTE_KEYS.get()
+        lane = self._lanes.get(keys.lane) if keys is not None and keys.lane is not None else None
+        return lane or (self.settings, self.filters)
+
+    def route_keys(self, p: Principal, headers: dict[bytes, bytes]) -> RouteKeys:
+        """What this request is kept sticky by (splits, request-share gray), and the gray lane it runs in."""
+        keys = RouteKeys(None if p is ANONYMOUS else p.key_id, headers)
+        return replace(keys, lane=lane_of(self.grays, keys)) if self.grays else keys
 
     def is_open(self, path: str) -> bool:
         return path in OPEN_PATHS or (path == "/metrics" and not self.settings.metrics_auth)
@@ -94,12 +118,12 @@ class Guard:
         return self.keys.authenticate(token)  # a cached key: no database, no thread hop
 
     async def admit(self, p: Principal) -> None:
-        limits = self.settings.limits
+        limits = self.in_force()[0].limits
         rpm = p.requests_per_minute or limits.requests_per_minute
         await self.limiter.admit(p.key_id, rpm, p.tokens_per_minute or limits.tokens_per_minute)
 
     async def charge(self, p: Principal, tokens: int) -> None:
-        tpm = p.tokens_per_minute or self.settings.limits.tokens_per_minute
+        tpm = p.tokens_per_minute or self.in_force()[0].limits.tokens_per_minute
         await self.limiter.charge_tokens(p.key_id, tpm, tokens)
 
 
@@ -131,9 +155,9 @@ class SecurityMiddleware:
         try:
             principal = await self.guard.authenticate(headers)
             state["principal"] = principal
+            # what splits and gray releases keep this caller sticky by, for everything the request does
+            ROUTE_KEYS.set(self.guard.route_keys(principal, headers))
             await self.guard.admit(principal)
-            # what a traffic split keeps a caller sticky by, for everything this request resolves
-            ROUTE_KEYS.set(RouteKeys(None if principal is ANONYMOUS else principal.key_id, headers))
         except MoorageError as exc:
             metrics.SECURITY_REJECTIONS.labels(exc.code).inc()
             await reject(scope, receive, send, exc)
@@ -200,7 +224,24 @@ def principal(request: Request) -> Principal:
 
 
 def policy_for(guard: Guard, name: str) -> Policy:
-    return Policy.for_model(guard.settings, name, guard.filters)
+    settings, filters = guard.in_force()
+    return Policy.for_model(settings, name, filters)
+
+
+def request_gray(settings: Settings, effective: Effective | None) -> list[tuple[RequestGray, Settings]]:
+    """The request-share gray releases of `effective`, each with the settings of its lane: its values
+    merged over `settings` (the main line this process runs), validated like any release."""
+    if effective is None or not effective.request_gray:
+        return []
+    from ..configcenter.schema import apply_values, validate_values
+
+    return [
+        (
+            RequestGray(g["number"], g["scope"], g["percent"], g["key"]),
+            apply_values(settings, validate_values(g["values"])),
+        )
+        for g in effective.request_gray
+    ]
 
 
 def authorize_model(request: Request, model: str) -> Policy:

@@ -40,13 +40,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 import orjson
 
 from ..batching import InferenceService, Result, ServedVersion, Task, encode_result
+from ..batching.routing import RequestGray
 from ..batching.settings import from_settings, stream_pool_config
 from ..config import Settings
 from ..errors import DeadlineExceeded, ModelNotFound, MoorageError
@@ -357,12 +358,13 @@ class StreamWorker:
         self._last_log = time.monotonic()
         self._last_counts = Counts()
 
-    def stage(self, settings: Settings) -> Callable[[], None]:
+    def stage(self, settings: Settings, gray: Sequence[tuple[RequestGray, Settings]] = ()) -> Callable[[], None]:
         """Build the worker's hot settings (``stream.*``: batch size, waits, retries, backoff; the model's
         engines; its policy: limits and content filter) and return the swap that puts them in force;
         nothing changes if this raises. Messages already received finish with the values they started
         with. The pipeline depth (``max_in_flight``) is read at start. Traffic splits (``routing``) are
-        not the worker's: it serves the one reference its messages are for."""
+        not the worker's: it serves the one reference its messages are for; neither is request-share
+        `gray` (a message carries no API key): its messages follow the worker's own release."""
         config = replace(
             from_settings(WorkerConfig, settings.stream, audit_inputs=settings.security.audit_inputs),
             max_in_flight=self.config.max_in_flight,

@@ -332,3 +332,27 @@ def test_a_json_array_and_compressed_json_lines(datasets, tmp_path):
         datasets.add("gz", str(tmp_path / "a.jsonl.gz")),
     )
     assert array.digest == compressed.digest and array.stats["rows"] == 60
+
+
+def test_the_command_line_lists_shows_versions_and_uses(settings, migrated, tmp_path):
+    from typer.testing import CliRunner
+
+    from moorage.cli.main import app
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(migrated, settings.home / "catalog.db")
+    path = _jsonl(tmp_path / "a.jsonl", _rows())
+
+    def run(*args: str):
+        result = CliRunner().invoke(app, ["--home", str(settings.home), "datasets", *args], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "registered a:1 classify: 60 rows of 60 read" in run("add", "a", path)
+    assert "a:1 already holds these rows" in run("add", "a", path)
+    assert "a:2" in run("add", "a", path, "--folds", "3")
+    assert "5 folds" not in run("list") and "3 folds" in run("list")
+    assert [line.split()[1] for line in run("versions", "a").splitlines() if "classify" in line] == ["1", "2"]
+    shown = json.loads(run("show", "a:1", "--json"))
+    assert shown["stats"]["rows"] == 60 and set(shown["splits"]) == {"train", "validation", "test"}
+    assert "no model was made from a:1 yet" in run("uses", "a:1")

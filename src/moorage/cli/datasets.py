@@ -93,6 +93,25 @@ def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] =
 
 
 @app.command()
+def versions(ctx: typer.Context, name: str) -> None:
+    """Every version of one dataset, oldest first."""
+    table = Table("version", "kind", "rows", "sha256", "splits", "source", "created", "by")
+    for v in _datasets(ctx).versions(name):
+        splits = f"{v.split.folds} folds" if v.split.folds else _splits(v)
+        table.add_row(
+            str(v.version),
+            v.kind,
+            str(v.stats.get("rows", 0)),
+            v.digest[:12],
+            splits,
+            v.source,
+            v.created_at[:19],
+            v.created_by,
+        )
+    console.print(table)
+
+
+@app.command()
 def show(ctx: typer.Context, ref: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """One version (NAME: the latest, or NAME:VERSION): counts, label map, splits and their digests."""
     v = _datasets(ctx).get(ref)

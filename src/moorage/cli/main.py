@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from rich.markup import escape
 from .. import __version__
 from ..errors import MoorageError
 from ..observability.logging import quiet_libraries, setup_logging
-from . import audit, datasets, keys, models, report, serve, spark, stream
+from . import audit, configcenter, datasets, keys, models, report, serve, spark, stream
 from .context import AppState, RichProgress, console, err_console, state
 from .jobs import app as jobs_app
 from .train import app as train_app
@@ -41,6 +40,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(train_app, name="train")
 app.add_typer(audit.app, name="audit")
+app.add_typer(configcenter.app, name="config")
 app.command()(serve.serve)
 app.command()(report.report)
 app.command()(evaluate)
@@ -89,12 +89,6 @@ def predict(
         inputs = [GenerateInput(messages=({"role": "user", "content": t},), params=params) for t in texts]
     for text, out in zip(texts, model.predict(inputs)):
         console.print(f"[bold]{text}[/] → {_render(out)}")
-
-
-@app.command("config")
-def show_config(ctx: typer.Context) -> None:
-    """Print the effective settings (defaults < file < MOORAGE_* < flags), credentials masked."""
-    print(json.dumps(state(ctx).settings.redacted(), indent=2))
 
 
 @app.command()

@@ -1,0 +1,265 @@
+"""`moorage config ...`: the effective settings, and the config center's drafts, releases and status.
+
+`moorage config` alone (or `moorage config show`) prints the settings this command runs with. The
+other commands edit and publish releases through the same `ConfigCenter` the HTTP API uses, on the
+backend of the settings (the catalog, or etcd); the actor in the history and the audit log is
+``cli:USER``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from ..configcenter.releases import ConfigCenter, Release
+from ..configcenter.schema import pointer
+from ..errors import BadRequest
+from .context import AppState, console, parse_pairs, state
+
+app = typer.Typer(
+    help="The effective settings (alone: print them), and config releases: draft, diff, publish, approve, "
+    "rollback, history, status, promote, abandon.",
+    invoke_without_command=True,
+)
+
+Scope = Annotated[str, typer.Argument(help="global, group:GROUP (group:servers, group:stream:NAME) or model:NAME")]
+Number = Annotated[int, typer.Argument(help="release number", min=1)]
+AsJson = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+@app.callback()
+def config(ctx: typer.Context) -> None:
+    """Print the effective settings (defaults < file < MOORAGE_* < flags), credentials masked."""
+    if ctx.invoked_subcommand is None:
+        show(ctx)
+
+
+@app.command()
+def show(ctx: typer.Context) -> None:
+    """Print the effective settings (defaults < file < MOORAGE_* < flags), credentials masked."""
+    print(json.dumps(state(ctx).settings.redacted(), indent=2))
+
+
+def _center(st: AppState) -> ConfigCenter:
+    return ConfigCenter.from_settings(st.settings, registry=st.registry)
+
+
+def _actor(st: AppState) -> str:
+    return f"cli:{st.settings.user}"
+
+
+def _set(values: dict, key: str, value: Any) -> None:
+    """Set `key` (``/serve/max_batch_size`` or ``serve.max_batch_size``) in nested `values`."""
+    parts = (
+        [p.replace("~1", "/").replace("~0", "~") for p in key[1:].split("/")] if key.startswith("/") else key.split(".")
+    )
+    if not all(parts):
+        raise BadRequest(f"bad key {key!r}: use serve.max_batch_size or /serve/max_batch_size", code="invalid_key")
+    node = values
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = child = child if isinstance(child, dict) else {}
+        node = child
+    if value is None:
+        node.pop(parts[-1], None)
+    else:
+        node[parts[-1]] = value
+
+
+def _read_values(path: Path) -> dict:
+    from ..config import read_config_file
+
+    return read_config_file(path)
+
+
+@app.command()
+def draft(
+    ctx: typer.Context,
+    scope: Scope,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="KEY=VALUE (JSON or text), e.g. serve.max_batch_size=16")
+    ] = None,
+    unset: Annotated[Optional[list[str]], typer.Option(help="remove KEY from the draft")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="YAML or TOML file that replaces the whole draft")] = None,
+) -> None:
+    """Print the scope's draft; with --set/--unset/--file, change it (validated on save)."""
+    st = state(ctx)
+    center = _center(st)
+    try:
+        values = _read_values(file) if file else center.draft(scope)
+        for key, value in parse_pairs(set_, "--set").items():
+            _set(values, key, value)
+        for key in unset or []:
+            _set(values, key, None)
+        if file or set_ or unset:
+            values = center.edit_draft(scope, values, author=_actor(st))
+    finally:
+        center.close()
+    print(json.dumps(values, indent=2, sort_keys=True))
+
+
+@app.command()
+def diff(ctx: typer.Context, scope: Scope, as_json: AsJson = False) -> None:
+    """The draft against the scope's current release, key by key; restart-only keys are flagged."""
+    center = _center(state(ctx))
+    try:
+        changes = center.diff(scope)
+    finally:
+        center.close()
+    if as_json:
+        print(json.dumps([c.__dict__ for c in changes], indent=2))
+        return
+    if not changes:
+        console.print(f"no changes: the draft of {scope} equals its current release", highlight=False)
+        return
+    for c in changes:
+        flag = "  [yellow](restart)[/]" if c.restart else ""
+        console.print(f"{c.pointer}: {json.dumps(c.old)} -> {json.dumps(c.new)}{flag}", highlight=False)
+
+
+def _gray(labels: list[str] | None, percent: int | None, by: str, key: str | None) -> dict | None:
+    if labels:
+        return {"labels": {k: str(v) for k, v in parse_pairs(labels, "--gray-label").items()}}
+    if percent is not None:
+        return {"percent": percent, "by": by} | ({"key": key} if key else {})
+    return None
+
+
+def _print_release(release: Release) -> None:
+    state_ = release.state.replace("_", " ")
+    extra = f", gray {json.dumps(release.gray)}" if release.gray else ""
+    console.print(f"release {release.number} of {release.scope}: {state_}{extra}", highlight=False)
+
+
+@app.command()
+def publish(
+    ctx: typer.Context,
+    scope: Scope,
+    comment: Annotated[str, typer.Option("--comment", "-m", help="why")] = "",
+    gray_label: Annotated[
+        Optional[list[str]], typer.Option("--gray-label", help="gray release to instances with LABEL=VALUE")
+    ] = None,
+    gray_percent: Annotated[Optional[int], typer.Option(help="gray release to a sticky share (1-99)")] = None,
+    gray_by: Annotated[str, typer.Option(help="the share is of: instance | request")] = "instance",
+    gray_key: Annotated[Optional[str], typer.Option(help="by request: api_key | header:NAME")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Publish the scope's draft as a numbered release (pending approval when config.require_approval)."""
+    st = state(ctx)
+    center = _center(st)
+    try:
+        gray = _gray(gray_label, gray_percent, gray_by, gray_key)
+        release = center.publish(scope, author=_actor(st), comment=comment, gray=gray)
+    finally:
+        center.close()
+    _output(release, as_json)
+
+
+def _output(release: Release, as_json: bool) -> None:
+    if as_json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(release), indent=2))
+    else:
+        _print_release(release)
+
+
+@app.command()
+def approve(ctx: typer.Context, number: Number, as_json: AsJson = False) -> None:
+    """Approve a pending release (not its author)."""
+    st = state(ctx)
+    center = _center(st)
+    try:
+        release = center.approve(number, approver=_actor(st))
+    finally:
+        center.close()
+    _output(release, as_json)
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context,
+    scope: Scope,
+    to: Annotated[int, typer.Option("--to", help="the release to return to", min=1)],
+    comment: Annotated[str, typer.Option("--comment", "-m", help="why")] = "",
+    as_json: AsJson = False,
+) -> None:
+    """Publish a new release of the scope equal to release --to."""
+    st = state(ctx)
+    center = _center(st)
+    try:
+        release = center.rollback(scope, to, author=_actor(st), comment=comment)
+    finally:
+        center.close()
+    _output(release, as_json)
+
+
+@app.command()
+def promote(ctx: typer.Context, number: Number, as_json: AsJson = False) -> None:
+    """Merge a gray release into the main line."""
+    st = state(ctx)
+    center = _center(st)
+    try:
+        release = center.promote(number, author=_actor(st))
+    finally:
+        center.close()
+    _output(release, as_json)
+
+
+@app.command()
+def abandon(ctx: typer.Context, number: Number, as_json: AsJson = False) -> None:
+    """Drop a gray (or pending) release."""
+    st = state(ctx)
+    center = _center(st)
+    try:
+        release = center.abandon(number, author=_actor(st))
+    finally:
+        center.close()
+    _output(release, as_json)
+
+
+@app.command()
+def history(
+    ctx: typer.Context,
+    scope: Annotated[Optional[str], typer.Argument(help="only this scope")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Releases, newest first."""
+    center = _center(state(ctx))
+    try:
+        releases = center.history(scope)
+    finally:
+        center.close()
+    if as_json:
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(r) for r in releases], indent=2))
+        return
+    table = Table("release", "scope", "state", "author", "created", "comment", "keys")
+    for r in releases:
+        keys = ", ".join(sorted(pointer((k,)) for k in r.values)) or "-"
+        note = r.comment + (f" (approved by {r.approved_by})" if r.approved_by else "")
+        table.add_row(str(r.number), r.scope, r.state, r.author, r.created_at[:19], note, keys)
+    console.print(table)
+
+
+@app.command()
+def status(ctx: typer.Context, as_json: AsJson = False) -> None:
+    """M of N instances on the current revision, K rejected (with their reasons)."""
+    center = _center(state(ctx))
+    try:
+        report = center.status()
+    finally:
+        center.close()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console.print(report["summary"], highlight=False)
+    for i in report["instances"]:
+        if i["status"] == "rejected" and not i["gone"]:
+            console.print(f"  {i['instance_id']} ({i['group']}) rejected revision {i['revision']}: {i['reason']}",
+                          highlight=False)  # fmt: skip

@@ -87,8 +87,22 @@ def test_classifier_learns_stops_early_and_keeps_only_the_best(bert, tmp_path):
     steps = [e.step for e in events if e.phase == "training"]
     assert steps == sorted(steps) and set(range(1, events[-1].step + 1)) <= set(steps)
     assert events[-1].metrics["accuracy"] == outcome.history[-1]["accuracy"]
-    assert events[-1].loss is not None and events[-1].eta_s is not None
+    assert all(e.loss is not None for e in events[1:]) and events[-1].eta_s is not None
     assert any(e.phase == "evaluating" for e in events)
+
+    # killed after an evaluation that did not improve, and resumed: early stopping's patience count is
+    # restored with the checkpoint, so it stops where the whole run stopped (not one patience later)
+    kill_at = outcome.history[best + 1]["step"] + 1
+
+    def kill(event: Progress) -> None:
+        if event.step == kill_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, bert, toy(48, 1), toy(16, 2), LABELS, tmp_path / "killed", progress=kill)
+    resumed = train(spec, bert, toy(48, 1), toy(16, 2), LABELS, tmp_path / "killed")
+    assert resumed.resumed_from_step == kill_at - 1
+    assert resumed.history == outcome.history and resumed.best_step == outcome.best_step
 
     # started again on the finished work dir: the same outcome, nothing trained again
     again = train(spec, bert, toy(48, 1), toy(16, 2), LABELS, tmp_path / "work", progress=events.append)

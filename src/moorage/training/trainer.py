@@ -431,15 +431,15 @@ def _reporter(watch: _Watch) -> Any:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             watch.stop_if_asked(state)
-            watch.report("evaluating" if control.should_evaluate else "training", state)
 
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if control.should_evaluate:
                 watch.report("evaluating", state)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
+            if logs and "loss" in logs:  # the training loss, logged at every step (an evaluation's is eval_loss)
                 watch.loss = float(logs["loss"])
+                watch.report("evaluating" if control.should_evaluate else "training", state)
 
         def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw: Any) -> None:
             watch.metrics = _strip_prefix(metrics or {})

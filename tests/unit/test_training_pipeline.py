@@ -392,3 +392,61 @@ def test_classify_needs_the_invoke_right_on_the_model_and_promote_the_operator_r
         assert registry.resolve("topics@production").version == 2
     finally:
         registry.close()
+
+
+GATE_CASES = [  # metric, min_delta, challenger's value, production's value, accepted
+    ("accuracy", 0.0, 0.90, 0.90, True),  # a tie passes: at least production's
+    ("accuracy", 0.02, 0.91, 0.90, False),  # not better by the margin
+    ("accuracy", -0.05, 0.86, 0.90, True),  # a negative margin is a tolerance
+    ("loss", 0.0, 0.40, 0.50, True),  # lower wins for a loss
+    ("loss", 0.0, 0.60, 0.50, False),
+]
+
+
+def test_the_gate_compares_test_metrics_recorded_on_the_same_split(tmp_path, fake_model):
+    base = make_settings(tmp_path / "home")
+    split = {"dataset": "d:1", "dataset_sha256": "a" * 64, "split": "test", "split_sha256": "b" * 64, "rows": 10}
+    registry = Registry.from_settings(base)
+    try:
+        for i, (metric, min_delta, challenger, production, accepted) in enumerate(GATE_CASES):
+            gate = base.training.model_copy(update={"promotion_metric": metric, "promotion_min_delta": min_delta})
+            settings = base.model_copy(update={"training": gate})
+            name = f"m{i}"
+            for value, alias in ((production, "production"), (challenger, "challenger")):
+                folder = fake_model("classify", seed=int(value * 100))
+                registry.register(folder, name, "classify", alias=alias, metrics={metric: value, "evaluated_on": split})
+            decision = promote(settings, name, user="cli:tester")
+            values = (decision.accepted, decision.challenger_value, decision.production_value)
+            assert values == (accepted, challenger, production), GATE_CASES[i]
+            assert registry.resolve(f"{name}@production").version == (2 if accepted else 1)
+            forced = promote(settings, name, user="cli:tester", force=True)
+            assert forced.accepted and registry.resolve(f"{name}@production").version == 2
+            assert ("forced by cli:tester" in forced.reason) == (not accepted)
+    finally:
+        registry.close()
+
+
+def test_a_challenger_without_a_test_metric_is_refused_with_a_one_line_error(tmp_path, fake_model, monkeypatch, capsys):
+    from moorage.cli.main import main
+
+    settings = make_settings(tmp_path / "home")
+    registry = Registry.from_settings(settings)
+    try:
+        registry.register(fake_model("classify"), "m", "classify", alias="challenger")
+        with pytest.raises(BadRequest) as missing:
+            promote(settings, "m", user="cli:tester")
+        with pytest.raises(ModelNotFound) as unknown:
+            promote(settings, "m", from_alias="nope", user="cli:tester")
+        assert missing.value.code == "no_test_metric" and unknown.value.code == "alias_not_found"
+        for name, value in _env(settings).items():
+            monkeypatch.setenv(name, value) if value is not None else monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr("sys.argv", ["moorage", "models", "promote", "m"])
+        monkeypatch.setattr("faulthandler.enable", lambda: None)  # captured stderr has no file descriptor
+        with pytest.raises(SystemExit) as exited:
+            main()
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "no test 'accuracy'" in err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert registry.resolve("m:1").aliases == ("challenger",)
+    finally:
+        registry.close()

@@ -55,7 +55,7 @@ def run_training(
     `TrainingCancelled` when `should_stop` says so; nothing is registered then, nor on any failure."""
     registry = Registry.from_settings(settings).acting_as(user)
     try:
-        datasets = Datasets.from_settings(settings)
+        datasets = Datasets.from_registry(registry)
         base = check_base(registry, spec)
         dataset = check_dataset(datasets, spec)
         check_target(registry, spec)
@@ -98,7 +98,7 @@ def evaluate_version(settings: Settings, ref: str, dataset: str, split: str = "t
     registry = Registry.from_settings(settings)
     try:
         info = registry.resolve(ref)
-        datasets = Datasets.from_settings(settings)
+        datasets = Datasets.from_registry(registry)
         data = datasets.get(dataset)
         _check_kind(info.task, data)
         _check_split(data, split)

@@ -45,7 +45,7 @@ def show(ctx: typer.Context) -> None:
 
 
 def _center(st: AppState) -> ConfigCenter:
-    return ConfigCenter.from_settings(st.settings, registry=st.registry)
+    return ConfigCenter.from_settings(st.settings)  # the registry is opened only to check split targets
 
 
 def _actor(st: AppState) -> str:

@@ -336,7 +336,10 @@ def _training_arguments(spec: TrainSpec, output_dir: Path) -> Any:
         output_dir=str(output_dir),
         use_cpu=not torch.cuda.is_available(),
         seed=spec.seed,
-        data_seed=spec.seed,  # the data order of epoch e comes from (seed, e): the same after a resume
+        # the data order of epoch e comes from (data_seed, e) alone: a resumed run sees the same batches (with
+        # torch's RandomSampler the order comes from the global RNG, and a resume diverges from step one)
+        data_seed=spec.seed,
+        accelerator_config={"use_seedable_sampler": True},
         num_train_epochs=spec.epochs,
         learning_rate=spec.learning_rate,
         per_device_train_batch_size=spec.batch_size,

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
-from ..db import Catalog, as_utc, utcnow
+from ..db import Catalog, CatalogUnavailable, as_utc, utcnow
 from ..errors import Conflict, MoorageError, NotFound, require
 from .tables import ConfigDraft, ConfigRelease, ConfigReport, ConfigRevision
 
@@ -183,7 +183,26 @@ class CatalogBackend:
     def _next_revision(self, known: int) -> int:
         if known >= 0:
             time.sleep(self.poll_interval_s)
-        return self.revision()
+        return self._peek_revision()
+
+    def _peek_revision(self) -> int:
+        """The revision by one plain SELECT outside a session: on SQLite a session takes the write lock
+        (BEGIN IMMEDIATE), and the poll should neither take it nor wait behind a writer (WAL readers don't)."""
+        try:
+            conn = self.catalog.engine.raw_connection()
+            try:
+                cursor = conn.cursor()
+                cursor.execute("SELECT revision FROM config_revision WHERE id = 1")
+                row = cursor.fetchone()
+                cursor.close()
+                conn.rollback()  # end the read's implicit transaction (PostgreSQL); a no-op on SQLite
+            finally:
+                conn.close()
+        except Exception as exc:  # the driver's own errors: the database is down or unreachable
+            raise CatalogUnavailable(f"catalog {self.catalog.safe_url}: {exc}") from None
+        if row is None:
+            raise CatalogUnavailable(f"catalog {self.catalog.safe_url} has no config revision row (migration 0007)")
+        return int(row[0])
 
     def put_report(self, report: dict) -> None:
         with self.catalog.session() as s:

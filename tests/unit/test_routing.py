@@ -119,7 +119,7 @@ def _split(settings, canary: int, sticky: str | None = "header:X-User"):
 
 
 def test_http_requests_for_the_bare_name_are_split_and_answered_by_both_versions(settings, two_versions, serving):
-    users = [f"user-{i}" for i in range(60)]
+    users = [f"user-{i}" for i in range(30)]
 
     async def versions(client, model="emb"):
         got = {}

@@ -276,3 +276,19 @@ def test_every_action_is_an_audit_row_and_the_chain_verifies(make_center):
     ]  # fmt: skip
     assert rows[1]["detail"]["release"] == 1 and rows[1]["detail"]["checksum"] == center.release(1).checksum
     assert audit.verify() == (len(rows), [])
+
+
+def test_an_unreachable_etcd_is_a_503_that_names_it(tmp_path):
+    from moorage.configcenter.backends import BackendUnavailable
+
+    from tests.integration.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    center = ConfigCenter.from_settings(_settings(tmp_path / "home", "etcd", url))
+    try:
+        with pytest.raises(BackendUnavailable) as caught:
+            center.edit_draft("global", {"serve": {"max_batch_size": 8}}, author="alice")
+    finally:
+        center.close()
+    assert caught.value.status == 503 and url in caught.value.message and "is it running?" in caught.value.message
+    assert url not in caught.value.client_message  # a network client is not told where the store is

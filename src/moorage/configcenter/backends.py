@@ -270,8 +270,9 @@ class EtcdBackend:
         try:
             return fn(*args, **kwargs)
         except Etcd3Exception as exc:
-            log.warning("etcd %s failed: %r", self.url, exc)
-            raise BackendUnavailable(f"etcd {self.url} failed: {exc}") from None
+            detail = f"{type(exc).__name__}: {(exc.detail_text or '').strip()[:300] or 'no detail'}"
+            log.warning("etcd %s failed: %s", self.url, detail)
+            raise BackendUnavailable(f"etcd {self.url} failed ({detail}); is it running?") from None
 
     def _get(self, key: str) -> tuple[Any, int]:
         """(decoded JSON value or None, mod revision or 0)."""

@@ -171,6 +171,17 @@ async def test_the_watch_route(center_settings, center_server):
         )
         assert denied.status_code == 403
 
+        async def batch_size(instance: str, zone: str, after: int) -> int:
+            params = {"instance": instance, "labels": json.dumps({"zone": zone}), "after": after}
+            return (await client.get("/v1/config/watch", params=params)).json()["values"]["serve"]["max_batch_size"]
+
+        # one instance after another of the same group: a gray release by label reaches only its targets
+        center.edit_draft("global", {"serve": {"max_batch_size": 3}}, author="tester")
+        gray = center.publish("global", author="tester", gray={"labels": {"zone": "a"}})
+        assert [await batch_size(n, z, revision) for n, z in [("b1", "b"), ("a1", "a"), ("b2", "b")]] == [2, 3, 2]
+        center.abandon(gray.number, author="tester")
+        assert [await batch_size(n, z, revision) for n, z in [("a1", "a"), ("b1", "b")]] == [2, 2]
+
 
 async def test_without_the_center_a_restarted_process_serves_its_snapshot(center_settings, fake_model, caplog):
     registry, key = open_registry(center_settings, fake_model)

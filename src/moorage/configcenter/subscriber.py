@@ -237,10 +237,10 @@ class Subscriber:
         try:
             effective = await self._source.effective(self.instance)
         except SourceUnavailable as exc:
-            self._start_from_snapshot(exc)
+            await self._start_from_snapshot(exc)
         else:
             self._fetched_at, self._needs_fetch = time.monotonic(), False
-            self._deliver(effective)
+            await self._deliver(effective)
             with contextlib.suppress(SourceUnavailable):  # the loop sends it again
                 await self._send_report()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"config-subscriber-{self.instance.id}")
@@ -253,7 +253,7 @@ class Subscriber:
             self._task = None
         await self._source.close()
 
-    def _start_from_snapshot(self, exc: SourceUnavailable) -> None:
+    async def _start_from_snapshot(self, exc: SourceUnavailable) -> None:
         path = self.snapshot.path
         try:
             effective = self.snapshot.load()
@@ -278,7 +278,7 @@ class Subscriber:
             _numbers(effective),
             path,
         )
-        self._deliver(effective, from_snapshot=True)
+        await self._deliver(effective, from_snapshot=True)
         self._needs_fetch = True  # once the center answers, fetch in full: this instance's share may differ
 
     async def _run(self) -> None:
@@ -308,7 +308,7 @@ class Subscriber:
         else:
             effective = await self._source.watch(self.instance, self._seen, cfg.hold_s)
         if effective is not None:
-            self._deliver(effective)
+            await self._deliver(effective)
             await self._send_report()
 
     async def _send_report(self) -> None:
@@ -323,13 +323,13 @@ class Subscriber:
         if self._report == (revision, status, reason):
             self._report_due = False
 
-    def _deliver(self, effective: Effective, *, from_snapshot: bool = False) -> None:
+    async def _deliver(self, effective: Effective, *, from_snapshot: bool = False) -> None:
         """Validate, merge and apply `effective` unless it is what already runs."""
         if self._current is not None and _same(effective, self._current):
             self._handled(effective, "applied", "")
             return
         if self._current is None and not (effective.releases or effective.values or effective.request_gray):
-            self._accepted(effective, from_snapshot)  # no release yet: the process's own settings are it
+            await self._accepted(effective, from_snapshot)  # no release yet: the process's own settings are it
             return
         try:
             self._apply(self._merged(effective), effective)
@@ -342,12 +342,12 @@ class Subscriber:
         log.info(
             "config revision %d applied from the %s (releases %s)", effective.revision, source, _numbers(effective)
         )
-        self._accepted(effective, from_snapshot)
+        await self._accepted(effective, from_snapshot)
 
-    def _accepted(self, effective: Effective, from_snapshot: bool) -> None:
+    async def _accepted(self, effective: Effective, from_snapshot: bool) -> None:
         self._current = effective
         if not from_snapshot:
-            self._write_snapshot(effective)
+            await self._write_snapshot(effective)
         self._handled(effective, "applied", "")
 
     def _merged(self, effective: Effective) -> Settings:
@@ -361,9 +361,9 @@ class Subscriber:
         if report != self._report:
             self._report, self._report_due = report, True
 
-    def _write_snapshot(self, effective: Effective) -> None:
+    async def _write_snapshot(self, effective: Effective) -> None:
         try:
-            self.snapshot.write(effective)
+            await asyncio.to_thread(self.snapshot.write, effective)  # fsync: not on the event loop
         except OSError as exc:  # the release runs; only a restart without the center would miss it
             log.error("could not write the config snapshot %s: %s", self.snapshot.path, exc)
 

@@ -103,6 +103,42 @@ class Revisions:
         return True
 
 
+class Effectives:
+    """The Effective configs this server hands out. With no gray release in force an instance's config
+    depends on its group alone (the main lines of global, its group and the model scopes), so one
+    computation per group and revision serves every long-poll that revision wakes; while a gray
+    release is in force each instance gets its own. Called in threads."""
+
+    def __init__(self, center: ConfigCenter) -> None:
+        self.center = center
+        self._lock = threading.Lock()
+        self._by_group: dict[str, Effective] = {}
+        self._gray_at = -1  # the newest revision seen with a gray release in force
+
+    def get(self, instance: Instance, floor: int) -> Effective:
+        """`instance`'s config at revision `floor` or later."""
+        if self._gray_at >= floor:
+            return self.center.effective(instance)
+        with self._lock:  # the waiters of one revision: one computes, the others take its result
+            hit = self._by_group.get(instance.group)
+            if hit is not None and hit.revision >= floor:
+                return hit
+            effective = self.center.effective(instance)
+            if self._shared(effective):
+                self._by_group[instance.group] = effective
+            else:
+                self._gray_at = max(self._gray_at, effective.revision)
+            return effective
+
+    def _shared(self, effective: Effective) -> bool:
+        """No gray release in force, and every release in `effective` still on its main line (read after
+        it: a gray release that ended meanwhile may be in it, and is then not handed to others)."""
+        if effective.request_gray:
+            return False
+        states = {r.number: r.state for r in self.center.history()}
+        return "gray" not in states.values() and all(states.get(n) == "published" for n in effective.releases)
+
+
 class FollowedSource(LocalSource):
     """The server's own subscriber, on the center it serves: it waits on the same `Revisions` as
     every long-poll (no thread of its own)."""
@@ -124,6 +160,8 @@ class ConfigDelivery:
 
     def __init__(self, settings: Settings, center: ConfigCenter, apply: Apply, registry: Registry | None = None):
         self.revisions = Revisions(center)
+        self.effectives = Effectives(center)
+        self.report_lock = asyncio.Lock()  # reports come together after a release: one write at a time
         source = None if settings.config.center_url else FollowedSource(self.revisions)
         instance = new_instance(settings, "servers")
         self.subscriber = Subscriber(settings, instance, apply, source=source, registry=registry)
@@ -137,12 +175,8 @@ class ConfigDelivery:
         self.revisions.stop()
 
 
-def _center(request: Request) -> ConfigCenter:
-    return request.app.state.config_center
-
-
-def _revisions(request: Request) -> Revisions:
-    return request.app.state.config_delivery.revisions
+def _delivery(request: Request) -> ConfigDelivery:
+    return request.app.state.config_delivery
 
 
 def _instance(instance_id: str, group: str, labels: dict[str, str]) -> Instance:
@@ -180,9 +214,10 @@ async def watch(
     who = _instance(instance, group, _labels(labels))
     hold_s = min(hold or request.app.state.settings.config.hold_s, request.app.state.settings.config.hold_s)
     # a client that goes away mid-hold ends its wait at once (ClientGone): it is not woken for nothing
-    if after >= 0 and not await unless_disconnected(request, _revisions(request).wait_past(after, hold_s)):
+    delivery = _delivery(request)
+    if after >= 0 and not await unless_disconnected(request, delivery.revisions.wait_past(after, hold_s)):
         return Response(status_code=304)
-    effective = await asyncio.to_thread(_center(request).effective, who)
+    effective = await asyncio.to_thread(delivery.effectives.get, who, delivery.revisions.revision)
     return FastJSON(effective_json(effective))
 
 
@@ -201,5 +236,7 @@ class Report(BaseModel):
 async def report(request: Request, body: Report, _caller=Depends(require(PERMISSION))) -> Response:
     """An instance says it applied a revision, or refused it and why; `moorage config status` counts them."""
     who = _instance(body.instance, body.group, body.labels)
-    await asyncio.to_thread(_center(request).report, who, body.revision, body.status, body.reason)
+    delivery = _delivery(request)
+    async with delivery.report_lock:  # waiting here holds no thread; the catalog takes one writer at a time
+        await asyncio.to_thread(delivery.revisions.center.report, who, body.revision, body.status, body.reason)
     return Response(status_code=204)

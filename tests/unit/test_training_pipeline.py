@@ -237,23 +237,31 @@ def test_an_unknown_base_and_a_wrong_task_base_are_one_line_errors_with_nothing_
         registry.close()
 
 
-def test_a_cancelled_run_and_a_failed_dataset_record_leave_nothing_registered(world, monkeypatch):
+def test_a_cancelled_run_and_a_failed_dataset_record_leave_nothing_registered(trained, tmp_path, monkeypatch):
+    world = copy_world(trained[0], tmp_path)
+    uses = Datasets.from_settings(world.settings).uses("toy")
     with pytest.raises(TrainingCancelled):
         world.train(world.spec("topics", **UNTRAINED), "cancelled", should_stop=lambda: True)
 
     def broken(*args, **kwargs):
         raise RuntimeError("the catalog went away")
 
+    # a finished run's work dir, moved: its training is not repeated, and it is a run of its own
+    shutil.copytree(trained[0].tmp / "work" / "untrained", world.tmp / "work" / "undone")
     monkeypatch.setattr(Datasets, "record_use", broken)
     with pytest.raises(RuntimeError):
         world.train(world.spec("topics", **UNTRAINED), "undone")
     registry = Registry.from_settings(world.settings)
     try:
-        versions = registry.list_versions("topics") if "topics" in {m.name for m in registry.list_models()} else []
-        assert versions == []
+        assert [v.version for v in registry.list_versions("topics")] == [1, 2]
+        assert registry.resolve("topics@challenger").version == 2  # back where it was
+        assert [(e.action, e.to_version) for e in registry.history("topics", "challenger")][-2:] == [
+            ("set", 3),
+            ("set", 2),
+        ]
     finally:
         registry.close()
-    assert Datasets.from_settings(world.settings).uses("toy") == []
+    assert Datasets.from_settings(world.settings).uses("toy") == uses
 
 
 def _cli():

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from ..config import Settings
 from ..errors import BadRequest, Conflict, require
 from ..refs import validate_name
@@ -253,7 +255,8 @@ def _spec_of(info: VersionInfo, dataset: DatasetVersion, handler: TaskHandler) -
     registered by hand one that reads whole texts up to the model's context."""
     recorded = info.manifest.lineage.hyperparameters.get("spec")
     if recorded:
-        return TrainSpec.model_validate(recorded)
+        with contextlib.suppress(ValidationError):  # a spec of an older moorage: read it as a hand-made one
+            return TrainSpec.model_validate(recorded)
     if info.task != "generate":
         return None
     context = int(getattr(handler, "max_context", 2048))

@@ -80,3 +80,32 @@ def test_errors_are_one_line_and_the_author_cannot_approve(moorage, monkeypatch)
     code, _, err = moorage("config", "approve", "1")
     assert code == 2 and "another key must approve it" in err
     assert moorage("config", "approve", "1", user="bob")[1].strip() == "release 1 of global: published"
+
+
+def test_with_url_the_same_commands_go_through_a_server(moorage, tmp_path, fake_model):
+    from moorage.registry import Registry
+    from moorage.security.keys import KeyStore
+    from moorage.server import create_app
+
+    from tests.support import serve_in_thread
+
+    settings = load_settings(environ={"MOORAGE_HOME": str(tmp_path / "home"), "MOORAGE_USER": "tester"})
+    registry = Registry.from_settings(settings)
+    registry.register(fake_model("embed"), "emb", "embed", alias="production")
+    store = KeyStore(registry.catalog)
+    (operator, op_key), (_, admin_key) = store.create("operator"), store.create("admin")
+    try:
+        with serve_in_thread(create_app(settings, ["emb@production"], registry=registry)) as url:
+            remote = ("config", "--url", url, "--key", op_key)
+            code, out, _ = moorage(*remote, "draft", "global", "--set", "serve.max_batch_size=4")
+            assert code == 0 and json.loads(out) == {"serve": {"max_batch_size": 4}}
+            assert moorage(*remote, "publish", "global")[1].strip() == "release 1 of global: published"
+            code, _, err = moorage(*remote, "draft", "global", "--set", "serve.max_batch_size=0")
+            errors = [line for line in err.splitlines() if line.startswith("error:")]  # the server logs here too
+            assert code == 2 and len(errors) == 1 and "/serve/max_batch_size" in errors[0]
+            code, _, err = moorage("config", "--url", url, "--key", "moor_000000000000_" + "x" * 30, "status")
+            assert code == 2 and "401" in err
+            history = json.loads(moorage("config", "--url", url, "--key", admin_key, "history", "--json")[1])
+            assert [(r["number"], r["author"]) for r in history] == [(1, operator.id)]  # the server acts as the key
+    finally:
+        registry.close()

@@ -16,8 +16,8 @@ import typer
 from rich.table import Table
 
 from ..configcenter.releases import ConfigCenter, Release
-from ..configcenter.schema import pointer
-from ..errors import BadRequest
+from ..configcenter.schema import Change, InvalidConfig, pointer
+from ..errors import BadRequest, MoorageError
 from .context import AppState, console, parse_pairs, state
 
 app = typer.Typer(
@@ -32,8 +32,17 @@ AsJson = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
 @app.callback()
-def config(ctx: typer.Context) -> None:
+def config(
+    ctx: typer.Context,
+    url: Annotated[
+        Optional[str], typer.Option(help="a moorage server: act through its /v1/config API instead of the backend")
+    ] = None,
+    key: Annotated[
+        Optional[str], typer.Option(help="API key for --url (operator or admin; default: config.api_key)")
+    ] = None,
+) -> None:
     """Print the effective settings (defaults < file < MOORAGE_* < flags), credentials masked."""
+    ctx.meta["config_remote"] = (url, key)
     if ctx.invoked_subcommand is None:
         show(ctx)
 
@@ -44,8 +53,15 @@ def show(ctx: typer.Context) -> None:
     print(json.dumps(state(ctx).settings.redacted(), indent=2))
 
 
-def _center(st: AppState) -> ConfigCenter:
-    return ConfigCenter.from_settings(st.settings)  # the registry is opened only to check split targets
+def _center(ctx: typer.Context) -> ConfigCenter | RemoteCenter:
+    """The local `ConfigCenter` (the registry is opened only to check split targets), or with --url the
+    server's, through `RemoteCenter`: the same calls either way."""
+    st = state(ctx)
+    url, key = ctx.meta.get("config_remote", (None, None))
+    if url:
+        secret = st.settings.config.api_key
+        return RemoteCenter(url, key or (secret.get_secret_value() if secret else None))
+    return ConfigCenter.from_settings(st.settings)
 
 
 def _actor(st: AppState) -> str:
@@ -88,7 +104,7 @@ def draft(
 ) -> None:
     """Print the scope's draft; with --set/--unset/--file, change it (validated on save)."""
     st = state(ctx)
-    center = _center(st)
+    center = _center(ctx)
     try:
         values = _read_values(file) if file else center.draft(scope)
         for key, value in parse_pairs(set_, "--set").items():
@@ -105,7 +121,7 @@ def draft(
 @app.command()
 def diff(ctx: typer.Context, scope: Scope, as_json: AsJson = False) -> None:
     """The draft against the scope's current release, key by key; restart-only keys are flagged."""
-    center = _center(state(ctx))
+    center = _center(ctx)
     try:
         changes = center.diff(scope)
     finally:
@@ -150,7 +166,7 @@ def publish(
 ) -> None:
     """Publish the scope's draft as a numbered release (pending approval when config.require_approval)."""
     st = state(ctx)
-    center = _center(st)
+    center = _center(ctx)
     try:
         gray = _gray(gray_label, gray_percent, gray_by, gray_key)
         release = center.publish(scope, author=_actor(st), comment=comment, gray=gray)
@@ -172,7 +188,7 @@ def _output(release: Release, as_json: bool) -> None:
 def approve(ctx: typer.Context, number: Number, as_json: AsJson = False) -> None:
     """Approve a pending release (not its author)."""
     st = state(ctx)
-    center = _center(st)
+    center = _center(ctx)
     try:
         release = center.approve(number, approver=_actor(st))
     finally:
@@ -190,7 +206,7 @@ def rollback(
 ) -> None:
     """Publish a new release of the scope equal to release --to."""
     st = state(ctx)
-    center = _center(st)
+    center = _center(ctx)
     try:
         release = center.rollback(scope, to, author=_actor(st), comment=comment)
     finally:
@@ -202,7 +218,7 @@ def rollback(
 def promote(ctx: typer.Context, number: Number, as_json: AsJson = False) -> None:
     """Merge a gray release into the main line."""
     st = state(ctx)
-    center = _center(st)
+    center = _center(ctx)
     try:
         release = center.promote(number, author=_actor(st))
     finally:
@@ -214,7 +230,7 @@ def promote(ctx: typer.Context, number: Number, as_json: AsJson = False) -> None
 def abandon(ctx: typer.Context, number: Number, as_json: AsJson = False) -> None:
     """Drop a gray (or pending) release."""
     st = state(ctx)
-    center = _center(st)
+    center = _center(ctx)
     try:
         release = center.abandon(number, author=_actor(st))
     finally:
@@ -229,7 +245,7 @@ def history(
     as_json: AsJson = False,
 ) -> None:
     """Releases, newest first."""
-    center = _center(state(ctx))
+    center = _center(ctx)
     try:
         releases = center.history(scope)
     finally:
@@ -250,7 +266,7 @@ def history(
 @app.command()
 def status(ctx: typer.Context, as_json: AsJson = False) -> None:
     """M of N instances on the current revision, K rejected (with their reasons)."""
-    center = _center(state(ctx))
+    center = _center(ctx)
     try:
         report = center.status()
     finally:
@@ -263,3 +279,73 @@ def status(ctx: typer.Context, as_json: AsJson = False) -> None:
         if i["status"] == "rejected" and not i["gone"]:
             console.print(f"  {i['instance_id']} ({i['group']}) rejected revision {i['revision']}: {i['reason']}",
                           highlight=False)  # fmt: skip
+
+
+class RemoteError(MoorageError):
+    """What a server answered an error with (its status and code)."""
+
+
+class RemoteCenter:
+    """`ConfigCenter`'s calls over a server's ``/v1/config`` API; the server acts as the key's id."""
+
+    def __init__(self, url: str, key: str | None, timeout_s: float = 30.0) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.url = url.rstrip("/")
+        self._client = httpx.Client(base_url=self.url + "/v1/config", headers=headers, timeout=timeout_s)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            response = self._client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise RemoteError(f"cannot reach {self.url}: {exc}", code="unreachable") from None
+        if response.status_code < 400:
+            return response.json()
+        try:
+            error = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            error = {"message": response.text[:200] or response.reason_phrase, "code": "http_error"}
+        if error.get("code") == "invalid_config" and error.get("errors"):
+            raise InvalidConfig(error["errors"])
+        failure = RemoteError(
+            f"{self.url} answered {response.status_code}: {error.get('message')}", code=error.get("code")
+        )
+        failure.status = response.status_code
+        raise failure
+
+    def draft(self, scope: str) -> dict:
+        return self._call("GET", f"/drafts/{scope}")["values"]
+
+    def edit_draft(self, scope: str, values: dict, *, author: str) -> dict:
+        return self._call("PUT", f"/drafts/{scope}", json={"values": values})["values"]
+
+    def diff(self, scope: str) -> list[Change]:
+        return [Change(**c) for c in self._call("GET", f"/drafts/{scope}/diff")["changes"]]
+
+    def publish(self, scope: str, *, author: str, comment: str = "", gray: dict | None = None) -> Release:
+        return Release(**self._call("POST", "/releases", json={"scope": scope, "comment": comment, "gray": gray}))
+
+    def approve(self, number: int, *, approver: str) -> Release:
+        return Release(**self._call("POST", f"/releases/{number}/approve"))
+
+    def rollback(self, scope: str, to: int, *, author: str, comment: str = "") -> Release:
+        return Release(**self._call("POST", "/rollback", json={"scope": scope, "to": to, "comment": comment}))
+
+    def promote(self, number: int, *, author: str) -> Release:
+        return Release(**self._call("POST", f"/releases/{number}/promote"))
+
+    def abandon(self, number: int, *, author: str) -> Release:
+        return Release(**self._call("POST", f"/releases/{number}/abandon"))
+
+    def history(self, scope: str | None = None) -> list[Release]:
+        params = {"scope": scope} if scope else {}
+        return [Release(**r) for r in self._call("GET", "/releases", params=params)["data"]]
+
+    def status(self) -> dict:
+        return self._call("GET", "/status")
+
+    def close(self) -> None:
+        self._client.close()

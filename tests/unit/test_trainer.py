@@ -172,8 +172,9 @@ def test_a_checkpoint_half_written_by_a_kill_is_passed_over(bert, uninterrupted,
 
 def test_a_cancel_stops_within_one_step_and_keeps_the_checkpoints(bert, tmp_path):
     seen: list[int] = []
-    spec = classify(epochs=3, eval_steps=2)
-    data = (toy(32, 5), toy(8, 6), LABELS)
+    spec = classify(epochs=3, eval_steps=2)  # max_length 256: past the tiny BERT's 128 positions
+    long_text = Example(text=" ".join(["sunny"] * 300), label="warm")  # cut to the model's positions
+    data = ([*toy(31, 5), long_text], toy(8, 6), LABELS)
     with pytest.raises(TrainingCancelled) as cancelled:
         train(spec, bert, *data, tmp_path, progress=lambda e: seen.append(e.step), should_stop=lambda: 3 in seen)
     assert cancelled.value.code == "training_cancelled"
@@ -244,12 +245,12 @@ def test_chat_loss_is_on_the_assistant_turns(tokenizer):
     import transformers
 
     from moorage.demo.assets import minilm_folder
-    from moorage.training.trainer import _encode_generate
+    from moorage.training.trainer import encode_generate
 
     folder = smollm2_tokenizer_folder() if tokenizer == "smollm2" else minilm_folder()
     tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     spec = TrainSpec(task="generate", base="b", dataset="d", name="n")
-    (row,) = _encode_generate(spec, tok, [chat(2)[1]], {})
+    (row,) = encode_generate(spec, tok, [chat(2)[1]])
     learned = tok.decode([t for t in row["labels"] if t != -100], skip_special_tokens=True)
     assert learned.strip().lower() == "winter"
     assert len(row["labels"]) == len(row["input_ids"])

@@ -149,13 +149,14 @@ def train(
 
     tf.set_seed(spec.seed)  # the new head's (or adapter's) initial weights come from the seed
     model, tokenizer = _load_model(spec, base_dir, label_map)
-    encode = _encode_classify if spec.task == "classify" else _encode_generate
+    encode = _encode_classify if spec.task == "classify" else encode_generate
+    fitting = _fitting(spec, model)
     args = _training_arguments(spec, work_dir / CHECKPOINTS)
     trainer = _make_trainer(
         model=model,
         args=args,
-        train_dataset=encode(spec, tokenizer, train, label_map),
-        eval_dataset=encode(spec, tokenizer, validation, label_map),
+        train_dataset=encode(fitting, tokenizer, train, label_map),
+        eval_dataset=encode(fitting, tokenizer, validation, label_map),
         processing_class=tokenizer,
         data_collator=_collator(spec, tokenizer),
         compute_metrics=_classify_metrics(model.config.id2label) if spec.task == "classify" else None,
@@ -219,30 +220,42 @@ def _claim_work_dir(work_dir: Path, fingerprint: str) -> None:
 def _load_model(spec: TrainSpec, base_dir: Path, label_map: dict[str, int]) -> tuple[Any, Any]:
     tf = require("transformers", "training")
     tokenizer = tf.AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
-    common = {"local_files_only": True, "use_safetensors": True}
+    if tokenizer.pad_token is None:  # decoder tokenizers often have none; batches need one
+        tokenizer.pad_token = tokenizer.eos_token
+    common = {"local_files_only": True, "use_safetensors": True, "pad_token_id": tokenizer.pad_token_id}
     if spec.task == "classify":
         id2label = {i: label for label, i in sorted(label_map.items(), key=lambda kv: kv[1])}
         model = tf.AutoModelForSequenceClassification.from_pretrained(
             str(base_dir), num_labels=len(label_map), id2label=id2label, label2id=dict(label_map), **common
         )
         return model, tokenizer
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model = tf.AutoModelForCausalLM.from_pretrained(str(base_dir), **common)
     if spec.method == "lora":
-        peft = require("peft", "training")
-        config = peft.LoraConfig(
-            task_type="CAUSAL_LM",
-            r=spec.lora_r,
-            lora_alpha=spec.lora_alpha,
-            lora_dropout=spec.lora_dropout,
-            target_modules=list(spec.lora_target_modules),
-        )
-        try:
-            model = peft.get_peft_model(model, config)
-        except ValueError as exc:  # e.g. target modules the model does not have
-            raise BadRequest(f"LoRA: {exc}", code="invalid_lora") from None
+        model = _with_lora(spec, model)
     return model, tokenizer
+
+
+def _with_lora(spec: TrainSpec, model: Any) -> Any:
+    peft = require("peft", "training")
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(spec.lora_target_modules),
+    )
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as exc:  # e.g. target modules the model does not have
+        raise BadRequest(f"LoRA: {exc}", code="invalid_lora") from None
+
+
+def _fitting(spec: TrainSpec, model: Any) -> TrainSpec:
+    """The spec with `max_length` cut to the positions the model has (longer inputs would not run)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions < spec.max_length:
+        return spec.model_copy(update={"max_length": positions})
+    return spec
 
 
 def _encode_classify(spec: TrainSpec, tokenizer: Any, examples: Sequence[Example], label_map: dict[str, int]) -> list:
@@ -253,10 +266,14 @@ def _encode_classify(spec: TrainSpec, tokenizer: Any, examples: Sequence[Example
     ]
 
 
-def _encode_generate(spec: TrainSpec, tokenizer: Any, examples: Sequence[Example], label_map: dict[str, int]) -> list:
-    """Token ids and labels of each text or conversation. A conversation's loss is on what the assistant
-    says (its turns' tokens, found by character offsets); plain text, a tokenizer without offsets or a
-    template that does not render turn by turn learn every token."""
+def encode_generate(
+    spec: TrainSpec, tokenizer: Any, examples: Sequence[Example], label_map: dict[str, int] | None = None
+) -> list[dict[str, list[int]]]:
+    """Token ids and labels (-100: not learned) of each text or conversation, as the trainer learns and
+    validates them; an evaluation of the same model on other rows scores the same tokens. A
+    conversation's loss is on what the assistant says (its turns' tokens, found by character offsets);
+    plain text, a tokenizer without offsets or a template that does not render turn by turn learn
+    every token."""
     rows = []
     for example in examples:
         if example.messages:
@@ -536,3 +553,6 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text(json.dumps(value, indent=2))
     os.replace(staging, path)
+
+
+_encode_generate = encode_generate  # the name the pipeline imported first

@@ -26,8 +26,10 @@ from ..errors import MoorageError, Unprocessable
 if TYPE_CHECKING:
     from ..registry import Registry
 
+# what the engines, the inference service and the stream worker take in `stage` (batching/hot.py); the
+# other keys of the same sections are read once, when a process starts (serve.max_inputs: by the routes)
 _SERVE_HOT = ("max_batch_size", "max_wait_ms", "max_queue", "request_timeout_s", "max_num_seqs",
-              "max_prefill_tokens", "max_waiting_seqs", "max_inputs", "default_max_tokens")  # fmt: skip
+              "max_prefill_tokens", "max_waiting_seqs", "default_max_tokens")  # fmt: skip
 _STREAM_HOT = ("batch_size", "max_wait_ms", "item_timeout_s", "max_text_chars", "model_retries", "sink_retries",
                "backoff_s", "max_backoff_s", "default_max_tokens")  # fmt: skip
 _LIMITS_HOT = ("requests_per_minute", "tokens_per_minute", "max_text_chars", "max_tokens")

@@ -356,8 +356,8 @@ class EtcdBackend:
             event = self._watch_client.watch_once(
                 self.prefix + "rev", timeout=self.watch_slice_s, start_revision=known + 1
             )
-        except WatchTimedOut:
-            return known
+        except WatchTimedOut:  # also what a watch from a compacted revision looks like: read the key itself
+            return self.revision()
         except Exception as exc:  # the watch runs in etcd3gw's threads: any failure there means etcd is gone
             raise BackendUnavailable(f"etcd {self.url} watch failed: {exc}") from None
         return int(event["kv"]["mod_revision"])

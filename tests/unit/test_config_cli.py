@@ -72,6 +72,9 @@ def test_errors_are_one_line_and_the_author_cannot_approve(moorage, monkeypatch)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert "/serve/max_batch_size" in err and "Traceback" not in err
     assert moorage("config", "draft", "global")[1].strip() == "{}"  # nothing saved
+    split = '[{"target": "canary", "weight": 100}]'
+    code, _, err = moorage("config", "draft", "global", "--set", f"routing.emb.split={split}")
+    assert code == 2 and "/routing/emb/split/0/target: emb@canary is not in the registry" in err
     code, _, err = moorage("config", "draft", "everything")
     assert code == 2 and "invalid scope 'everything'" in err
     monkeypatch.setenv("MOORAGE_CONFIG__REQUIRE_APPROVAL", "true")

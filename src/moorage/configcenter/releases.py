@@ -149,7 +149,8 @@ class ConfigCenter:
         self.settings = settings
         self._registry = registry
         self._audit = audit if settings.security.audit else None
-        self._owned: list[Any] = []
+        self._owned: list[Any] = []  # catalogs opened here, disposed by close()
+        self._owns_registry = False
 
     @classmethod
     def from_settings(cls, settings: Settings, *, registry: Registry | None = None) -> ConfigCenter:
@@ -178,7 +179,7 @@ class ConfigCenter:
             self.backend.close()
         for owned in self._owned:
             owned.dispose()
-        if self._registry is not None and self._registry in self._owned:
+        if self._owns_registry and self._registry is not None:
             self._registry.close()
 
     @property
@@ -188,7 +189,7 @@ class ConfigCenter:
             from ..registry import Registry
 
             self._registry = Registry.from_settings(self.settings)
-            self._owned.append(self._registry)
+            self._owns_registry = True
         return self._registry
 
     def _validate(self, values: dict, scope: str) -> dict:

@@ -116,8 +116,12 @@ TOTAL_STEPS = 10  # 40 rows / 8 a batch * 2 epochs; checkpoints at steps 3, 6, 9
 @pytest.fixture(scope="module")
 def uninterrupted(bert, tmp_path_factory):
     """The run a resumed one must end like."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return train(classify(**RESUMABLE), bert, *resumable_data(), tmp_path_factory.mktemp("whole"))
+    try:
+        return train(classify(**RESUMABLE), bert, *resumable_data(), tmp_path_factory.mktemp("whole"))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def resumable_data():
@@ -245,13 +249,12 @@ def test_chat_loss_is_on_the_assistant_turns(tokenizer):
     import transformers
 
     from moorage.demo.assets import minilm_folder
-    from moorage.training.trainer import encode_generate
+    from moorage.training.encoding import NOT_LEARNED, encode_generate
 
     folder = smollm2_tokenizer_folder() if tokenizer == "smollm2" else minilm_folder()
     tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    spec = TrainSpec(task="generate", base="b", dataset="d", name="n")
-    (row,) = encode_generate(spec, tok, [chat(2)[1]])
-    learned = tok.decode([t for t in row["labels"] if t != -100], skip_special_tokens=True)
+    (row,) = encode_generate(tok, [chat(2)[1]], max_length=256)
+    learned = tok.decode([t for t in row["labels"] if t != NOT_LEARNED], skip_special_tokens=True)
     assert learned.strip().lower() == "winter"
     assert len(row["labels"]) == len(row["input_ids"])
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import BadRequest, Conflict, MoorageError, require
+from . import encoding
 from .evaluation import classification_metrics, language_model_metrics
 
 if TYPE_CHECKING:
@@ -149,16 +150,15 @@ def train(
 
     tf.set_seed(spec.seed)  # the new head's (or adapter's) initial weights come from the seed
     model, tokenizer = _load_model(spec, base_dir, label_map)
-    encode = _encode_classify if spec.task == "classify" else encode_generate
-    fitting = _fitting(spec, model)
+    max_length = _max_length(spec, model)
     args = _training_arguments(spec, work_dir / CHECKPOINTS)
     trainer = _make_trainer(
         model=model,
         args=args,
-        train_dataset=encode(fitting, tokenizer, train, label_map),
-        eval_dataset=encode(fitting, tokenizer, validation, label_map),
+        train_dataset=encoding.encode(spec.task, tokenizer, train, label_map, max_length),
+        eval_dataset=encoding.encode(spec.task, tokenizer, validation, label_map, max_length),
         processing_class=tokenizer,
-        data_collator=_collator(spec, tokenizer),
+        data_collator=encoding.collator(spec.task, tokenizer),
         compute_metrics=_classify_metrics(model.config.id2label) if spec.task == "classify" else None,
     )
     trainer.remove_callback(tf.PrinterCallback)  # progress goes to the caller, not to stdout
@@ -250,88 +250,10 @@ def _with_lora(spec: TrainSpec, model: Any) -> Any:
         raise BadRequest(f"LoRA: {exc}", code="invalid_lora") from None
 
 
-def _fitting(spec: TrainSpec, model: Any) -> TrainSpec:
-    """The spec with `max_length` cut to the positions the model has (longer inputs would not run)."""
+def _max_length(spec: TrainSpec, model: Any) -> int:
+    """`max_length` cut to the positions the model has (longer inputs would not run)."""
     positions = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and positions < spec.max_length:
-        return spec.model_copy(update={"max_length": positions})
-    return spec
-
-
-def _encode_classify(spec: TrainSpec, tokenizer: Any, examples: Sequence[Example], label_map: dict[str, int]) -> list:
-    encoded = tokenizer([e.text for e in examples], truncation=True, max_length=spec.max_length)
-    return [
-        {"input_ids": ids, "attention_mask": mask, "labels": label_map[e.label]}  # type: ignore[index]
-        for ids, mask, e in zip(encoded["input_ids"], encoded["attention_mask"], examples)
-    ]
-
-
-def encode_generate(
-    spec: TrainSpec, tokenizer: Any, examples: Sequence[Example], label_map: dict[str, int] | None = None
-) -> list[dict[str, list[int]]]:
-    """Token ids and labels (-100: not learned) of each text or conversation, as the trainer learns and
-    validates them; an evaluation of the same model on other rows scores the same tokens. A
-    conversation's loss is on what the assistant says (its turns' tokens, found by character offsets);
-    plain text, a tokenizer without offsets or a template that does not render turn by turn learn
-    every token."""
-    rows = []
-    for example in examples:
-        if example.messages:
-            text, spans = _render_chat(tokenizer, [dict(m) for m in example.messages])
-        else:
-            text, spans = example.text, None
-        if not tokenizer.is_fast:
-            spans = None  # no character offsets to find the turns by
-        encoded = tokenizer(
-            text,
-            truncation=True,
-            max_length=spec.max_length,
-            add_special_tokens=not example.messages,
-            return_offsets_mapping=spans is not None,
-        )
-        ids = encoded["input_ids"]
-        labels = list(ids)
-        if spans is not None:
-            turns = spans
-            labels = [t if _inside(span, turns) else -100 for t, span in zip(ids, encoded["offset_mapping"])]
-            if all(label == -100 for label in labels):  # the assistant's turns were cut off: learn the rest
-                labels = list(ids)
-        rows.append({"input_ids": ids, "attention_mask": encoded["attention_mask"], "labels": labels})
-    return rows
-
-
-def _render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]] | None]:
-    """The conversation as the model reads it, and the character spans of the assistant's turns (None
-    when the template does not render a conversation as the prefix of its continuation)."""
-
-    def render(upto: int, prompt: bool) -> str:
-        if tokenizer.chat_template:
-            return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=prompt)
-        turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:upto])
-        return turns + ("assistant: " if prompt else "")
-
-    text = render(len(messages), False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        before, after = render(i, True), render(i + 1, False)
-        if not (after.startswith(before) and text.startswith(after)):
-            return text, None
-        spans.append((len(before), len(after)))
-    return text, spans
-
-
-def _inside(token: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
-    start, end = token
-    return end > start and any(a <= start < b for a, b in spans)
-
-
-def _collator(spec: TrainSpec, tokenizer: Any) -> Any:
-    tf = require("transformers", "training")
-    if spec.task == "classify":
-        return tf.DataCollatorWithPadding(tokenizer)
-    return tf.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)  # pads labels with -100, not pad ids
+    return min(spec.max_length, positions) if isinstance(positions, int) else spec.max_length
 
 
 def _classify_metrics(id2label: dict[int, str]) -> Callable[[Any], dict[str, float]]:
@@ -555,4 +477,8 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     os.replace(staging, path)
 
 
-_encode_generate = encode_generate  # the name the pipeline imported first
+def _encode_generate(
+    spec: TrainSpec, tokenizer: Any, examples: Sequence[Example], label_map: dict[str, int] | None = None
+) -> list[dict[str, list[int]]]:
+    """The name the pipeline imported first: `encoding.encode_generate` with the spec's max_length."""
+    return encoding.encode_generate(tokenizer, examples, spec.max_length)

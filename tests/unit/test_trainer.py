@@ -190,6 +190,17 @@ def test_a_cancel_stops_within_one_step_and_keeps_the_checkpoints(bert, tmp_path
     with pytest.raises(Conflict):
         train(classify(epochs=3, eval_steps=2, seed=1), bert, *data, tmp_path)
 
+    # resumed, and cancelled while it evaluates step 4: that evaluation stops too, and saves nothing
+    events: list[Progress] = []
+
+    def evaluating_step_4() -> bool:
+        return any(e.phase == "evaluating" and e.step == 4 for e in events)
+
+    with pytest.raises(TrainingCancelled):
+        train(spec, bert, *data, tmp_path, progress=events.append, should_stop=evaluating_step_4)
+    assert max(e.step for e in events) == 4 and events[-1].phase == "evaluating"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-2"]
+
 
 CHAT = [
     (

@@ -374,6 +374,9 @@ def _reporter(watch: _Watch) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             watch.stop_if_asked(state)
 
+        def on_prediction_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            watch.stop_if_asked(state)  # an evaluation can take as long as many steps
+
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if control.should_evaluate:
                 watch.report("evaluating", state)

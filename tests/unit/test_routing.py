@@ -9,12 +9,11 @@ from collections import Counter
 import pytest
 from pydantic import ValidationError
 
-from moorage.batching.hot import apply_hot
 from moorage.batching.routing import BUCKETS, ROUTE_KEYS, RequestGray, RouteKeys, Router, bucket, lane_of
 from moorage.config import RouteSettings, Settings
-from moorage.configcenter.releases import Effective
 from moorage.errors import Unprocessable
-from moorage.server.security import request_gray
+
+from tests.support import eventually
 
 
 def _route(canary: int, sticky: str | None = "api_key") -> Router:
@@ -201,32 +200,33 @@ def test_a_request_share_gray_release_takes_a_sticky_share_and_keeps_its_keys_as
         assert lane_of([small, large], keys) == expected
 
 
-def test_requests_in_a_gray_lane_get_its_filter_and_its_split_and_the_others_the_main_line(
+def test_requests_in_a_gray_release_by_request_share_get_its_filter_and_split_and_the_others_the_main_line(
     settings, two_versions, serving
 ):
-    lane_values = {
+    gray_values = {
         "security": {"filters": {"emb": {"input_deny": ["forbidden"]}}},
         "routing": {"emb": {"split": [{"target": "canary", "weight": 100}]}},
     }
-    effective = Effective(3, {}, (), "x", ({"number": 2, "scope": "global", "percent": 50, "key": "header:x-user",
-                                            "values": lane_values},))  # fmt: skip
-    main_line = _split(settings, 0)  # the main line: all on production
-    gray = request_gray(main_line, effective)
-    users = [f"user-{i}" for i in range(40)]
-    in_lane = {u for u in users if gray[0][0].covers(RouteKeys(headers={b"x-user": u.encode()}))}
+    users = [f"user-{i}" for i in range(30)]
 
     async def main():
-        async with serving(settings, two_versions, ("emb@production", "emb@canary")) as (app, client):
-            apply_hot(main_line, app.state.guard.stage, app.state.service.stage, gray=gray)
+        async with serving(_split(settings, 0), two_versions, ("emb@production", "emb@canary")) as (app, client):
+            center, subscriber = app.state.config_center, app.state.config_delivery.subscriber
+            center.edit_draft("global", gray_values, author="tester")
+            gray = {"percent": 50, "by": "request", "key": "header:X-User"}
+            release = await asyncio.to_thread(center.publish, "global", author="tester", gray=gray)
+            await eventually(lambda: subscriber.revision >= center.revision(), what="the gray release applied")
             got = {}
             for user in users:
                 headers = {"X-User": user}
                 r = await client.post("/v1/models/emb/predict", json={"inputs": ["hello"]}, headers=headers)
                 blocked = await client.post("/v1/models/emb/predict", json={"inputs": ["forbidden"]}, headers=headers)
                 got[user] = (r.json()["version"], blocked.status_code)
-            return got
+            return release, app.state.guard.grays, got
 
-    got = asyncio.run(main())
+    release, grays, got = asyncio.run(main())
+    assert [g.number for g in grays] == [release.number]
+    in_lane = {u for u in users if grays[0].covers(RouteKeys(headers={b"x-user": u.encode()}))}
     assert 0 < len(in_lane) < len(users)
-    for user, (version, blocked) in got.items():
-        assert (version, blocked) == ((2, 400) if user in in_lane else (1, 200)), user
+    for user, answer in got.items():
+        assert answer == ((2, 400) if user in in_lane else (1, 200)), user

@@ -23,7 +23,7 @@ from ..runtime import Runtime
 from . import admin, classify, config, config_watch, health, inference, jobs, openai, promotion, responses
 from .edge import EdgeMiddleware
 from .errors import ERROR_RESPONSES, install_error_handlers
-from .security import Guard, SecurityMiddleware
+from .security import Guard, SecurityMiddleware, request_gray
 
 log = logging.getLogger("moorage.server")
 
@@ -42,7 +42,8 @@ def create_app(
     tracing.configure(settings.observability)  # off: nothing of OpenTelemetry is imported
     registry = registry or Registry.from_settings(settings)
     runtime = Runtime(registry, settings.runtime)
-    pool = ModelPool(registry, runtime, list(models or settings.serve.models), serving_pool_config(settings))
+    refs = list(models or settings.serve.models)
+    pool = ModelPool(registry, runtime, refs, serving_pool_config(settings), routing=settings.routing)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -88,8 +89,8 @@ def create_app(
     center = ConfigCenter.from_settings(settings, registry=registry)
     app.state.config_center = center
 
-    def apply_config(new: Settings, _effective) -> None:  # every part checks the release before any swaps
-        apply_hot(new, guard.stage, app.state.service.stage)
+    def apply_config(new: Settings, effective) -> None:  # every part checks the release before any swaps
+        apply_hot(new, guard.stage, app.state.service.stage, gray=request_gray(new, effective))
 
     app.state.config_delivery = config_watch.ConfigDelivery(settings, center, apply_config, registry)
     install_error_handlers(app)

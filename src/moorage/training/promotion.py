@@ -53,7 +53,7 @@ def promote(
         metric = _metric(settings, challenger)
         decision = _decide(settings, challenger, production, metric, to_alias)
         if force and not decision.accepted:
-            decision.accepted, decision.reason = True, f"forced by {user}: {decision.reason}"
+            decision.accepted, decision.reason = True, f"forced by {user} past the gate ({decision.reason})"
         if decision.accepted and (production is None or production.version != challenger.version):
             registry.set_alias(name, to_alias, challenger.version, decision.reason)
         _audit(settings, registry, user, decision, from_alias, to_alias, force)

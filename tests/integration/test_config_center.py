@@ -292,3 +292,31 @@ def test_an_unreachable_etcd_is_a_503_that_names_it(tmp_path):
         center.close()
     assert caught.value.status == 503 and url in caught.value.message and "is it running?" in caught.value.message
     assert url not in caught.value.client_message  # a network client is not told where the store is
+
+
+def test_the_catalog_backend_on_postgresql(tmp_path, pg_url):
+    """What differs from SQLite: row locks (FOR UPDATE) order the writers, the poll is a plain SELECT."""
+    env = {"MOORAGE_HOME": str(tmp_path / "home"), "MOORAGE_REGISTRY__CATALOG_URL": pg_url}
+    centers = [ConfigCenter.from_settings(load_settings(environ=env)) for _ in range(4)]
+    try:
+        start = centers[0].revision()
+        woke: list[int] = []
+        waiter = threading.Thread(target=lambda: woke.append(centers[0].wait(start, 60)))
+        waiter.start()
+        numbers: list[int] = []
+
+        def publish(i: int) -> None:
+            numbers.append(_publish(centers[i], f"group:g{i}", {"log_level": "DEBUG"}).number)
+
+        publishers = [threading.Thread(target=publish, args=(i,)) for i in range(1, 4)]
+        for t in publishers:
+            t.start()
+        for t in (*publishers, waiter):
+            t.join(60)
+        assert sorted(numbers) == [1, 2, 3] and woke and woke[0] > start
+        back = centers[0].rollback("group:g1", centers[0].history("group:g1")[0].number, author="bob")
+        assert centers[0].effective(Instance("x", "g1")).releases == (back.number,) and back.number == 4
+        assert AuditLog(centers[0].registry.catalog).verify()[1] == []
+    finally:
+        for center in centers:
+            center.close()

@@ -113,6 +113,16 @@ ENDPOINTS = [
     ("POST", "/v1/config/releases/{number}/abandon", None, "manage_config", None),
     ("POST", "/v1/config/rollback", {"scope": "global", "to": 1}, "manage_config", None),
     ("GET", "/v1/config/status", None, "manage_config", None),
+    (
+        "POST",
+        "/v1/training/jobs",
+        {"task": "classify", "base": "emb", "dataset": "none", "name": "emb"},
+        "manage_models",
+        "emb",
+    ),
+    ("GET", "/v1/training/jobs/{job_id}", None, "manage_models", None),  # an inference job: 404 here
+    ("POST", "/v1/training/jobs/{job_id}/cancel", None, "manage_models", None),
+    ("GET", "/v1/training/jobs/{job_id}/logs", None, "manage_models", None),
 ]
 OPEN = [("GET", "/healthz"), ("GET", "/readyz")]
 ROLE_RIGHTS = {

@@ -24,6 +24,8 @@ from . import admin, classify, config, config_watch, health, inference, jobs, op
 from .edge import EdgeMiddleware
 from .errors import ERROR_RESPONSES, install_error_handlers
 from .security import Guard, SecurityMiddleware, request_gray
+from .training import router as training_router
+from .training import start_worker, stop_worker
 
 log = logging.getLogger("moorage.server")
 
@@ -53,6 +55,7 @@ def create_app(
         await guard.start()
         await app.state.config_delivery.start()  # the first release is in force before any request
         await app.state.jobs.start()
+        start_worker(app)  # only with training.run_in_server
         if load_before_serving:
             await asyncio.wait([app.state.loading])  # a failure is kept for /readyz, as in the background
         try:
@@ -61,6 +64,7 @@ def create_app(
             watchdog.cancel()
             app.state.loading.cancel()
             await app.state.jobs.stop()
+            await stop_worker(app)
             await app.state.config_delivery.stop()
             center.close()
             await pool.stop()
@@ -106,6 +110,7 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(responses.router)
     app.include_router(jobs.router)
+    app.include_router(training_router)
     app.include_router(admin.router)
     app.include_router(config.router)
     app.include_router(config_watch.router)

@@ -71,6 +71,8 @@ def test_classifier_learns_stops_early_and_keeps_only_the_best(bert, tmp_path):
     best = next(i for i, h in enumerate(outcome.history) if h["accuracy"] == outcome.best_metric)
     assert outcome.history[best]["step"] == outcome.best_step
     assert len(outcome.history) - 1 - best == 2  # stopped `patience` evaluations after the best
+    for evaluation in outcome.history:  # every metric of each validation pass, per class too
+        assert sum(map(sum, evaluation["confusion_matrix"])) == 16 and set(evaluation["per_class"]) == set(LABELS)
     assert events[-1].step < events[-1].total_steps  # early: before the 30 epochs ran out
 
     # the best model alone, as a folder the registry takes and the classify handler loads

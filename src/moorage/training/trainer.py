@@ -256,14 +256,15 @@ def _max_length(spec: TrainSpec, model: Any) -> int:
     return min(spec.max_length, positions) if isinstance(positions, int) else spec.max_length
 
 
-def _classify_metrics(id2label: dict[int, str]) -> Callable[[Any], dict[str, float]]:
+def _classify_metrics(id2label: dict[int, str]) -> Callable[[Any], dict[str, Any]]:
+    """Every classification metric of a validation pass (per class and the confusion matrix too: they
+    go to the history; the best checkpoint and early stopping read one number of them)."""
     labels = [id2label[i] for i in range(len(id2label))]
 
-    def compute(prediction: Any) -> dict[str, float]:
+    def compute(prediction: Any) -> dict[str, Any]:
         predicted = [labels[i] for i in prediction.predictions.argmax(axis=-1)]
         truth = [labels[i] for i in prediction.label_ids]
-        metrics = classification_metrics(truth, predicted, labels)
-        return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+        return classification_metrics(truth, predicted, labels)
 
     return compute
 
@@ -393,14 +394,22 @@ def _reporter(watch: _Watch) -> Any:
     return Reporter()
 
 
+TIMINGS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+
+
 def _strip_prefix(metrics: dict[str, Any]) -> dict[str, float]:
-    """Validation metrics under their own names: eval_accuracy -> accuracy (timings left out)."""
-    left_out = ("runtime", "samples_per_second", "steps_per_second", "epoch", "step")
+    """The scalar validation metrics under their own names (eval_accuracy -> accuracy), timings left out."""
     return {
         k.removeprefix("eval_"): float(v)
         for k, v in metrics.items()
-        if isinstance(v, int | float) and k.removeprefix("eval_") not in left_out
+        if k.startswith("eval_") and k not in TIMINGS and isinstance(v, int | float)
     }
+
+
+def _validation(entry: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation of the history: its step and epoch and every metric (per class ones too)."""
+    metrics = {k.removeprefix("eval_"): v for k, v in entry.items() if k.startswith("eval_") and k not in TIMINGS}
+    return {"step": int(entry["step"]), "epoch": entry.get("epoch"), **metrics}
 
 
 def _last_complete_checkpoint(folder: Path) -> Path | None:
@@ -437,11 +446,7 @@ def _finish(spec: TrainSpec, trainer: Any, tokenizer: Any, work_dir: Path, resum
     tokenizer.save_pretrained(staging)
     shutil.rmtree(work_dir / BEST, ignore_errors=True)
     staging.rename(work_dir / BEST)
-    history = [
-        {"step": int(entry["step"]), "epoch": entry.get("epoch"), **_strip_prefix(entry)}
-        for entry in state.log_history
-        if "eval_loss" in entry
-    ]
+    history = [_validation(entry) for entry in state.log_history if "eval_loss" in entry]
     hyperparameters = _json_safe(trainer.args.to_dict())
     if spec.method == "lora":
         peft_config = trainer.model.peft_config["default"] if hasattr(trainer.model, "peft_config") else None

@@ -191,7 +191,13 @@ def test_the_stream_worker_takes_new_batch_sizes_retries_and_filters_while_it_ru
             await source.publish([b'{"id": "1", "text": "a forbidden word"}'])
             await eventually(lambda: worker.counts.processed == 1, what="the first message processed")
             denied = {"emb": FilterSettings(input_deny=["forbidden"])}
-            worker.reconfigure(_with(settings, denied, stream={"batch_size": 7, "model_retries": 1, "backoff_s": 0.05}))
+            worker.reconfigure(
+                _with(
+                    settings,
+                    denied,
+                    stream={"batch_size": 7, "model_retries": 1, "backoff_s": 0.05, "receive_timeout_s": 3.0},
+                )
+            )
             await source.publish([b'{"id": "2", "text": "a forbidden word"}', b'{"id": "3", "text": "fine"}'])
             await eventually(lambda: worker.counts.processed + worker.counts.dead_lettered == 3, what="all three")
             stop.set()
@@ -203,7 +209,8 @@ def test_the_stream_worker_takes_new_batch_sizes_retries_and_filters_while_it_ru
 
     config, engine_config, counts, dead = asyncio.run(main())
     assert (config.batch_size, config.model_retries, config.backoff_s) == (7, 1, 0.05)
-    assert config.max_in_flight == settings.stream.max_in_flight  # the pipeline is sized at start
+    started = settings.stream  # restart keys: the pipeline is sized at start, the receive timeout too
+    assert (config.max_in_flight, config.receive_timeout_s) == (started.max_in_flight, started.receive_timeout_s)
     assert engine_config.max_batch_size == 7
     assert (counts.processed, counts.dead_lettered) == (2, 1)
     assert [d.reason.split(":")[0] for d in dead] == ["content_blocked"]

@@ -41,7 +41,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -320,6 +320,10 @@ def _is_refusal(exc: BaseException) -> bool:
     return isinstance(exc, MoorageError) and 400 <= exc.status < 500 and exc.status != 429
 
 
+def _config_fields() -> list[str]:
+    return [f.name for f in fields(WorkerConfig)]
+
+
 class StreamWorker:
     """Consume `source`, run each message through the inference service, write to `sink`.
 
@@ -362,14 +366,17 @@ class StreamWorker:
         """Build the worker's hot settings (``stream.*``: batch size, waits, retries, backoff; the model's
         engines; its policy: limits and content filter) and return the swap that puts them in force;
         nothing changes if this raises. Messages already received finish with the values they started
-        with. The pipeline depth (``max_in_flight``) is read at start. Traffic splits (``routing``) are
+        with. The other ``stream.*`` keys (the pipeline depth, receive timeout, lease heartbeat, stop grace)
+        are read at start: a release changing them waits for a restart. Traffic splits (``routing``) are
         not the worker's: it serves the one reference its messages are for; neither is request-share
         `gray` (a message carries no API key): its messages follow the worker's own release."""
-        config = replace(
-            from_settings(WorkerConfig, settings.stream, audit_inputs=settings.security.audit_inputs),
-            max_in_flight=self.config.max_in_flight,
-        )
-        swap_pool = self.pool.stage(stream_pool_config(settings), {})
+        from ..configcenter.schema import HOT_KEYS
+
+        new = from_settings(WorkerConfig, settings.stream)
+        hot = {f: getattr(new, f) for f in _config_fields() if f"/stream/{f}" in HOT_KEYS}
+        config = replace(self.config, **hot)
+        started = settings.stream.model_copy(update={"max_in_flight": self.config.max_in_flight})
+        swap_pool = self.pool.stage(stream_pool_config(settings.model_copy(update={"stream": started})), {})
         max_tokens = settings.stream.default_max_tokens
         codec = self.codec if isinstance(self.codec, MessageCodec) else None
         policy = None

@@ -251,3 +251,67 @@ def test_the_work_queue_on_postgresql(pg_url):
         assert queue.logs(first.id, after=1) == [(2, "line 1")]
     finally:
         catalog.dispose()
+
+
+# -- the command line, and a batch job ----------------------------------------------------------------
+def cli(world: World, *args: str):
+    from typer.testing import CliRunner
+
+    from moorage.cli.main import app
+
+    env = {"MOORAGE_HOME": str(world.home), "MOORAGE_USER": "tester", "MOORAGE_CONFIG": None}
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def test_moorage_train_runs_in_the_foreground_or_queues_and_jobs_commands_follow(world):
+    from moorage.errors import MoorageError
+
+    base = ["train", "classify", "--base", world.base, "--dataset", world.dataset]
+    refused = cli(world, *base, "--name", "cli", "--set", "epochs=many")
+    assert isinstance(refused.exception, MoorageError) and refused.exception.code == "invalid_job_spec"
+    assert "epochs" in refused.exception.message
+    unknown = cli(world, "train", "classify", "--base", "nope", "--dataset", world.dataset, "--name", "cli")
+    assert isinstance(unknown.exception, MoorageError) and unknown.exception.code == "model_not_found"
+    assert json.loads(cli(world, "jobs", "list", "--json").stdout) == []  # nothing queued by either
+
+    hyper = ["--epochs", "2", "--batch-size", "8", "--max-length", "32", "--learning-rate", "5e-3"]
+    ran = cli(world, *base, "--name", "cli", *hyper)
+    assert ran.exit_code == 0, ran.output
+    assert "registered cli:1 as cli@challenger" in ran.stdout and "accuracy" in ran.stdout
+    assert versions_of(world.settings(), "cli") == [1]
+
+    queued = cli(world, *base, "--name", "later", *hyper, "--queue", "--priority", "2")
+    assert queued.exit_code == 0 and "queued job-" in queued.stdout
+    listed = json.loads(cli(world, "jobs", "list", "--json").stdout)
+    assert [(j["model"], j["status"], j["priority"]) for j in listed] == [
+        ("later", "queued", 2),
+        ("cli", "succeeded", 0),
+    ]
+    later, done = listed[0]["id"], listed[1]["id"]
+    shown = json.loads(cli(world, "jobs", "show", done).stdout)
+    assert shown["result"]["ref"] == "cli:1" and shown["progress"]["phase"] == "publishing"
+    assert "succeeded" in cli(world, "jobs", "logs", done).stdout
+    assert "cancelled" in cli(world, "jobs", "cancel", later).stdout
+    assert json.loads(cli(world, "jobs", "show", later).stdout)["status"] == "cancelled"
+    missing = cli(world, "jobs", "show", "job-unknown")
+    assert isinstance(missing.exception, MoorageError) and missing.exception.code == "job_not_found"
+
+
+def test_a_batch_job_runs_a_model_over_a_split_through_the_service(world):
+    from moorage.training.worker import Worker
+
+    settings = world.settings()
+    catalog = Catalog(settings.catalog_url)
+    queue = WorkQueue(catalog.engine, lease_s=settings.jobs.lease_s)
+    worker = Worker(settings, queue)
+    spec = {"model": world.base, "dataset": world.dataset, "split": "test", "batch_size": 4}
+    job = queue.submit("batch", spec, held_by=worker.runner_id)
+    ended = worker.run_foreground(job.id)
+    catalog.dispose()
+    assert ended.status == JobStatus.SUCCEEDED, ended.error
+    test_rows = Datasets.from_settings(settings).get(world.dataset).splits["test"].rows
+    assert ended.result["rows"] == test_rows and ended.result["errors"] == 0 and ended.result["model"] == "tiny-bert:1"
+    rows = [json.loads(line) for line in Path(ended.result["path"]).read_text().splitlines()]
+    assert [row["index"] for row in rows] == list(range(test_rows))
+    assert all(len(row["result"]["embedding"]) == 32 and row["error"] is None for row in rows)
+    assert not list(Path(ended.result["path"]).parent.glob(".*partial"))

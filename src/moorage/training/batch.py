@@ -141,17 +141,30 @@ def _write(folder: Path, rows: list[dict], fmt: str) -> Path:
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pylist(
-            [{"index": r["index"], "result": _dumps(r["result"]), "error": _dumps(r["error"])} for r in rows]
+            [
+                {"index": r["index"], "result": _dumps_or_none(r["result"]), "error": _dumps_or_none(r["error"])}
+                for r in rows
+            ]
         )
         pq.write_table(table, staging)
     else:
         with staging.open("w", encoding="utf-8") as file:
             for row in rows:
-                file.write(json.dumps(row, ensure_ascii=False) + "\n")
+                file.write(_dumps(row) + "\n")
     staging.replace(path)
     return path
 
 
-def _dumps(value: Any) -> str | None:
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=_plain)
+
+
+def _dumps_or_none(value: Any) -> str | None:
     """Parquet keeps a result as its JSON text: the shape differs between tasks."""
-    return None if value is None else json.dumps(value, ensure_ascii=False)
+    return None if value is None else _dumps(value)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars (an embedding)
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")

@@ -10,9 +10,11 @@ one thread per process that waits on the center's revision (`Revisions`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -22,7 +24,7 @@ from starlette.responses import Response
 from ..config import Settings
 from ..configcenter.snapshot import effective_json
 from ..configcenter.subscriber import Apply, LocalSource, Subscriber, new_instance
-from ..errors import BadRequest
+from ..errors import BadRequest, Overloaded
 from .common import FastJSON, unless_disconnected
 from .security import require
 
@@ -153,6 +155,68 @@ class FollowedSource(LocalSource):
         return await self.effective(instance)
 
 
+class Reports:
+    """Instance reports, written by one task after the configs being handed out: a release wakes every
+    subscriber at once and their reports follow at once, and writing them meanwhile would delay the
+    last configs. The newest report of an instance supersedes one not yet written."""
+
+    MAX_PENDING = 10_000
+
+    def __init__(self, center: ConfigCenter) -> None:
+        self.center = center
+        self.delivering = 0  # long-polls woken and not yet answered
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pending: dict[str, tuple[Instance, int, str, str]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="config-reports")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.to_thread(self._write, self._take())  # what is still pending is not lost
+
+    def submit(self, instance: Instance, revision: int, status: str, reason: str) -> None:
+        if len(self._pending) >= self.MAX_PENDING and instance.id not in self._pending:
+            raise Overloaded("too many config reports waiting to be written; report again later")
+        self._pending[instance.id] = (instance, revision, status, reason)
+        self._wake.set()
+
+    @contextlib.contextmanager
+    def delivery(self) -> Iterator[None]:
+        self.delivering += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.delivering -= 1
+            if self.delivering == 0:
+                self._idle.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._idle.wait()
+            await asyncio.to_thread(self._write, self._take())
+
+    def _take(self) -> list[tuple[Instance, int, str, str]]:
+        batch, self._pending = list(self._pending.values()), {}
+        return batch
+
+    def _write(self, batch: list[tuple[Instance, int, str, str]]) -> None:
+        for instance, revision, status, reason in batch:
+            try:
+                self.center.report(instance, revision, status, reason)
+            except Exception as exc:  # one report lost is sent again by its heartbeat
+                log.warning("config center: cannot record %s's report: %s: %s", instance.id, type(exc).__name__, exc)
+
+
 class ConfigDelivery:
     """A server's part of config delivery: the revision follower the watch route awaits, and the
     server's own subscriber (over HTTP to ``config.center_url`` when it is set, else on the center
@@ -161,17 +225,19 @@ class ConfigDelivery:
     def __init__(self, settings: Settings, center: ConfigCenter, apply: Apply, registry: Registry | None = None):
         self.revisions = Revisions(center)
         self.effectives = Effectives(center)
-        self.report_lock = asyncio.Lock()  # reports come together after a release: one write at a time
+        self.reports = Reports(center)
         source = None if settings.config.center_url else FollowedSource(self.revisions)
         instance = new_instance(settings, "servers")
         self.subscriber = Subscriber(settings, instance, apply, source=source, registry=registry)
 
     async def start(self) -> None:
         await self.revisions.start()
+        self.reports.start()
         await self.subscriber.start()
 
     async def stop(self) -> None:
         await self.subscriber.stop()
+        await self.reports.stop()
         self.revisions.stop()
 
 
@@ -217,7 +283,8 @@ async def watch(
     delivery = _delivery(request)
     if after >= 0 and not await unless_disconnected(request, delivery.revisions.wait_past(after, hold_s)):
         return Response(status_code=304)
-    effective = await asyncio.to_thread(delivery.effectives.get, who, delivery.revisions.revision)
+    with delivery.reports.delivery():
+        effective = await asyncio.to_thread(delivery.effectives.get, who, delivery.revisions.revision)
     return FastJSON(effective_json(effective))
 
 
@@ -232,11 +299,11 @@ class Report(BaseModel):
     reason: str = Field("", max_length=2000)
 
 
-@router.post("/v1/config/reports", status_code=204)
+@router.post("/v1/config/reports", status_code=202)
 async def report(request: Request, body: Report, _caller=Depends(require(PERMISSION))) -> Response:
-    """An instance says it applied a revision, or refused it and why; `moorage config status` counts them."""
-    who = _instance(body.instance, body.group, body.labels)
-    delivery = _delivery(request)
-    async with delivery.report_lock:  # waiting here holds no thread; the catalog takes one writer at a time
-        await asyncio.to_thread(delivery.revisions.center.report, who, body.revision, body.status, body.reason)
-    return Response(status_code=204)
+    """An instance says it applied a revision, or refused it and why; `moorage config status` counts
+    it once written (202: accepted, written after the configs being handed out)."""
+    _delivery(request).reports.submit(
+        _instance(body.instance, body.group, body.labels), body.revision, body.status, body.reason
+    )
+    return Response(status_code=202)

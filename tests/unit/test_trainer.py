@@ -283,6 +283,22 @@ def test_full_fine_tune_on_plain_text(tmp_path):
     assert sum(not torch.equal(before[name], after[name]) for name in before) > len(before) / 2  # all layers train
 
 
+def test_a_base_whose_weights_do_not_fit_is_refused(bert, tmp_path):
+    """Weights missing from the base would be initialised at random: refused, not trained from noise."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from moorage.errors import BadRequest
+
+    partial = shutil.copytree(bert, tmp_path / "partial")
+    save_file({k: v for k, v in weights(bert).items() if ".encoder." not in f".{k}"}, partial / "model.safetensors")
+    with pytest.raises(BadRequest) as refused:
+        train(classify(), partial, toy(8, 1), toy(4, 2), LABELS, tmp_path / "work")
+    assert refused.value.code == "base_weights_missing" and "encoder" in refused.value.message
+    assert not (tmp_path / "work" / "checkpoints").exists()
+
+
 def test_spec_fits_the_task():
     with pytest.raises(ValueError, match="lora"):
         classify(method="lora")

@@ -225,14 +225,42 @@ def _load_model(spec: TrainSpec, base_dir: Path, label_map: dict[str, int]) -> t
     common = {"local_files_only": True, "use_safetensors": True, "pad_token_id": tokenizer.pad_token_id}
     if spec.task == "classify":
         id2label = {i: label for label, i in sorted(label_map.items(), key=lambda kv: kv[1])}
-        model = tf.AutoModelForSequenceClassification.from_pretrained(
-            str(base_dir), num_labels=len(label_map), id2label=id2label, label2id=dict(label_map), **common
+        model = _from_pretrained(
+            tf.AutoModelForSequenceClassification,
+            base_dir,
+            num_labels=len(label_map),
+            id2label=id2label,
+            label2id=dict(label_map),
+            **common,
         )
         return model, tokenizer
-    model = tf.AutoModelForCausalLM.from_pretrained(str(base_dir), **common)
+    model = _from_pretrained(tf.AutoModelForCausalLM, base_dir, **common)
     if spec.method == "lora":
         model = _with_lora(spec, model)
     return model, tokenizer
+
+
+def _from_pretrained(auto: Any, base_dir: Path, **kwargs: Any) -> Any:
+    """The model with the base's weights, or an error if some are not in the folder: transformers would
+    initialise them at random and print a table, and the training would start from noise. Only a new
+    classification head (outside the base model) may be missing, and the pooler some encoders ship without."""
+    tf = require("transformers", "training")
+    verbosity = tf.logging.get_verbosity()
+    tf.logging.set_verbosity_error()  # the load report: checked below instead of printed
+    try:
+        model, info = auto.from_pretrained(str(base_dir), output_loading_info=True, **kwargs)
+    finally:
+        tf.logging.set_verbosity(verbosity)
+    prefix = f"{model.base_model_prefix}."
+    head_only = auto is tf.AutoModelForSequenceClassification
+    missing = [k for k in info["missing_keys"] if not head_only or (k.startswith(prefix) and ".pooler." not in k)]
+    if missing:
+        raise BadRequest(
+            f"the base model's weights do not fit a {type(model).__name__}: {len(missing)} missing "
+            f"({', '.join(sorted(missing)[:3])}, ...)",
+            code="base_weights_missing",
+        )
+    return model
 
 
 def _with_lora(spec: TrainSpec, model: Any) -> Any:

@@ -39,8 +39,8 @@ TOPICS = {
     "sport": "goal match team coach league player score stadium referee season cup final".split(),
     "tech": "software chip computer network server code laptop startup browser robot cloud data".split(),
 }
-# 60 rows: 6 steps an epoch at batch 8, a checkpoint at each epoch's end (36 steps); no early stop
-SPEC = {"epochs": 6, "learning_rate": 5e-3, "batch_size": 8, "max_length": 32, "early_stopping_patience": None}
+# 60 rows: 6 steps an epoch at batch 8, a checkpoint at each epoch's end (24 steps); no early stop
+SPEC = {"epochs": 4, "learning_rate": 5e-3, "batch_size": 8, "max_length": 32, "early_stopping_patience": None}
 
 
 def environ(home: Path, **extra: str) -> dict[str, str]:
@@ -124,12 +124,18 @@ async def test_http_validates_runs_and_cancels_a_training_job(world, serving):
             await apoll(lambda: ((queue.get(job["id"]).progress or {}).get("step") or 0) >= 2, 300, "two steps")
             running = (await client.get(url)).json()
             assert running["status"] == "running" and running["progress"]["phase"] == "training"
+            scraped = (await client.get("/metrics")).text
+            assert 'moorage_training_total_steps{kind="training",model="news"} 24.0' in scraped
+            assert 'moorage_training_jobs_running{kind="training"} 1.0' in scraped
             cancelled = await client.post(f"{url}/cancel")
             assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"]
             await apoll(lambda: queue.get(job["id"]).is_finished, 120, "the job to stop")
             ended = (await client.get(url)).json()
+            scraped = (await client.get("/metrics")).text
+            assert 'moorage_training_jobs_total{kind="training",status="cancelled"} 1.0' in scraped
+            assert 'moorage_training_step{kind="training",model="news"}' not in scraped  # it no longer runs
             assert ended["status"] == "cancelled" and ended["result"] is None
-            assert ended["progress"]["total_steps"] == 36 and ended["progress"]["step"] < 36
+            assert ended["progress"]["total_steps"] == 24 and ended["progress"]["step"] < 24
             logs = (await client.get(f"{url}/logs")).json()
             lines = [entry["line"] for entry in logs["lines"]]
             assert lines[-1].startswith("cancelled") and logs["next"] == logs["lines"][-1]["seq"]
@@ -183,7 +189,7 @@ def test_a_killed_worker_s_training_job_resumes_from_its_checkpoint(world, tmp_p
         return (queue.get(job.id).progress or {}).get("step") or 0
 
     first = start_worker(world, log)
-    try:  # past the first epoch's checkpoint (step 6), well before the last of 36 steps
+    try:  # past the first epoch's checkpoint (step 6), well before the last of 24 steps
         poll(lambda: step() >= 8 or first.poll() is not None, 300, "the job to pass its first checkpoint")
         assert first.poll() is None, log.read_text()
         killed_at = step()
@@ -191,7 +197,7 @@ def test_a_killed_worker_s_training_job_resumes_from_its_checkpoint(world, tmp_p
         first.wait()
     finally:
         first.kill()
-    assert queue.get(job.id).status == JobStatus.RUNNING and killed_at < 36  # left behind mid-run
+    assert queue.get(job.id).status == JobStatus.RUNNING and killed_at < 24  # left behind mid-run
     # restarted on the same home (in this process: the same Worker.run as `moorage jobs worker`, one
     # import of the training stack fewer): the dead runner's lock file is free, so its lease ends at once
     restarted = Worker(settings, queue, poll_s=0.1)
@@ -274,7 +280,7 @@ def test_moorage_train_runs_in_the_foreground_or_queues_and_jobs_commands_follow
     assert isinstance(unknown.exception, MoorageError) and unknown.exception.code == "model_not_found"
     assert json.loads(cli(world, "jobs", "list", "--json").stdout) == []  # nothing queued by either
 
-    hyper = ["--epochs", "2", "--batch-size", "8", "--max-length", "32", "--learning-rate", "5e-3"]
+    hyper = ["--epochs", "1", "--batch-size", "8", "--max-length", "32", "--learning-rate", "5e-3"]
     ran = cli(world, *base, "--name", "cli", *hyper)
     assert ran.exit_code == 0, ran.output
     assert "registered cli:1 as cli@challenger" in ran.stdout and "accuracy" in ran.stdout

@@ -13,36 +13,66 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import DeadlineExceeded, MoorageError
 from .trainer import Progress, TrainingCancelled
 
 if TYPE_CHECKING:
     from ..batching import InferenceService
+    from ..config import Settings
     from ..security.policy import Policy
     from .datasets import Example
-    from .jobs import BatchSpec, JobContext
 
 
-def run_batch(ctx: JobContext, spec: BatchSpec) -> dict[str, Any]:
+class BatchSpec(BaseModel):
+    """A batch-inference job: a registered model over every row of a dataset split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, max_length=200, description="registry ref: NAME, NAME@ALIAS, NAME:VERSION")
+    dataset: str = Field(min_length=1, max_length=200, description="dataset ref: NAME or NAME:VERSION")
+    split: str = Field("test", min_length=1, max_length=64)
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    parameters: dict[str, Any] = Field(default_factory=dict, description="the task's parameters, as in predict")
+    batch_size: int = Field(64, ge=1, le=4096, description="rows submitted to the service at once")
+
+
+@dataclass(frozen=True)
+class _Hooks:
+    progress: Callable[[Progress], None]
+    should_stop: Callable[[], bool]
+
+
+def run_batch(
+    settings: Settings,
+    spec: BatchSpec,
+    output_dir: Path,
+    *,
+    progress: Callable[[Progress], None],
+    should_stop: Callable[[], bool],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """Run the job; the result names the pinned version, the file and the counts of rows and errors."""
     from ..registry import Registry
     from .datasets import Datasets
-    from .jobs import output_dir_of
 
-    datasets = Datasets.from_settings(ctx.settings)
+    datasets = Datasets.from_settings(settings)
     dataset = datasets.get(spec.dataset)
     examples = datasets.examples(dataset, spec.split)
-    registry = Registry.from_settings(ctx.settings)
+    registry = Registry.from_settings(settings)
     version = registry.resolve(spec.model)
-    ctx.log(f"{version.ref} over {dataset.ref} ({spec.split}): {len(examples)} rows")
-    rows = asyncio.run(_infer_all(ctx, registry, version.ref, examples, spec))
-    path = _write(output_dir_of(ctx.settings, ctx.job.id), rows, spec.format)
+    log(f"{version.ref} over {dataset.ref} ({spec.split}): {len(examples)} rows")
+    hooks = _Hooks(progress, should_stop)
+    rows = asyncio.run(_infer_all(settings, hooks, registry, version.ref, examples, spec))
+    path = _write(output_dir, rows, spec.format)
     errors = sum(1 for row in rows if row["error"] is not None)
-    ctx.log(f"wrote {len(rows)} rows ({errors} errors) to {path}")
+    log(f"wrote {len(rows)} rows ({errors} errors) to {path}")
     return {
         "model": version.ref,
         "dataset": dataset.ref,
@@ -60,13 +90,14 @@ def _input(example: Example, task: str) -> Any:
     return example.text
 
 
-async def _infer_all(ctx: JobContext, registry, ref: str, examples: list[Example], spec: BatchSpec) -> list[dict]:
+async def _infer_all(
+    settings: Settings, hooks: _Hooks, registry, ref: str, examples: list[Example], spec: BatchSpec
+) -> list[dict]:
     from ..batching import InferenceService, ModelPool
     from ..batching.settings import stream_pool_config
     from ..runtime import Runtime
     from ..security.policy import Policy
 
-    settings = ctx.settings
     base = stream_pool_config(settings)
     config = replace(
         base,
@@ -81,11 +112,11 @@ async def _infer_all(ctx: JobContext, registry, ref: str, examples: list[Example
         policy = Policy.for_model(settings.security, ref.split(":")[0])
         rows: list[dict] = []
         for start in range(0, len(examples), spec.batch_size):
-            if ctx.should_stop():
+            if hooks.should_stop():
                 raise TrainingCancelled(f"batch job stopped after {len(rows)} rows")
             chunk = examples[start : start + spec.batch_size]
             rows += await _chunk(service, ref, chunk, spec, policy, start, settings.stream.item_timeout_s)
-            ctx.progress(Progress("inference", len(rows), len(examples), 0.0, None, {}, None))
+            hooks.progress(Progress("inference", len(rows), len(examples), 0.0, None, {}, None))
         return rows
     finally:
         await pool.stop()

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -29,6 +29,7 @@ from ..errors import Unprocessable
 from ..jobs.queue import WORK_KINDS, UnknownJobKind
 from ..jobs.store import Job
 from ..registry import Registry
+from .batch import BatchSpec
 from .trainer import Progress, TrainSpec
 
 
@@ -40,19 +41,6 @@ class EvaluationSpec(BaseModel):
     model: str = Field(min_length=1, max_length=200, description="registry ref: NAME, NAME@ALIAS, NAME:VERSION")
     dataset: str = Field(min_length=1, max_length=200, description="dataset ref: NAME or NAME:VERSION")
     split: str = Field("test", min_length=1, max_length=64)
-
-
-class BatchSpec(BaseModel):
-    """A batch-inference job: a registered model over every row of a dataset split."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(min_length=1, max_length=200, description="registry ref: NAME, NAME@ALIAS, NAME:VERSION")
-    dataset: str = Field(min_length=1, max_length=200, description="dataset ref: NAME or NAME:VERSION")
-    split: str = Field("test", min_length=1, max_length=64)
-    format: Literal["jsonl", "parquet"] = "jsonl"
-    parameters: dict[str, Any] = Field(default_factory=dict, description="the task's parameters, as in predict")
-    batch_size: int = Field(64, ge=1, le=4096, description="rows submitted to the service at once")
 
 
 SPECS: dict[str, type[BaseModel]] = {"training": TrainSpec, "evaluation": EvaluationSpec, "batch": BatchSpec}
@@ -185,7 +173,9 @@ def run_batch_job(ctx: JobContext) -> dict[str, Any]:
     output file and counts the rows."""
     from .batch import run_batch
 
-    return run_batch(ctx, BatchSpec.model_validate(ctx.job.request))
+    spec = BatchSpec.model_validate(ctx.job.request)
+    output_dir = output_dir_of(ctx.settings, ctx.job.id)
+    return run_batch(ctx.settings, spec, output_dir, progress=ctx.progress, should_stop=ctx.should_stop, log=ctx.log)
 
 
 def json_ready(value: Any) -> Any:

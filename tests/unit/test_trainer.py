@@ -13,6 +13,7 @@ import pytest
 
 from moorage.errors import Conflict
 from moorage.registry.manifest import UNSAFE_SUFFIXES
+from moorage.runtime import Runtime
 from moorage.training.datasets import Example
 from moorage.training.evaluation import classification_metrics, language_model_metrics
 from moorage.training.trainer import Progress, TrainingCancelled, TrainSpec, train
@@ -61,7 +62,7 @@ def weights(folder: Path) -> dict:
     return load_file(folder / "model.safetensors")
 
 
-def test_classifier_learns_stops_early_and_keeps_only_the_best(bert, tmp_path):
+def test_classifier_learns_stops_early_and_keeps_only_the_best(bert, tmp_path, registry, settings):
     events: list[Progress] = []
     spec = classify(epochs=30, learning_rate=3e-3, eval_steps=4, early_stopping_patience=2)
     outcome = train(spec, bert, toy(48, 1), toy(16, 2), LABELS, tmp_path / "work", progress=events.append)
@@ -75,14 +76,15 @@ def test_classifier_learns_stops_early_and_keeps_only_the_best(bert, tmp_path):
         assert sum(map(sum, evaluation["confusion_matrix"])) == 16 and set(evaluation["per_class"]) == set(LABELS)
     assert events[-1].step < events[-1].total_steps  # early: before the 30 epochs ran out
 
-    # the best model alone, as a folder the registry takes and the classify handler loads
+    # the best model alone, as a folder the registry takes and the runtime's classify handler serves
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["best", "outcome.json", "training.json"]
     files = [p.name for p in outcome.best_dir.rglob("*")]
     assert "model.safetensors" in files and not [f for f in files if f.endswith(UNSAFE_SUFFIXES)]
-    import transformers
-
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(outcome.best_dir)
-    assert model.config.label2id == LABELS
+    registry.register(outcome.best_dir, "toy", "classify")
+    validation = toy(16, 2)
+    served = Runtime(registry, settings.runtime).predict("toy", [e.text for e in validation])
+    assert all(set(c.scores) == set(LABELS) for c in served)
+    assert sum(c.label == e.label for c, e in zip(served, validation)) > len(validation) / 2
     assert outcome.hyperparameters["learning_rate"] == 3e-3 and outcome.hyperparameters["seed"] == 0
 
     # progress: every step in order, the last validation metrics once there are some, an ETA

@@ -164,6 +164,18 @@ def test_a_host_slot_is_held_until_it_is_closed(tmp_path):
     third.close()
 
 
+def test_waiting_for_a_slot_is_said_once_and_ends_with_the_stop(tmp_path):
+    slots = HostSlots(tmp_path / "slots", max_concurrent=1)
+    taken = slots.try_acquire()
+    stop, waits = threading.Event(), []
+    stop.set()
+    with slots.hold(stop, on_wait=lambda: waits.append(1)) as held:
+        assert not held and waits == [1]
+    taken.close()
+    with slots.hold(threading.Event(), on_wait=lambda: waits.append(2)) as held:
+        assert held and waits == [1]
+
+
 # -- the worker, with handlers that block on the test's events ---------------------------------------
 class Steps:
     """A handler that runs `steps` steps, each released by the test, asking should_stop at each."""

@@ -152,9 +152,13 @@ def _run_here(worker, job: Job, bar: _Bar) -> Job:
 
     def target() -> None:
         try:
-            outcome.append(worker.run_foreground(job.id))
+            outcome.append(worker.run_foreground(job.id, on_wait=waiting))
         except BaseException as exc:  # handed to the main thread, which reports it
             failure.append(exc)
+
+    def waiting() -> None:
+        limit = worker.settings.training.max_concurrent
+        err_console.print(f"waiting for a free slot: {limit} job(s) at once on this host (training.max_concurrent)")
 
     thread = threading.Thread(target=target, name="moorage-train", daemon=True)
     worker.start()

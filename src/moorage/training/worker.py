@@ -36,7 +36,7 @@ from ..jobs.liveness import RunnerLock
 from ..jobs.queue import WORK_KINDS, WorkQueue
 from ..jobs.store import Job, JobError, JobStatus, new_runner_id
 from ..observability import metrics
-from .jobs import HANDLERS, JobContext, JobHandler, work_dir_of
+from .jobs import HANDLERS, JobContext, JobHandler, json_ready, work_dir_of
 from .trainer import Progress
 
 try:
@@ -73,9 +73,14 @@ class HostSlots:
         return None
 
     @contextmanager
-    def hold(self, stop: threading.Event, poll_s: float = 0.5) -> Iterator[bool]:
-        """Wait for a free slot (until `stop`) and hold it for the block: yields False if stopped first."""
+    def hold(
+        self, stop: threading.Event, poll_s: float = 0.5, on_wait: Callable[[], None] | None = None
+    ) -> Iterator[bool]:
+        """Wait for a free slot (until `stop`) and hold it for the block: yields False if stopped first.
+        `on_wait` is called once if every slot is taken at first."""
         slot = self.try_acquire()
+        if slot is None and on_wait is not None:
+            on_wait()
         while slot is None and not stop.wait(poll_s):
             slot = self.try_acquire()
         try:
@@ -111,7 +116,7 @@ class _Running:
         return self.cancelled.is_set() or self.lease_lost.is_set() or self.worker.stopping.is_set()
 
     def progress(self, report: Progress) -> None:
-        record = dataclasses.asdict(report)
+        record = json_ready(dataclasses.asdict(report))  # numpy numbers as plain ones: the row is JSON
         self.last_progress = record
         _observe(self.job, report)
         if self.worker.on_progress is not None:
@@ -259,10 +264,11 @@ class Worker:
         finally:
             slot.close()
 
-    def run_foreground(self, job_id: str) -> Job:
-        """Run one job of the queue in this process (a host slot first, waiting for one): `moorage
-        train` without ``--queue``. Answers the job as it ended (or as it is, if it cannot be taken)."""
-        with self.slots.hold(self.stopping) as held:
+    def run_foreground(self, job_id: str, on_wait: Callable[[], None] | None = None) -> Job:
+        """Run one job of the queue in this process (a host slot first, waiting for one; `on_wait` is
+        called if it must wait): `moorage train` without ``--queue``. Answers the job as it ended (or
+        as it is, if it cannot be taken)."""
+        with self.slots.hold(self.stopping, on_wait=on_wait) as held:
             job = self.queue.take(job_id, self.runner_id) if held else None
             if job is None:
                 current = self.queue.get(job_id)

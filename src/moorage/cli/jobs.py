@@ -112,6 +112,7 @@ def show(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="the job
 def cancel(ctx: typer.Context, job_id: Annotated[str, typer.Argument(help="the job's id")]) -> None:
     """Cancel a job: a queued one at once, a running one at its next step (its checkpoints are kept)."""
     st = state(ctx)
+    _get(st, job_id)  # a job of this queue (an inference job's message is the server's)
     job = work_queue(st).cancel(job_id)
     st.audit("cancel_job", model=job.model, job=job.id, kind=job.kind)
     if job.status.value == "cancelled":
@@ -145,7 +146,7 @@ def logs(
 
 def _get(st: AppState, job_id: str):
     job = work_queue(st).get(job_id) if len(job_id) <= 64 else None
-    if job is None:
+    if job is None or job.kind not in WORK_KINDS:
         raise JobNotFound(f"no job {job_id!r}")
     return job
 

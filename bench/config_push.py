@@ -214,7 +214,7 @@ async def until(condition, timeout_s: float) -> bool:
 async def push(center: ConfigCenter, members: list[Member], size: int, samples: dict) -> dict:
     started, revision = await asyncio.to_thread(publish, center, size)
     complete = await until(lambda: all(m.has(size) for m in members), WAIT_S)
-    await until(lambda: all(revision in m.reported for m in members), WAIT_S)
+    await settled(center, members, size, revision)
     applied = [seen[0] - started for m in members if (seen := m.when(size)) is not None]
     samples["applied"] += applied
     samples["received"] += [m.received[revision] - started for m in members if revision in m.received]
@@ -222,9 +222,16 @@ async def push(center: ConfigCenter, members: list[Member], size: int, samples: 
     return {"size": size, "revision": revision, "complete": complete, "applied": percentiles(applied)}
 
 
-async def settled(members: list[Member], size: int, revision: int) -> None:
-    """Every subscriber applied and reported `revision`: the next release starts from a quiet server."""
+async def settled(center: ConfigCenter, members: list[Member], size: int, revision: int) -> None:
+    """Every subscriber applied and reported `revision`, and the server wrote every report: the next
+    release starts from a quiet server, as releases minutes apart do."""
     await until(lambda: all(m.has(size) and revision in m.reported for m in members), WAIT_S)
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        status = await asyncio.to_thread(center.status)
+        if sum(1 for i in status["instances"] if i["revision"] >= revision) > len(members):  # and the server's own
+            return
+        await asyncio.sleep(0.05)
 
 
 async def cut_one(center: ConfigCenter, member: Member, proxy: CuttableProxy, size: int) -> dict:
@@ -294,7 +301,7 @@ async def run(args, settings, env: dict, key: str) -> dict:
     try:
         await fleet.start()
         load.pids += [str(p.pid) for p in fleet.procs]
-        await settled(members, 1, (await asyncio.to_thread(publish, center, 1))[1])  # warm-up, not counted
+        await settled(center, members, 1, (await asyncio.to_thread(publish, center, 1))[1])  # warm-up, not counted
         load.__enter__()
         for i in range(args.publishes):
             size = 2 + i
@@ -302,10 +309,10 @@ async def run(args, settings, env: dict, key: str) -> dict:
             if i == args.publishes // 3:
                 load.__exit__()
                 out["cut"] = await cut_one(center, members[0], proxy, size)
-                await settled(members, size, out["cut"]["revision"])
+                await settled(center, members, size, out["cut"]["revision"])
             elif i == 2 * args.publishes // 3:
                 out["restart"] = await restart(center, members, server, size)
-                await settled(members, size, out["restart"]["revision"])
+                await settled(center, members, size, out["restart"]["revision"])
             else:
                 out["publishes"].append(await push(center, members, size, samples))
         out["other_load"] = load.share

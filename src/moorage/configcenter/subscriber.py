@@ -286,10 +286,9 @@ class Subscriber:
         from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
         while True:  # a fresh backoff after every step that reached the center
+            # full jitter, at most 5 s: a fleet whose server restarted does not reconnect in step
             retrying = AsyncRetrying(
-                wait=wait_random_exponential(
-                    multiplier=0.2, max=10.0
-                ),  # full jitter: a fleet does not reconnect in step
+                wait=wait_random_exponential(multiplier=0.2, max=5.0),
                 retry=retry_if_exception_type(SourceUnavailable),
                 before_sleep=_log_retry,
             )

@@ -292,9 +292,13 @@ class Subscriber:
                 retry=retry_if_exception_type(SourceUnavailable),
                 before_sleep=_log_retry,
             )
-            async for attempt in retrying:
-                with attempt:
-                    await self._step()
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._step()
+            except Exception:  # a bug must not end the following silently
+                log.exception("config subscriber %s: unexpected error; following again in 5 s", self.instance.id)
+                await asyncio.sleep(5.0)
 
     async def _step(self) -> None:
         """One exchange with the center: pending report, then a full fetch (first contact, or the

@@ -269,7 +269,7 @@ def verdict(rounds: list[dict]) -> str | None:
     )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a subset and one short epoch (smoke run)")
     parser.add_argument("--folds", type=int, default=None, help="stratified k-fold CV instead of the fixed split")
@@ -281,12 +281,10 @@ def main() -> None:
     parser.add_argument("--skip-finetune", action="store_true", help="only the two classic classifiers")
     parser.add_argument("--home", default=None, help="moorage home for the run (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    import torch
 
-    torch.set_num_threads(args.threads)
-    home = Path(args.home or tempfile.mkdtemp(prefix="moorage-bench-training-"))
+def run(args: argparse.Namespace, home: Path) -> None:
     env = {**os.environ, "MOORAGE_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     settings = load_settings(environ=env)
     registry = Registry.from_settings(settings)
@@ -332,6 +330,18 @@ def main() -> None:
         print(results["verdict"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.home:
+        run(args, Path(args.home))
+        return
+    with tempfile.TemporaryDirectory(prefix="moorage-bench-training-") as home:  # models and data go with it
+        run(args, Path(home))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from moorage.configcenter.subscriber import HttpSource, Subscriber
 from moorage.registry import Registry
 from moorage.security.keys import KeyStore
 from moorage.server import create_app
+from moorage.server.config_watch import Revisions
 from moorage.streams.runner import StreamJob, run_stream
 
 from tests.services.tcp_proxy import CuttableProxy
@@ -244,3 +245,24 @@ async def test_a_stream_worker_follows_its_group_over_http(center_settings, cent
     finally:
         stop.set()
         await worker
+
+
+async def test_a_stopping_server_ends_every_clients_hold(center_settings):
+    """SIGTERM drains (uvicorn waits for requests in progress before it stops): a client's held long-poll
+    ends at once, while the server's own subscriber keeps waiting rather than spinning."""
+    center = ConfigCenter.from_settings(center_settings)
+    revisions = Revisions(center)
+    await revisions.start()
+    try:
+        after = revisions.revision
+        client = asyncio.create_task(revisions.wait_past(after, 55, client=True))
+        own = asyncio.create_task(revisions.wait_past(after, 55))
+        await asyncio.sleep(0)  # they start waiting (started after the drain, they end the same way)
+        revisions.drain()
+        assert await client is False
+        assert not own.done()
+        assert await revisions.wait_past(after, 55, client=True) is False  # a new hold is answered at once
+        own.cancel()
+    finally:
+        revisions.stop()
+        center.close()

@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +50,7 @@ class Revisions:
     def __init__(self, center: ConfigCenter, *, wait_slice_s: float = 5.0) -> None:
         self.center = center
         self.revision = -1
+        self.draining = False
         self.wait_slice_s = wait_slice_s
         self._changed = asyncio.Event()
         self._stopping = threading.Event()
@@ -83,19 +85,26 @@ class Revisions:
                 except RuntimeError:  # the loop has closed
                     return
 
+    def drain(self) -> None:
+        """End every client's hold now (304) and answer new ones at once: the server is stopping."""
+        self.draining = True
+        changed, self._changed = self._changed, asyncio.Event()  # the server's own subscriber waits on
+        changed.set()
+
     def _advance(self, revision: int) -> None:
         if revision > self.revision:
             self.revision = revision
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
 
-    async def wait_past(self, after: int, timeout_s: float) -> bool:
-        """True as soon as the revision is past `after`, False when `timeout_s` ends first."""
+    async def wait_past(self, after: int, timeout_s: float, *, client: bool = False) -> bool:
+        """True as soon as the revision is past `after`, False when `timeout_s` ends first (or, for a
+        `client`'s long-poll, once the server drains)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while self.revision <= after:
             left = deadline - loop.time()
-            if left <= 0:
+            if left <= 0 or (client and self.draining):
                 return False
             try:
                 async with asyncio.timeout(left):
@@ -226,6 +235,7 @@ class ConfigDelivery:
         self.revisions = Revisions(center)
         self.effectives = Effectives(center)
         self.reports = Reports(center)
+        self._handlers: list[tuple[int, Any, Any]] = []
         source = None if settings.config.center_url else FollowedSource(self.revisions)
         instance = new_instance(settings, "servers")
         self.subscriber = Subscriber(settings, instance, apply, source=source, registry=registry)
@@ -234,11 +244,40 @@ class ConfigDelivery:
         await self.revisions.start()
         self.reports.start()
         await self.subscriber.start()
+        self._drain_on_signals()
 
     async def stop(self) -> None:
+        for sig, previous, mine in self._handlers:
+            if signal.getsignal(sig) is mine:
+                signal.signal(sig, previous)
         await self.subscriber.stop()
         await self.reports.stop()
         self.revisions.stop()
+
+    def _drain(self) -> None:
+        if not self.revisions.draining:
+            log.info("stopping: every held config long-poll is answered now")
+        self.revisions.drain()
+
+    def _drain_on_signals(self) -> None:
+        """uvicorn waits for the requests in progress before the app's shutdown runs, so a held long-poll
+        would keep a stopping server up for the rest of its hold: SIGTERM and SIGINT end every hold
+        first, then reach the handler uvicorn installed (only a program's main thread has signals)."""
+        self._handlers = []
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            if not callable(previous):  # the default or ignored: not a server's handler, left alone
+                continue
+
+            def drain_first(signum, frame, previous=previous) -> None:
+                loop.call_soon_threadsafe(self._drain)
+                previous(signum, frame)
+
+            signal.signal(sig, drain_first)
+            self._handlers.append((sig, previous, drain_first))
 
 
 def _delivery(request: Request) -> ConfigDelivery:
@@ -281,7 +320,7 @@ async def watch(
     hold_s = min(hold or request.app.state.settings.config.hold_s, request.app.state.settings.config.hold_s)
     # a client that goes away mid-hold ends its wait at once (ClientGone): it is not woken for nothing
     delivery = _delivery(request)
-    if after >= 0 and not await unless_disconnected(request, delivery.revisions.wait_past(after, hold_s)):
+    if after >= 0 and not await unless_disconnected(request, delivery.revisions.wait_past(after, hold_s, client=True)):
         return Response(status_code=304)
     with delivery.reports.delivery():
         effective = await asyncio.to_thread(delivery.effectives.get, who, delivery.revisions.revision)

@@ -273,7 +273,8 @@ class ConfigDelivery:
                 continue
 
             def drain_first(signum, frame, previous=previous) -> None:
-                loop.call_soon_threadsafe(self._drain)
+                with contextlib.suppress(RuntimeError):  # the loop has closed: nothing is held any more
+                    loop.call_soon_threadsafe(self._drain)
                 previous(signum, frame)
 
             signal.signal(sig, drain_first)

@@ -272,7 +272,7 @@ class ModelPool:
         sv = self.lookup(model)
         if task is not None and sv.task != task:
             raise BadRequest(
-                f"model {model!r} is a {sv.task} model, this endpoint needs a {task} model", code="wrong_task"
+                f"model {model!r} is {_a(sv.task)} model, this endpoint needs {_a(task)} model", code="wrong_task"
             )
         sv.active += 1
         sv.drained.clear()
@@ -417,3 +417,8 @@ def _reload_error(errors: list[tuple[str, Exception]], changes: list[dict[str, A
     error = copy.copy(known[0])
     error.message = f"{error.message} (also: {'; '.join(notes)})"
     return error
+
+
+def _a(task: str) -> str:
+    """The task with its article: "an embed", "a classify"."""
+    return f"an {task}" if task[:1] in "aeiou" else f"a {task}"

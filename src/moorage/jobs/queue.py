@@ -172,7 +172,8 @@ class WorkQueue:
     ) -> Job | None:
         """Store the job's outcome once (see `JobStore.finish`) and release its lease; None if it was
         already finished."""
-        return self.store.finish(job_id, status, result, error)
+        finished = self.store.finish(job_id, status, result, error)
+        return self.store.get(job_id) if finished is not None else None
 
     # -- cancel, progress, logs -------------------------------------------------------------------
     def cancel(self, job_id: str) -> Job:

@@ -104,6 +104,11 @@ jobs_table = sa.Table(
     sa.Index("ix_jobs_queue", "kind", "status", "priority", "created_at"),
 )
 
+# What the inference runners' UPDATEs read back: not a work job's progress report or cancel flag
+# (the work queue reads those with `get`). With them in RETURNING, a restarted server's runner was
+# seen to stall on its last batch of reclaimed jobs (tests/faults/test_job_crash.py), every time.
+_RETURNED = [c for c in jobs_table.c if c.name not in ("progress", "cancel_requested")]
+
 job_logs_table = sa.Table(
     "job_logs",
     Base.metadata,
@@ -285,8 +290,6 @@ class JobStore:
             "callback_attempts": 0,
             "kind": kind,
             "priority": priority,
-            "progress": None,
-            "cancel_requested": False,
         }
         with self.transaction() as conn:
             conn.execute(jobs_table.insert(), row)
@@ -396,7 +399,7 @@ class JobStore:
         else:
             where = (*still_expired, c.status.in_(UNFINISHED))
             change = {"status": JobStatus.QUEUED.value, "runner_id": None, "lease_expires_at": None}
-        update = jobs_table.update().where(*where).values(**change).returning(*jobs_table.c)
+        update = jobs_table.update().where(*where).values(**change).returning(*_RETURNED)
         with self.transaction() as conn:
             row = conn.execute(update).mappings().first()
         if row is not None:
@@ -505,7 +508,7 @@ class JobStore:
             jobs_table.update()
             .where(jobs_table.c.id == job_id, jobs_table.c.status.in_(UNFINISHED), *conditions)
             .values(**change)
-            .returning(*jobs_table.c)
+            .returning(*_RETURNED)
         )
         with self.transaction() as conn:
             row = conn.execute(update).mappings().first()

@@ -11,23 +11,29 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-async def eventually(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+async def eventually(
+    condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition", interval_s: float = 0.002
+) -> None:
     """Yield to the event loop until `condition()` holds. The deadline is generous on purpose: it only
     turns a hang into a failure, and is never what a test synchronises on."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout_s}s")
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(interval_s)
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
-    """The same, for a test that is not async."""
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition", interval_s: float = 0.002
+) -> None:
+    """The same, for a test that is not async. A condition that queries a SQLite catalog the process
+    under test writes to should poll at a `interval_s` of 0.05 s or more: every catalog transaction
+    takes the write lock, and one taken 500 times a second starves the server's own writes."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout_s}s")
-        time.sleep(0.002)
+        time.sleep(interval_s)
 
 
 @contextmanager

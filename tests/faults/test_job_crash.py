@@ -37,6 +37,10 @@ from tests.support import wait_until
 pytestmark = pytest.mark.faults
 NUM_JOBS = 200
 RECOVERY_S = 60.0  # from the restart to the last job finished and called back
+# The counts below read the server's SQLite catalog, and every catalog transaction takes its write
+# lock: polled every 2 ms they starved the restarted server's writes (a batch stalled between two
+# job starts, leases unrenewed, until the recovery window ran out).
+CATALOG_POLL_S = 0.1
 
 
 class Receiver:
@@ -134,7 +138,7 @@ def test_a_server_killed_mid_run_leaves_no_job_behind(tmp_path, lock_file):
         def num_finished() -> int:
             return count(jobs_table.c.status.in_(("succeeded", "failed")))
 
-        wait_until(lambda: num_finished() >= 20, timeout_s=120, what="20 jobs finished")
+        wait_until(lambda: num_finished() >= 20, timeout_s=120, what="20 jobs finished", interval_s=CATALOG_POLL_S)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         left = NUM_JOBS - num_finished()
@@ -154,7 +158,12 @@ def test_a_server_killed_mid_run_leaves_no_job_behind(tmp_path, lock_file):
             return delivered and len(receiver.called()) == NUM_JOBS
 
         try:
-            wait_until(all_done, timeout_s=RECOVERY_S - (time.monotonic() - restarted_at), what="all done")
+            wait_until(
+                all_done,
+                timeout_s=RECOVERY_S - (time.monotonic() - restarted_at),
+                what="all done",
+                interval_s=CATALOG_POLL_S,
+            )
         except AssertionError:
             by_status = {s: count(jobs_table.c.status == s) for s in ("queued", "running", "succeeded", "failed")}
             raise AssertionError(

@@ -9,6 +9,8 @@ backend of the settings (the catalog, or etcd); the actor in the history and the
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -53,15 +55,22 @@ def show(ctx: typer.Context) -> None:
     print(json.dumps(state(ctx).settings.redacted(), indent=2))
 
 
-def _center(ctx: typer.Context) -> ConfigCenter | RemoteCenter:
+@contextmanager
+def _center(ctx: typer.Context) -> Iterator[ConfigCenter | RemoteCenter]:
     """The local `ConfigCenter` (the registry is opened only to check split targets), or with --url the
-    server's, through `RemoteCenter`: the same calls either way."""
+    server's, through `RemoteCenter`: the same calls either way; closed when the block ends."""
     st = state(ctx)
     url, key = ctx.meta.get("config_remote", (None, None))
+    center: ConfigCenter | RemoteCenter
     if url:
         secret = st.settings.config.api_key
-        return RemoteCenter(url, key or (secret.get_secret_value() if secret else None))
-    return ConfigCenter.from_settings(st.settings)
+        center = RemoteCenter(url, key or (secret.get_secret_value() if secret else None))
+    else:
+        center = ConfigCenter.from_settings(st.settings)
+    try:
+        yield center
+    finally:
+        center.close()
 
 
 def _actor(st: AppState) -> str:
@@ -104,8 +113,7 @@ def draft(
 ) -> None:
     """Print the scope's draft; with --set/--unset/--file, change it (validated on save)."""
     st = state(ctx)
-    center = _center(ctx)
-    try:
+    with _center(ctx) as center:
         values = _read_values(file) if file else center.draft(scope)
         for key, value in parse_pairs(set_, "--set").items():
             _set(values, key, value)
@@ -113,19 +121,14 @@ def draft(
             _set(values, key, None)
         if file or set_ or unset:
             values = center.edit_draft(scope, values, author=_actor(st))
-    finally:
-        center.close()
     print(json.dumps(values, indent=2, sort_keys=True))
 
 
 @app.command()
 def diff(ctx: typer.Context, scope: Scope, as_json: AsJson = False) -> None:
     """The draft against the scope's current release, key by key; restart-only keys are flagged."""
-    center = _center(ctx)
-    try:
+    with _center(ctx) as center:
         changes = center.diff(scope)
-    finally:
-        center.close()
     if as_json:
         print(json.dumps([c.__dict__ for c in changes], indent=2))
         return
@@ -166,12 +169,9 @@ def publish(
 ) -> None:
     """Publish the scope's draft as a numbered release (pending approval when config.require_approval)."""
     st = state(ctx)
-    center = _center(ctx)
-    try:
+    with _center(ctx) as center:
         gray = _gray(gray_label, gray_percent, gray_by, gray_key)
         release = center.publish(scope, author=_actor(st), comment=comment, gray=gray)
-    finally:
-        center.close()
     _output(release, as_json)
 
 
@@ -188,11 +188,8 @@ def _output(release: Release, as_json: bool) -> None:
 def approve(ctx: typer.Context, number: Number, as_json: AsJson = False) -> None:
     """Approve a pending release (not its author)."""
     st = state(ctx)
-    center = _center(ctx)
-    try:
+    with _center(ctx) as center:
         release = center.approve(number, approver=_actor(st))
-    finally:
-        center.close()
     _output(release, as_json)
 
 
@@ -206,11 +203,8 @@ def rollback(
 ) -> None:
     """Publish a new release of the scope equal to release --to."""
     st = state(ctx)
-    center = _center(ctx)
-    try:
+    with _center(ctx) as center:
         release = center.rollback(scope, to, author=_actor(st), comment=comment)
-    finally:
-        center.close()
     _output(release, as_json)
 
 
@@ -218,11 +212,8 @@ def rollback(
 def promote(ctx: typer.Context, number: Number, as_json: AsJson = False) -> None:
     """Merge a gray release into the main line."""
     st = state(ctx)
-    center = _center(ctx)
-    try:
+    with _center(ctx) as center:
         release = center.promote(number, author=_actor(st))
-    finally:
-        center.close()
     _output(release, as_json)
 
 
@@ -230,11 +221,8 @@ def promote(ctx: typer.Context, number: Number, as_json: AsJson = False) -> None
 def abandon(ctx: typer.Context, number: Number, as_json: AsJson = False) -> None:
     """Drop a gray (or pending) release."""
     st = state(ctx)
-    center = _center(ctx)
-    try:
+    with _center(ctx) as center:
         release = center.abandon(number, author=_actor(st))
-    finally:
-        center.close()
     _output(release, as_json)
 
 
@@ -245,11 +233,8 @@ def history(
     as_json: AsJson = False,
 ) -> None:
     """Releases, newest first."""
-    center = _center(ctx)
-    try:
+    with _center(ctx) as center:
         releases = center.history(scope)
-    finally:
-        center.close()
     if as_json:
         from dataclasses import asdict
 
@@ -266,11 +251,8 @@ def history(
 @app.command()
 def status(ctx: typer.Context, as_json: AsJson = False) -> None:
     """M of N instances on the current revision, K rejected (with their reasons)."""
-    center = _center(ctx)
-    try:
+    with _center(ctx) as center:
         report = center.status()
-    finally:
-        center.close()
     if as_json:
         print(json.dumps(report, indent=2))
         return

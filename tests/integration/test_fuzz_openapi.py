@@ -31,7 +31,9 @@ def live(tmp_path_factory):
     from moorage.server import create_app
 
     tmp = tmp_path_factory.mktemp("fuzz")
-    config = load_settings(environ={"MOORAGE_HOME": str(tmp / "home"), "MOORAGE_SECURITY__AUDIT_FLUSH_MS": "50"})
+    environ = {"MOORAGE_HOME": str(tmp / "home"), "MOORAGE_SECURITY__AUDIT_FLUSH_MS": "50"}
+    environ["MOORAGE_CONFIG__HOLD_S"] = "0.2"  # the config watch long-polls: a fuzzed one must not hold 25 s
+    config = load_settings(environ=environ)
     registry = Registry.from_settings(config)
     for task, name in (("embed", "emb"), ("classify", "cls"), ("generate", "gen")):
         registry.register(make_fake_model(tmp / name, task), name, task, alias="production")

@@ -339,7 +339,9 @@ class Report(BaseModel):
     reason: str = Field("", max_length=2000)
 
 
-@router.post("/v1/config/reports", status_code=202)
+@router.post(
+    "/v1/config/reports", status_code=202, response_class=Response, responses={202: {"description": "accepted"}}
+)
 async def report(request: Request, body: Report, _caller=Depends(require(PERMISSION))) -> Response:
     """An instance says it applied a revision, or refused it and why; `moorage config status` counts
     it once written (202: accepted, written after the configs being handed out)."""

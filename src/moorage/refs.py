@@ -17,11 +17,12 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
-def validate_name(name: str) -> str:
-    """Return `name` if it is a valid model name, else raise `InvalidName` saying why."""
+def validate_name(name: str, what: str = "model") -> str:
+    """Return `name` if it is a valid name of a model (or of another `what`, e.g. a dataset: the
+    same rule), else raise `InvalidName` saying why."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidName(
-            f"invalid model name {name!r}: use 1-63 lowercase letters, digits, '-', '_' or '.', "
+            f"invalid {what} name {name!r}: use 1-63 lowercase letters, digits, '-', '_' or '.', "
             "starting with a letter or digit (no '..', no '/')"
         )
     return name

@@ -11,7 +11,6 @@ from __future__ import annotations
 import builtins
 import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ from sqlalchemy.orm import Session
 
 from ..config import redact_url
 from ..db import Catalog, as_utc
-from ..errors import BadRequest, Conflict, IntegrityError, InvalidName, ModelNotFound, NotFound
-from ..refs import parse_version
+from ..errors import BadRequest, Conflict, IntegrityError, ModelNotFound, NotFound
+from ..refs import parse_version, validate_name
 from ..registry.store import ArtifactStore
 from ..registry.tables import ModelVersion
 from .rows import DatasetUnreadable, Example, Fields, Kind, Prepared, SplitSpec, encode_lines, prepare, read_rows
@@ -44,7 +43,6 @@ __all__ = [
 log = logging.getLogger("moorage.datasets")
 
 STORE_PREFIX = "_datasets"  # no model name starts with "_", so this never meets a model's folder
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
 class DatasetNotFound(NotFound):
@@ -151,7 +149,7 @@ class Datasets:
         skip_invalid: bool = False,
     ) -> tuple[DatasetVersion, bool]:
         """`add`, also saying whether a new version was stored (False: the latest one holds these rows)."""
-        _validate_name(name)
+        validate_name(name, "dataset")
         source = redact_url(str(path))
         prepared = prepare(read_rows(str(path), storage_options), fields, source, skip_invalid=skip_invalid)
         files = {
@@ -180,7 +178,7 @@ class Datasets:
     def get(self, ref: str) -> DatasetVersion:
         """``NAME`` (the latest version) or ``NAME:VERSION``; `DatasetNotFound` otherwise."""
         name, _, version_text = ref.strip().partition(":")
-        _validate_name(name)
+        validate_name(name, "dataset")
         if not version_text:
             latest = self._latest(name)
             if latest is None:
@@ -215,7 +213,7 @@ class Datasets:
 
     def versions(self, name: str) -> builtins.list[DatasetVersion]:
         """Every version of `name`, oldest first."""
-        _validate_name(name)
+        validate_name(name, "dataset")
         with self.catalog.session() as session:
             rows = session.scalars(
                 select(DatasetVersionRow)
@@ -366,15 +364,6 @@ class Datasets:
 def _lock_dataset(session: Session, name: str) -> Dataset | None:
     """The dataset's row, locked until the transaction ends (PostgreSQL; SQLite's writers queue at BEGIN)."""
     return session.scalar(select(Dataset).where(Dataset.name == name).with_for_update())
-
-
-def _validate_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
-        raise InvalidName(
-            f"invalid dataset name {name!r}: use 1-63 lowercase letters, digits, '-', '_' or '.', "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 def _to_version(row: DatasetVersionRow) -> DatasetVersion:

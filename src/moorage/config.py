@@ -130,6 +130,27 @@ class ServeSettings(BaseModel):
         description="with several workers: an empty folder where each worker writes the metrics /metrics merges "
         "(default: a private temporary folder, removed at exit)",
     )
+    load_budget_s: float = Field(
+        300.0,
+        gt=0,
+        description="how long loading the served models may take at start-up (the Kubernetes startup probe "
+        "allows this much before restarting the pod)",
+    )
+    cold_start_hold_s: float = Field(
+        10.0,
+        ge=0,
+        description="while the served models load, a request waits up to this for them, then gets 503 with "
+        "Retry-After (0: answer 503 at once)",
+    )
+    cold_start_queue: int = Field(
+        64, ge=0, description="requests held at once while the models load; beyond, 503 with Retry-After at once"
+    )
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="after SIGTERM: /readyz answers 503 and new requests are still served this long (time for a "
+        "load balancer to stop sending), then the listener closes and in-flight work gets graceful_timeout_s",
+    )
     ignore_unsupported: list[str] = Field(
         default_factory=list,
         description="request fields the OpenAI routes accept and ignore although they do not implement them "
@@ -231,6 +252,19 @@ class TrainingSettings(BaseModel):
     run_in_server: bool = Field(
         False, description="the HTTP server also runs queued jobs (default: only `moorage jobs worker` processes)"
     )
+
+
+class CompressionSettings(BaseModel):
+    """``compression.*``: the quality gates a derived (compressed) version must pass to be registered."""
+
+    model_config = SECTION_CONFIG
+
+    min_mean_cosine: float = Field(0.99, ge=-1, le=1, description="embeddings: mean cosine to the parent's")
+    min_min_cosine: float = Field(0.98, ge=-1, le=1, description="embeddings: lowest cosine to the parent's")
+    max_accuracy_loss: float = Field(
+        0.005, ge=0, le=1, description="classifiers: most test accuracy lost against the parent (0.005 = 0.5 points)"
+    )
+    min_speedup: float = Field(1.2, gt=0, description="throughput at batch 32 over the parent's, in-process")
 
 
 class ConfigCenterSettings(BaseModel):
@@ -439,6 +473,7 @@ class Settings(BaseSettings):
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    compression: CompressionSettings = Field(default_factory=CompressionSettings)
     routing: dict[str, RouteSettings] = Field(
         default_factory=dict, description="traffic splits by model name (canary, A/B) between its aliases or versions"
     )

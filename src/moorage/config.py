@@ -186,7 +186,10 @@ class StreamSettings(BaseModel):
     )
     default_max_tokens: int = Field(128, ge=1, description="generation: max_new_tokens when a message names none")
     metrics_port: int | None = Field(
-        None, ge=0, le=65535, description="serve /metrics and /healthz (503 while stuck) on 127.0.0.1:PORT"
+        None, ge=0, le=65535, description="serve /metrics and /healthz (503 while stuck) on metrics_host:PORT"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="address of the metrics port (0.0.0.0 in a container, for probes and scrapers)"
     )
     stop_grace_s: float = Field(
         10.0,

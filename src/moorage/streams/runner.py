@@ -115,7 +115,7 @@ def run_forever(settings: Settings, job: StreamJob, name: str = "part") -> Count
         health = Health()
         server = None
         if settings.stream.metrics_port is not None:  # /metrics and /healthz
-            server = serve_health(settings.stream.metrics_port, health)
+            server = serve_health(settings.stream.metrics_port, health, settings.stream.metrics_host)
         try:
             return await run_stream(settings, job, stop, name=name, health=health, follow_config=True)
         finally:

@@ -5,11 +5,7 @@ values refuse, every instance reports the release applied, and the new values sh
 
 from __future__ import annotations
 
-import asyncio
-import json
 import sqlite3
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -21,9 +17,13 @@ from moorage.config import load_settings
 from moorage.configcenter.releases import ConfigCenter
 from moorage.registry import Registry
 from moorage.security.keys import KeyStore
-from moorage.streams import open_broker
 
 from tests.e2e.conftest import free_port
+from tests.services.fleet import Fleet
+from tests.services.fleet import dead_letter_reasons as _dead_letters
+from tests.services.fleet import predict as _predict
+from tests.services.fleet import publish as _publish
+from tests.services.fleet import ready as _ready
 from tests.support import wait_until
 
 NUM_REQUESTS = 300  # HTTP requests of the steady load, spread over both servers
@@ -35,69 +35,11 @@ RELEASE = {
 }
 
 
-class Fleet:
-    """The processes of the test, each stopped by its pid at the end."""
-
-    def __init__(self, env: dict, folder: Path) -> None:
-        self.env, self.folder = env, folder
-        self.procs: list[tuple[subprocess.Popen, Path]] = []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = self.folder / f"{name}.log"
-        with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "moorage", *args], env=self.env, stdout=out,
-                                    stderr=subprocess.STDOUT)  # fmt: skip
-        self.procs.append((proc, log))
-        return proc
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for _, log in self.procs)
-
-    def stop(self) -> None:
-        for proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc, _ in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _publish(url: str, bodies: list[dict]) -> None:
-    async def main() -> None:
-        async with open_broker(url) as broker:
-            await broker.publish([json.dumps(b).encode() for b in bodies])
-
-    asyncio.run(main())
-
-
-def _dead_letters(url: str) -> list[str]:
-    async def main() -> list[str]:
-        async with open_broker(url) as broker:
-            return [d.reason.split(":")[0] for d in await broker.dead_letters()]
-
-    return asyncio.run(main())
-
-
 def _rows(db: Path) -> int:
     try:
         return sqlite3.connect(db).execute("SELECT count(*) FROM r").fetchone()[0] if db.exists() else 0
     except sqlite3.OperationalError:  # the sink has not created its table yet
         return 0
-
-
-def _predict(client: httpx.Client, url: str, key: str, text: str) -> httpx.Response:
-    return client.post(
-        f"{url}/v1/models/emb/predict", json={"inputs": [text]}, headers={"Authorization": f"Bearer {key}"}
-    )
 
 
 def test_a_release_is_applied_by_every_instance_under_steady_load_without_failing_a_request(

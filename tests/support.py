@@ -164,3 +164,84 @@ def tiny_bert(folder: Path, seed: int = 0) -> Path:
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
     (folder / "2_Normalize").mkdir(exist_ok=True)
     return folder
+
+
+def tiny_onnx_folder(tmp: Path, task: str = "embed", seed: int = 0) -> tuple[Path, Path]:
+    """A tiny random BERT (tiny_bert's weights) as a torch folder and the same weights exported to
+    ONNX in the derived-folder layout the ONNX Runtime handlers load (model.onnx, onnx.json, config
+    and tokenizer files): `(torch_folder, onnx_folder)` under `tmp`. "embed": a sentence-transformers
+    folder and a graph with mean pooling and L2 normalisation inside (output `embeddings`);
+    "classify": a 3-label sequence classifier (output `logits`). Exported with torch.onnx (opset 17)."""
+    import json
+
+    import torch
+    import transformers
+
+    base = tiny_bert(tmp / f"bert-{task}-{seed}", seed=seed)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    tokenizer.model_max_length = 128  # the tiny model's positions: the torch classifier truncates there too
+    if task == "embed":
+        parent = base
+        model = _graph_module(transformers.BertModel.from_pretrained(str(base)), task)
+        output = "embeddings"
+    elif task == "classify":
+        labels = ["business", "sport", "tech"]
+        torch.manual_seed(seed)
+        classifier = transformers.BertForSequenceClassification.from_pretrained(
+            str(base), num_labels=3, id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)}
+        )
+        parent = tmp / f"torch-classify-{seed}"
+        classifier.save_pretrained(parent, safe_serialization=True)
+        tokenizer.save_pretrained(parent)
+        model, output = _graph_module(classifier, task), "logits"
+    else:
+        raise ValueError(f"no tiny ONNX model for task {task!r}")
+    folder = tmp / f"onnx-{task}-{seed}"
+    folder.mkdir(parents=True)
+    inputs = ["input_ids", "attention_mask", "token_type_ids"]
+    sample = tokenizer(["a first sentence", "and a second, longer one"], padding=True, return_tensors="pt")
+    axes = {name: {0: "batch", 1: "seq"} for name in inputs}
+    torch.onnx.export(
+        model,
+        tuple(sample[name] for name in inputs),
+        str(folder / "model.onnx"),
+        input_names=inputs,
+        output_names=[output],
+        dynamic_axes={**axes, output: {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    transformers.AutoConfig.from_pretrained(str(parent)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    meta = {
+        "task": task,
+        "precision": "fp32",
+        "inputs": inputs,
+        "output": output,
+        "max_length": tokenizer.model_max_length,
+        "normalize": task == "embed",
+        "quantization": None,
+    }
+    (folder / "onnx.json").write_text(json.dumps(meta, indent=2))
+    return parent, folder
+
+
+def _graph_module(model, task: str):
+    """The module torch.onnx traces: the encoder with mean pooling and L2 normalisation (embed, what
+    the sentence-transformers folder does) or the classifier's logits, on the three BERT inputs."""
+    import torch
+
+    class Graph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            if task == "classify":
+                return out.logits
+            mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=-1)
+
+    return Graph().eval()

@@ -115,8 +115,11 @@ def show(ctx: typer.Context, ref: str, as_json: Annotated[bool, typer.Option("--
         print(json.dumps(doc, indent=2))
         return
     console.print_json(data=doc)
-    for line in _made_from(info.manifest.lineage):
+    for line in _made_from(info.manifest.lineage) + _served_as(info.framework, info.manifest.params):
         console.print(line, highlight=False)
+    compression = info.manifest.params.get("compression")
+    if isinstance(compression, dict):
+        _print_compression(compression)
 
 
 def _made_from(lineage: Lineage) -> list[str]:
@@ -137,6 +140,42 @@ def _made_from(lineage: Lineage) -> list[str]:
     if lineage.code_version:
         lines.append(f"code:    {lineage.code_version}")
     return lines
+
+
+def _served_as(framework: str, params: dict) -> list[str]:
+    """The framework and numeric precision a version is served with."""
+    precision = params.get("precision")
+    if not precision:  # a torch version computes in runtime.dtype (/v1/models says what it resolved to)
+        precision = "runtime.dtype (auto: bf16 where the hardware has it natively, else fp32)"
+    return [f"framework: {framework}", f"precision: {precision}"]
+
+
+def _print_compression(compression: dict) -> None:
+    """How a derived version was made, and the quality gates that admitted it."""
+    forced = " [bold red](forced past its gates)[/]" if compression.get("forced") else ""
+    console.print(f"compression: {compression.get('method')} from {compression.get('parent')}{forced}")
+    parameters = compression.get("parameters") or {}
+    if parameters:
+        console.print("  " + ", ".join(f"{k}={v}" for k, v in sorted(parameters.items())), highlight=False)
+    gates = compression.get("gates") or {}
+    if not gates:
+        return
+    table = Table("gate", "value", "threshold", "passed")
+    for name, gate in sorted(gates.items()):
+        passed = gate.get("passed")
+        table.add_row(
+            name,
+            _number(gate.get("value")),
+            _number(gate.get("threshold")),
+            "[green]yes[/]" if passed else "[red]no[/]" if passed is not None else "-",
+        )
+    console.print(table)
+
+
+def _number(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
 
 
 @app.command()

@@ -1,5 +1,6 @@
-"""What the registry checks in a model's files before it stores them: names, file modes and the
-header of every safetensors file (metadata only, bounded; no tensor data is read).
+"""What the registry checks in a model's files before it stores them: names, file modes, the
+header of every safetensors file and the protobuf structure of every ONNX file (metadata only,
+bounded; no tensor data is read).
 
 The safetensors layout: an 8-byte little-endian header length N, then N bytes of a UTF-8 JSON
 object (``{"name": {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``),
@@ -92,6 +93,28 @@ def check_folder_files(folder: Path, rel_files: list[Path]) -> None:
         if is_safetensors(rel.as_posix()):
             with open(path, "rb") as f:
                 check_safetensors(f, st.st_size, rel.as_posix())
+        elif is_onnx(rel.as_posix()):
+            with open(path, "rb") as f:
+                check_onnx(f, st.st_size, rel.as_posix())
+
+
+def checked_format(name: str) -> str | None:
+    """The format whose structure is checked for a file of this name ("safetensors", "ONNX"), or None."""
+    if is_safetensors(name):
+        return "safetensors"
+    if is_onnx(name):
+        return "ONNX"
+    return None
+
+
+def structure_problem(name: str, f: IO[bytes], size: int) -> str | None:
+    """Why `f` (of `size` bytes, named `name`) is malformed for its format, or None (also for files
+    of formats that are not checked)."""
+    if is_safetensors(name):
+        return safetensors_problem(f, size)
+    if is_onnx(name):
+        return onnx_problem(f, size)
+    return None
 
 
 # ---- safetensors -------------------------------------------------------------------------------
@@ -194,3 +217,100 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+# ---- ONNX --------------------------------------------------------------------------------------
+# An ONNX file is one protobuf ModelProto. Its top-level fields, and those of its graph, are walked
+# by their wire-format tags and lengths: every field must be well formed and the fields must tile
+# the file (and the graph its field) exactly, which a truncated or overwritten file does not. Large
+# fields (initializers: the weights) are skipped by seeking, never read.
+ONNX_SUFFIX = ".onnx"
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_MODEL_FIELDS = {1: ("ir_version", _VARINT), 7: ("graph", _LEN), 8: ("opset_import", _LEN)}
+_GRAPH_FIELDS = {1: ("node", _LEN), 5: ("initializer", _LEN), 11: ("input", _LEN), 12: ("output", _LEN)}
+_MAX_IR_VERSION = 100  # ONNX is at 11; far beyond that is not a version but garbage
+
+
+def is_onnx(name: str) -> bool:
+    return name.lower().endswith(ONNX_SUFFIX)
+
+
+def check_onnx(f: IO[bytes], size: int, name: str) -> None:
+    """Refuse an ONNX file whose protobuf structure is malformed, truncated or not a model."""
+    problem = onnx_problem(f, size)
+    if problem is not None:
+        raise InvalidArtifact(
+            f"refusing {name}: not a valid ONNX model ({problem}); export it again (torch.onnx.export or "
+            "`moorage compress REF --method onnx`)"
+        )
+
+
+def onnx_problem(f: IO[bytes], size: int) -> str | None:
+    """Why `f` (of `size` bytes, read from its start) is not a well-formed ONNX model, or None."""
+    try:
+        model = _fields(f, 0, size, _MODEL_FIELDS, "the file")
+        ir_version = model.get("ir_version", [])
+        if len(ir_version) != 1 or not 1 <= ir_version[0] <= _MAX_IR_VERSION:
+            raise _Malformed(f"ir_version {ir_version[0] if ir_version else 'missing'}, not an ONNX IR version")
+        if len(model.get("graph", [])) != 1:
+            raise _Malformed(f"{len(model.get('graph', []))} graphs, not one")
+        if not model.get("opset_import"):
+            raise _Malformed("no opset_import")
+        start, length = model["graph"][0]
+        graph = _fields(f, start, start + length, _GRAPH_FIELDS, "the graph")
+        if not graph.get("output"):
+            raise _Malformed("the graph has no output")
+    except _Malformed as exc:
+        return str(exc)
+    return None
+
+
+def _fields(f: IO[bytes], start: int, end: int, known: dict[int, tuple[str, int]], where: str) -> dict[str, list[Any]]:
+    """Walk the protobuf fields from `start` to `end`; for the `known` field numbers check the wire
+    type and collect their values (varints) or (offset, length) spans (length-delimited)."""
+    found: dict[str, list[Any]] = {}
+    pos = start
+    f.seek(start)
+    while pos < end:
+        tag, pos = _varint(f, pos, end, where)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise _Malformed(f"{where} has a field numbered 0 at offset {pos}")
+        name, expected = known.get(number, ("", wire))
+        if wire != expected:
+            raise _Malformed(f"{where}: field {name or number} has wire type {wire}, expected {expected}")
+        value: Any = None
+        if wire == _VARINT:
+            value, pos = _varint(f, pos, end, where)
+        elif wire == _LEN:
+            length, pos = _varint(f, pos, end, where)
+            if pos + length > end:
+                raise _Malformed(f"{where}: field {name or number} of {length} bytes runs past its end at {end}")
+            value, pos = (pos, length), pos + length
+            f.seek(pos)
+        elif wire in (_I64, _I32):
+            pos += 8 if wire == _I64 else 4
+            if pos > end:
+                raise _Malformed(f"{where} ends inside a fixed-width field")
+            f.seek(pos)
+        else:
+            raise _Malformed(f"{where} has a field with wire type {wire} (groups or garbage) at offset {pos}")
+        if name:
+            found.setdefault(name, []).append(value)
+    return found
+
+
+def _varint(f: IO[bytes], pos: int, end: int, where: str) -> tuple[int, int]:
+    value = shift = 0
+    for _ in range(10):
+        if pos >= end:
+            raise _Malformed(f"{where} ends inside a varint")
+        byte = f.read(1)
+        if not byte:
+            raise _Malformed(f"{where} ends inside a varint (the file is truncated)")
+        pos += 1
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value, pos
+        shift += 7
+    raise _Malformed(f"{where} has a varint longer than 10 bytes at offset {pos}")

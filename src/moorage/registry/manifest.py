@@ -105,6 +105,9 @@ def detect_framework(folder: Path, task: str) -> str:
         fake_task = _read_json(folder / "fake.json").get("task")
         _check_task(folder, task, fake_task, "fake.json")
         return "fake"
+    if (folder / "onnx.json").is_file():  # a derived ONNX folder (see moorage.runtime.onnx)
+        _check_task(folder, task, _read_json(folder / "onnx.json").get("task"), "onnx.json")
+        return "onnx"
     if any(folder.glob("*.gguf")):
         raise BadRequest(
             f"{folder} holds a GGUF file: load it with transformers (gguf_file=...) and "

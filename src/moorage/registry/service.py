@@ -16,7 +16,7 @@ from ..db import Catalog, as_utc, utcnow
 from ..errors import BadRequest, Conflict, EncryptionError, IntegrityError, ModelNotFound
 from ..refs import DEFAULT_ALIAS, ModelRef, parse_ref, validate_alias, validate_name
 from . import crypto
-from .artifacts import check_folder_files, is_safetensors, safetensors_problem
+from .artifacts import check_folder_files, checked_format, structure_problem
 from .manifest import Lineage, Manifest, check_safe, detect_framework, list_model_files, sha256_bytes
 from .store import ArtifactStore, NoProgress, Progress, verify_local
 from .tables import Alias, AliasEvent, ArtifactKey, Model, ModelVersion
@@ -468,18 +468,19 @@ class Registry:
         return problems
 
     def _header_problems(self, info: VersionInfo, already_bad: set[str]) -> list[str]:
-        """One line per safetensors file whose header is malformed (files already reported missing or
-        changed are skipped). Encrypted files are ciphertext at rest: their headers are checked at load."""
+        """One line per safetensors or ONNX file whose structure is malformed (files already reported
+        missing or changed are skipped). Encrypted files are ciphertext at rest: they are checked at load."""
         if info.manifest.encryption:
             return []
         problems = []
         for entry in info.manifest.files:
-            if entry.path in already_bad or not is_safetensors(entry.path):
+            kind = checked_format(entry.path)
+            if entry.path in already_bad or kind is None:
                 continue
             with self.store.open(info.name, info.version, entry.path) as f:
-                problem = safetensors_problem(f, entry.size)
+                problem = structure_problem(entry.path, f, entry.size)
             if problem is not None:
-                problems.append(f"{entry.path}: not a valid safetensors file ({problem})")
+                problems.append(f"{entry.path}: not a valid {kind} file ({problem})")
         return problems
 
     def local_path(self, info: VersionInfo, progress: Progress | None = None) -> Path:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from ..db import as_utc
 from ..errors import BadRequest, Conflict, IntegrityError, InvalidArtifact
 from ..refs import validate_name
-from .artifacts import check_safetensors, check_stored_name, is_safetensors
+from .artifacts import check_onnx, check_safetensors, check_stored_name, is_onnx, is_safetensors
 from .manifest import MANIFEST_NAME, Manifest, check_safe, sha256_bytes
 from .service import Registry
 from .store import NoProgress, Progress
@@ -274,6 +274,9 @@ def _copy_version(
         if is_safetensors(expected.path) and not manifest.encryption:  # ciphertext is checked at load
             with registry.store.open(manifest.name, manifest.version, expected.path) as f:
                 check_safetensors(f, expected.size, f"{manifest.name}:{manifest.version} {expected.path}")
+        elif is_onnx(expected.path) and not manifest.encryption:
+            with registry.store.open(manifest.name, manifest.version, expected.path) as f:
+                check_onnx(f, expected.size, f"{manifest.name}:{manifest.version} {expected.path}")
     with fs.open(f"{src}/{MANIFEST_NAME}", "rb") as f:
         data = f.read()
     if sha256_bytes(data) != manifest_sha:

@@ -87,6 +87,7 @@ class Classification:
 
 class TaskHandler:
     task: ClassVar[str]
+    precision = ""  # the numeric format it computes in once loaded ("fp32", "bf16", "int8" ...), for /v1/models
 
     def __init__(self) -> None:
         self.memory_bytes = 0

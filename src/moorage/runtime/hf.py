@@ -60,6 +60,12 @@ def _native_bf16(torch, device: str) -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def precision_of(dtype) -> str:
+    """A torch dtype's short name as /v1/models reports it: torch.bfloat16 -> "bf16"."""
+    name = str(dtype).removeprefix("torch.")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+
+
 def _param_bytes(module) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -81,6 +87,7 @@ class SentenceEmbedder(TaskHandler):
         )
         self.model.to(resolve_dtype(torch, settings)).eval()
         self.memory_bytes = _param_bytes(self.model)
+        self.precision = precision_of(resolve_dtype(torch, settings))
 
     def preprocess(self, inputs: list[str]) -> Any:
         texts = [str(t) for t in inputs]
@@ -114,6 +121,7 @@ class SequenceClassifier(TaskHandler):
         )
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.memory_bytes = _param_bytes(self.model)
+        self.precision = precision_of(self.model.dtype)
 
     def preprocess(self, inputs: list[str]) -> Any:
         return self.tokenizer([str(t) for t in inputs], padding=True, truncation=True, return_tensors="pt")
@@ -150,6 +158,7 @@ class CausalGenerator(StepGenerator):
             .eval()
         )
         self.memory_bytes = _param_bytes(self.model)
+        self.precision = precision_of(self.model.dtype)
         decoding.use_decode_attention(self.model)
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])

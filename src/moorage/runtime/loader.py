@@ -14,7 +14,7 @@ from ..config import RuntimeSettings
 from ..errors import BadRequest, ModelLoadFailed, MoorageError
 from ..refs import ModelRef
 from ..registry import Progress, Registry, VersionInfo
-from ..registry.artifacts import is_safetensors, safetensors_problem
+from ..registry.artifacts import checked_format, structure_problem
 from ..registry.crypto import MemoryFolder
 from ..registry.manifest import check_safe
 from .base import TaskHandler
@@ -31,6 +31,8 @@ HANDLERS: dict[tuple[str, str], str] = {
     ("embed", "transformers"): "moorage.runtime.hf:SentenceEmbedder",
     ("classify", "transformers"): "moorage.runtime.hf:SequenceClassifier",
     ("generate", "transformers"): "moorage.runtime.hf:CausalGenerator",
+    ("embed", "onnx"): "moorage.runtime.onnx:OnnxEmbedder",
+    ("classify", "onnx"): "moorage.runtime.onnx:OnnxClassifier",
 }
 
 
@@ -88,15 +90,17 @@ def load_version(
 
 
 def _check_headers(folder: Path, info: VersionInfo) -> None:
-    """Versions registered before headers were checked at registration are checked here, cheaply."""
+    """Versions registered before headers were checked at registration (and encrypted ones, whose
+    plaintext only exists now) are checked here, cheaply: safetensors headers, ONNX structure."""
     for entry in info.manifest.files:
-        if not is_safetensors(entry.path):
+        kind = checked_format(entry.path)
+        if kind is None:
             continue
         path = folder / entry.path
         with open(path, "rb") as f:
-            problem = safetensors_problem(f, os.fstat(f.fileno()).st_size)
+            problem = structure_problem(entry.path, f, os.fstat(f.fileno()).st_size)
         if problem is not None:
-            raise ModelLoadFailed(f"cannot load {info.ref}: {entry.path} is not a valid safetensors file ({problem})")
+            raise ModelLoadFailed(f"cannot load {info.ref}: {entry.path} is not a valid {kind} file ({problem})")
 
 
 class Runtime:

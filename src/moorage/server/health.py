@@ -58,6 +58,8 @@ async def list_models(request: Request) -> Response:
             "owned_by": "moorage",
             "task": sv.task,
             "version": sv.version,
+            "framework": sv.info.framework,
+            "precision": sv.loaded.handler.precision or None,
         }
         for key, sv in pool_of(request).served().items()
         if caller.may_use(sv.name)

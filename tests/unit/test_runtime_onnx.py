@@ -1,0 +1,181 @@
+"""The ONNX Runtime handlers on tiny exported models: the same outputs as the torch handlers on the
+same weights, the ONNX structure check at register, verify and load, encrypted versions, and the
+one-line error of a missing onnxruntime."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from moorage.config import load_settings
+from moorage.errors import IntegrityError, InvalidArtifact, MissingDependency, ModelLoadFailed
+from moorage.registry import Registry, crypto
+from moorage.registry.manifest import detect_framework
+from moorage.runtime import Runtime
+
+from tests.support import tiny_onnx_folder
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+
+TEXTS = [
+    "stocks fell sharply on Monday",
+    "a late goal in extra time",
+    "x",
+    "the new chip is faster " * 40,  # past max_length: both frameworks truncate at 128 tokens
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{task: (torch folder, onnx folder)}, exported once for the module."""
+    root = tmp_path_factory.mktemp("onnx")
+    return {task: tiny_onnx_folder(root, task) for task in ("embed", "classify")}
+
+
+@pytest.fixture
+def fp32(settings):
+    """float32 torch runtime: the comparison is to the exported fp32 graph, not to bf16."""
+    return settings.runtime.model_copy(update={"dtype": "float32", "num_threads": 1})
+
+
+def _cosines(a, b) -> list[float]:
+    return [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b)]
+
+
+def test_onnx_embeddings_match_the_torch_handler_on_the_same_weights(registry, fp32, exported):
+    torch_dir, onnx_dir = exported["embed"]
+    parent = registry.register(torch_dir, "emb", "embed")
+    derived = registry.register(onnx_dir, "emb", "embed")
+    assert (parent.framework, derived.framework) == ("sentence-transformers", "onnx")
+    runtime = Runtime(registry, fp32)
+    theirs, ours = runtime.load(parent), runtime.load(derived)
+    expected, got = theirs.predict(TEXTS), ours.predict(TEXTS)
+    assert [(type(v), v.dtype, v.shape) for v in got] == [(type(v), v.dtype, v.shape) for v in expected]
+    assert min(_cosines(expected, got)) > 0.9999
+    assert np.allclose([np.linalg.norm(v) for v in got], 1.0, atol=1e-5)  # normalised inside the graph
+    assert (ours.handler.precision, ours.handler.framework, theirs.handler.precision) == ("fp32", "onnx", "fp32")
+    assert ours.handler.memory_bytes >= (onnx_dir / "model.onnx").stat().st_size
+    features = ours.handler.preprocess(TEXTS)  # usage counts read the same attention mask
+    assert ours.handler.token_counts(features, TEXTS) == theirs.handler.token_counts(
+        theirs.handler.preprocess(TEXTS), TEXTS
+    )
+
+
+def test_onnx_classifier_matches_the_torch_handler_on_the_same_weights(registry, fp32, exported):
+    torch_dir, onnx_dir = exported["classify"]
+    parent = registry.register(torch_dir, "news", "classify")
+    derived = registry.register(onnx_dir, "news", "classify")
+    assert derived.framework == "onnx"
+    runtime = Runtime(registry, fp32)
+    expected, got = runtime.load(parent).predict(TEXTS), runtime.load(derived).predict(TEXTS)
+    assert [c.label for c in got] == [c.label for c in expected]
+    for e, g in zip(expected, got):
+        assert list(g.scores) == ["business", "sport", "tech"] == list(e.scores)
+        assert g.scores == pytest.approx(e.scores, abs=1e-5)
+        assert g.score == max(g.scores.values())
+
+
+def test_an_onnx_folder_for_another_task_is_refused_with_wrong_task(exported):
+    with pytest.raises(Exception) as err:
+        detect_framework(exported["embed"][1], "classify")
+    assert getattr(err.value, "code", None) == "wrong_task" and "onnx.json" in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_register_refuses_a_malformed_model_onnx_and_stores_nothing(registry, exported, tmp_path, damage):
+    folder = tmp_path / "bad"
+    shutil.copytree(exported["embed"][1], folder)
+    model = folder / "model.onnx"
+    data = model.read_bytes()
+    model.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x8f\xff" * 4096, "empty": b""}[damage])
+    with pytest.raises(InvalidArtifact) as err:
+        registry.register(folder, "emb", "embed")
+    message = str(err.value)
+    assert "model.onnx" in message and "not a valid ONNX model" in message and "\n" not in message
+    assert registry.list_models() == []
+
+
+def test_a_corrupted_stored_onnx_file_fails_verify_and_load_with_one_line(registry, settings, exported):
+    info = registry.register(exported["embed"][1], "emb", "embed")
+    stored = registry.local_path(info) / "model.onnx"
+    data = bytearray(stored.read_bytes())
+    stored.write_bytes(bytes(data[: len(data) - 1000]))  # truncated in place
+    problems = registry.verify(info.ref)
+    assert len(problems) == 1 and problems[0].startswith("model.onnx: checksum mismatch")
+    with pytest.raises(IntegrityError) as err:
+        Runtime(registry, settings.runtime).load(info)
+    assert "model.onnx" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_malformed_onnx_file_that_slipped_past_registration_fails_verify_and_load(
+    registry, settings, exported, tmp_path, monkeypatch
+):
+    """A version stored before ONNX files were checked at registration: its checksums match, so verify
+    and the loader must read the structure itself."""
+    folder = tmp_path / "old"
+    shutil.copytree(exported["embed"][1], folder)
+    (folder / "model.onnx").write_bytes(b"\x08\x08" + b"\x3a\xff\x7f" + b"\x00" * 64)  # ir 8, a graph that runs out
+    monkeypatch.setattr("moorage.registry.service.check_folder_files", lambda folder, files: None)
+    info = registry.register(folder, "emb", "embed")
+    monkeypatch.undo()
+    (problem,) = registry.verify(info.ref)
+    assert problem == "model.onnx: not a valid ONNX file (the file: field graph of 16383 bytes runs past its end at 69)"
+    with pytest.raises(ModelLoadFailed) as err:
+        Runtime(registry, settings.runtime).load(info)
+    assert str(err.value).startswith(f"cannot load {info.ref}: model.onnx is not a valid ONNX file")
+    assert "\n" not in str(err.value)
+
+
+def test_a_graph_onnx_runtime_refuses_is_a_one_line_load_failure(registry, settings, exported, tmp_path):
+    """Well-formed protobuf, but not a model ONNX Runtime can run (an operator that does not exist)."""
+    import onnx
+
+    folder = tmp_path / "odd"
+    shutil.copytree(exported["embed"][1], folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    model.graph.node[0].op_type = "NoSuchOperator"
+    onnx.save(model, str(folder / "model.onnx"))
+    info = registry.register(folder, "emb", "embed")
+    with pytest.raises(ModelLoadFailed) as err:
+        Runtime(registry, settings.runtime).load(info)
+    assert "its onnx handler failed" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_encrypted_onnx_version_loads_from_memory(tmp_path, exported, fp32):
+    home = tmp_path / "enc"
+    env = {
+        "MOORAGE_HOME": str(home),
+        "MOORAGE_USER": "tester",
+        "MOORAGE_SECURITY__ENCRYPT_ARTIFACTS": "true",
+        "MOORAGE_SECURITY__MASTER_KEY": crypto.generate_master_key(),
+    }
+    registry = Registry.from_settings(load_settings(environ=env))
+    try:
+        info = registry.register(exported["embed"][1], "emb", "embed")
+        assert info.manifest.encryption is not None
+        stored = (registry.local_path(info) / "model.onnx").read_bytes()
+        assert stored[:64] != (exported["embed"][1] / "model.onnx").read_bytes()[:64]  # ciphertext at rest
+        assert registry.verify(info.ref) == []
+        plain = registry.register(exported["embed"][1], "emb", "embed", encrypt=False)
+        runtime = Runtime(registry, fp32)
+        got, expected = runtime.load(info).predict(TEXTS[:2]), runtime.load(plain).predict(TEXTS[:2])
+        assert min(_cosines(got, expected)) > 0.99999
+    finally:
+        registry.close()
+
+
+def test_a_missing_onnxruntime_is_one_line_naming_the_extra(registry, settings, exported, monkeypatch):
+    from moorage.runtime.onnx import require_onnxruntime
+
+    info = registry.register(exported["classify"][1], "news", "classify")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    with pytest.raises(MissingDependency) as err:
+        require_onnxruntime()
+    assert str(err.value) == "'onnxruntime' is not installed; install it with: pip install 'moorage[onnx]'"
+    with pytest.raises(MissingDependency) as err:
+        Runtime(registry, settings.runtime).load(info)
+    assert "pip install 'moorage[onnx]'" in str(err.value) and "\n" not in str(err.value)

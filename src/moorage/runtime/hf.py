@@ -6,14 +6,16 @@ pickle files at registration and the loader refuses them again before this modul
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..config import RuntimeSettings
-from ..errors import BadRequest, Unprocessable, require
+from ..errors import BadRequest, InvalidArtifact, Unprocessable, require
 from ..registry.manifest import Manifest
 from .base import (
     Classification,
@@ -79,12 +81,15 @@ class SentenceEmbedder(TaskHandler):
     def load(self, folder: Path, manifest: Manifest, settings: RuntimeSettings) -> None:
         torch = _torch(settings)
         st = require("sentence_transformers", "ml")
-        self.model = st.SentenceTransformer(
-            str(folder),
-            device=settings.device,
-            local_files_only=True,
-            model_kwargs={"use_safetensors": True},
-        )
+        weights = transformer_folder(folder)
+        with pruned_heads_quiet(weights):
+            self.model = st.SentenceTransformer(
+                str(folder),
+                device=settings.device,
+                local_files_only=True,
+                model_kwargs={"use_safetensors": True, **pruned_heads_kwargs(weights)},
+            )
+        restore_pruned_heads(self.model[0].auto_model, weights)
         self.model.to(resolve_dtype(torch, settings)).eval()
         self.memory_bytes = _param_bytes(self.model)
         self.precision = precision_of(resolve_dtype(torch, settings))
@@ -109,16 +114,16 @@ class SequenceClassifier(TaskHandler):
         torch = _torch(settings)
         tf = require("transformers", "ml")
         self.tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.model = (
-            tf.AutoModelForSequenceClassification.from_pretrained(
+        with pruned_heads_quiet(folder):
+            model = tf.AutoModelForSequenceClassification.from_pretrained(
                 str(folder),
                 local_files_only=True,
                 use_safetensors=True,
                 dtype=resolve_dtype(torch, settings),
+                **pruned_heads_kwargs(folder),
             )
-            .to(settings.device)
-            .eval()
-        )
+        restore_pruned_heads(model, folder)
+        self.model = model.to(settings.device).eval()
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.memory_bytes = _param_bytes(self.model)
         self.precision = precision_of(self.model.dtype)
@@ -522,3 +527,128 @@ class _DecodeBatch:
             top = tuple(TopLogprob(t, text, lp) for t, text, lp in zip(ids, texts[1:], top_lp[i, :n].tolist()))
             out[row] = TokenLogprob(int(chosen[i]), texts[0], chosen_lp[i], top)
         return out
+
+
+# ---- encoders whose attention heads were pruned (moorage compress --method prune-heads) -------------
+# transformers 5 dropped `prune_heads`: a BERT-like attention layer's head size is always hidden_size /
+# num_attention_heads, so a layer with fewer heads cannot be built from the config alone. A pruned
+# folder keeps the parent's num_attention_heads and names the removed heads in config.json's
+# `pruned_heads` ({layer: [head, ...]}, the field transformers 4 applied at load); its weights hold only
+# the kept heads' rows of Q/K/V and columns of the output projection. Loading builds the full model
+# (the mismatched projections left to this hook), cuts those layers and reads their weights again.
+
+
+def transformer_folder(folder: Path) -> Path:
+    """Where a sentence-transformers folder keeps its transformer's config and weights."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        return folder
+    for module in modules:
+        if str(module.get("type", "")).endswith("Transformer"):
+            return folder / str(module.get("path", ""))
+    return folder
+
+
+def pruned_heads(folder: Path) -> dict[int, list[int]]:
+    """Layer -> the heads removed from it, as config.json records them ({} for an unpruned model)."""
+    try:
+        recorded = json.loads((folder / "config.json").read_text()).get("pruned_heads") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {int(layer): sorted(int(h) for h in heads) for layer, heads in recorded.items() if heads}
+
+
+def pruned_heads_kwargs(folder: Path) -> dict[str, Any]:
+    """from_pretrained's arguments for the folder: a pruned one loads its cut projections afterwards."""
+    return {"ignore_mismatched_sizes": True} if pruned_heads(folder) else {}
+
+
+@contextlib.contextmanager
+def pruned_heads_quiet(folder: Path) -> Iterator[None]:
+    """transformers' load report lists a pruned folder's projections as mismatched: they are loaded by
+    `restore_pruned_heads`, so the report is not printed."""
+    if not pruned_heads(folder):
+        yield
+        return
+    tf = require("transformers", "ml")
+    verbosity = tf.logging.get_verbosity()
+    tf.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tf.logging.set_verbosity(verbosity)
+
+
+def cut_heads(attention, heads: list[int], torch) -> None:
+    """Remove `heads` from a BERT-like attention block (``.self.query/key/value``, ``.output.dense``):
+    their rows of Q, K and V and their columns of the output projection. What is left computes
+    exactly what the full block computes with those heads' outputs masked to zero."""
+    self_attention = attention.self
+    size = int(self_attention.attention_head_size)
+    kept = [h for h in range(int(self_attention.num_attention_heads)) if h not in set(heads)]
+    index = torch.cat([torch.arange(h * size, (h + 1) * size) for h in kept]) if kept else torch.zeros(0).long()
+
+    def cut(linear, dim: int):
+        weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
+        bias = linear.bias
+        if bias is not None and dim == 0:
+            bias = bias.detach().index_select(0, index.to(bias.device))
+        out = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        out = out.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(weight)
+            if bias is not None:
+                out.bias.copy_(bias)
+        return out
+
+    for name in ("query", "key", "value"):
+        setattr(self_attention, name, cut(getattr(self_attention, name), 0))
+    attention.output.dense = cut(attention.output.dense, 1)
+    self_attention.num_attention_heads = len(kept)
+    self_attention.all_head_size = len(kept) * size
+
+
+def restore_pruned_heads(model, folder: Path) -> None:
+    """Cut the pruned layers of a model loaded from `folder` and load their weights from the folder's
+    safetensors (nothing happens for an unpruned folder)."""
+    pruned = pruned_heads(folder)
+    if not pruned:
+        return
+    torch = require("torch", "ml")
+    from safetensors import safe_open
+
+    base = getattr(model, "base_model", model)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if layers is None or max(pruned) >= len(layers) or not hasattr(layers[0], "attention"):
+        raise InvalidArtifact(f"{folder.name}: config.json names pruned heads of a model that has no such layers")
+    for layer, heads in pruned.items():
+        cut_heads(layers[layer].attention, heads, torch)
+    wanted = {n: p for n, p in model.named_parameters() if _in_pruned_layer(n, pruned)}
+    found: set[str] = set()
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (a safetensors file is not a mapping)
+                for name in (key, prefix + key, key.removeprefix(prefix)):
+                    if name in wanted and name not in found:
+                        tensor = f.get_tensor(key)
+                        if tensor.shape != wanted[name].shape:
+                            raise InvalidArtifact(
+                                f"{folder.name}: {key} has shape {tuple(tensor.shape)}, "
+                                f"its pruned heads need {tuple(wanted[name].shape)}"
+                            )
+                        with torch.no_grad():
+                            wanted[name].copy_(tensor)
+                        found.add(name)
+    if missing := sorted(set(wanted) - found):
+        raise InvalidArtifact(f"{folder.name}: the weights of pruned layers are missing ({missing[0]}, ...)")
+
+
+def _in_pruned_layer(name: str, pruned: dict[int, list[int]]) -> bool:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layer" and parts[i + 1].isdigit() and int(parts[i + 1]) in pruned:
+            rest = parts[i + 2 :]
+            return rest[:2] in (["attention", "self"], ["attention", "output"]) and "LayerNorm" not in rest
+    return False

@@ -173,6 +173,17 @@ class NotReady(MoorageError):
     type = "server_error"
 
 
+class ModelLoading(NotReady):
+    """The served models are still loading (a cold start) and the request's hold ran out, or the hold
+    is full: HTTP 503 with Retry-After."""
+
+    code = "model_loading"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
 class EngineFailed(NotReady):
     """The engine of a model version died (a bug or a broken device): every waiting call fails at once
     with 503 instead of hanging, and ``/readyz`` answers 503 until the process is restarted."""

@@ -20,7 +20,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config import RouteSettings
-from ..errors import BadRequest, EngineFailed, ModelLoadFailed, ModelNotFound, MoorageError, NotReady, Unprocessable
+from ..errors import (
+    BadRequest,
+    EngineFailed,
+    ModelLoadFailed,
+    ModelLoading,
+    ModelNotFound,
+    MoorageError,
+    NotReady,
+    Unprocessable,
+)
 from ..observability import metrics
 from ..refs import ModelRef, parse_ref
 from ..registry import Registry, VersionInfo
@@ -33,6 +42,11 @@ from .routing import ROUTE_KEYS, Router
 
 log = logging.getLogger(__name__)
 
+# What a request refused during a cold start is told to wait before it asks again: about one
+# readiness-probe period (Kubernetes' default is 10 s, the chart's 5 s), by which time this replica
+# has often loaded, or the load balancer has another ready one to send it to.
+LOADING_RETRY_AFTER_S = 5.0
+
 
 @dataclass(frozen=True)
 class PoolConfig:
@@ -42,6 +56,10 @@ class PoolConfig:
     # a version that fails to load is retried by the watcher after 2 s, 4 s, 8 s, ... at most every 5 min
     retry_initial_s: float = 2.0
     retry_max_s: float = 300.0
+    # while the models load (a cold start), a request waits up to `cold_start_hold_s` for them, at most
+    # `cold_start_queue` at once; beyond either, 503 model_loading with Retry-After (0: at once)
+    cold_start_hold_s: float = 0.0
+    cold_start_queue: int = 0
 
     def retry_delay(self, attempts: int) -> float:
         """Seconds before the watcher tries a failing version again, after `attempts` failures."""
@@ -115,18 +133,32 @@ class ModelPool:
         self._loaded = False
         self._failures: dict[str, LoadFailure] = {}
         self.clock = time.monotonic  # replaceable in tests
-        self.load_error: str | None = None
+        self.load_error: str | None = None  # why the models did not load, for the log
+        self.load_failure: MoorageError | None = None  # the same, as a client may be told it
+        self._stopped = False
+        self._settled = asyncio.Event()  # set once start() ended (loaded or failed) or stop() began
+        self._num_held = 0  # requests waiting for the models to load
         self.engine_failure: str | None = None  # set once any engine died: not ready until restarted
         self.failed = asyncio.Event()
         self.ready = asyncio.Event()  # set once every model is loaded
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        """Load and start every served reference. A failure is kept (`load_failure`) and answered to every
+        request held for the models and every later one, with its code, as 503 (not ready)."""
         for key, ref in self.refs.items():
-            info = await asyncio.to_thread(self.registry.resolve, ref)
-            self._served[key] = await self._start_version(info)
+            info = None
+            try:
+                info = await asyncio.to_thread(self.registry.resolve, ref)
+                self._served[key] = await self._start_version(info)
+            except Exception as exc:
+                self.load_error = str(exc)
+                self.load_failure = _start_failed(info, exc) if info is not None else _resolve_failed(key, exc)
+                self._settled.set()
+                raise
         self._loaded = True
         self.ready.set()
+        self._settled.set()
         metrics.READY.set(1)
         if self.config.poll_interval_s > 0:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="moorage-alias-watch")
@@ -134,6 +166,8 @@ class ModelPool:
     async def stop(self) -> None:
         """Finish what every engine has accepted, then stop them."""
         self._loaded = False
+        self._stopped = True
+        self._settled.set()  # a request still held for the models is answered now
         metrics.READY.set(0)
         if self._watcher is not None:
             self._watcher.cancel()
@@ -163,6 +197,47 @@ class ModelPool:
         metrics.READY.set(0)
         self.failed.set()
 
+    # -- cold start --------------------------------------------------------------------------
+    @property
+    def num_held(self) -> int:
+        """Requests waiting for the models to load."""
+        return self._num_held
+
+    async def wait_loaded(self) -> None:
+        """Return once the models are loaded: at once when they are; during a cold start, hold the
+        request up to `cold_start_hold_s` (at most `cold_start_queue` held at once), then raise 503
+        model_loading with Retry-After. A failed load raises its 503 at once, held requests included."""
+        if self._loaded:
+            return
+        if self._settled.is_set():
+            raise self._not_loaded()
+        hold_s, room = self.config.cold_start_hold_s, self.config.cold_start_queue
+        if hold_s <= 0 or self._num_held >= room:
+            why = "" if hold_s <= 0 else f" ({room} requests already wait for them, serve.cold_start_queue)"
+            raise ModelLoading(f"the models are still loading{why}; retry shortly", retry_after=LOADING_RETRY_AFTER_S)
+        self._num_held += 1
+        try:
+            async with asyncio.timeout(hold_s):
+                await self._settled.wait()
+        except TimeoutError:
+            raise ModelLoading(
+                f"the models are still loading after {hold_s:g} s (serve.cold_start_hold_s); retry shortly",
+                retry_after=LOADING_RETRY_AFTER_S,
+            ) from None
+        finally:
+            self._num_held -= 1
+        if not self._loaded:
+            raise self._not_loaded()
+
+    def _not_loaded(self) -> NotReady:
+        """Why a request finds no model loaded: stopping, failed to load (503 with the failure's code), or
+        still loading."""
+        if self._stopped:
+            return NotReady("the server is shutting down", code="shutting_down")
+        if self.load_failure is not None:
+            return NotReady(f"not serving: {self.load_failure.client_message}", code=self.load_failure.code)
+        return ModelLoading("the models are still loading; retry shortly", retry_after=LOADING_RETRY_AFTER_S)
+
     # -- lookups -----------------------------------------------------------------------------
     def lookup(self, model: str) -> ServedVersion:
         """A served version by the reference it is served as, or by its bare name when that is unique."""
@@ -170,7 +245,7 @@ class ModelPool:
         if dead is not None:
             raise EngineFailed(f"not serving: an engine stopped ({dead}); this process is restarting")
         if not self.is_ready:
-            raise NotReady("models are still loading")
+            raise self._not_loaded()
         served = self._served.get(self._routed(model))
         if served is None:
             parse_ref(model)  # a malformed reference is a 400, not an unknown model
@@ -261,12 +336,18 @@ class ModelPool:
 
     @asynccontextmanager
     async def use(self, model: str, task: Task | None = None):
-        """Hold a served version for one request: a swap lets it finish on the version it started on."""
-        sv = self.acquire(model, task)
+        """Hold a served version for one request: a swap lets it finish on the version it started on.
+        During a cold start the request first waits for the models (`wait_loaded`)."""
+        sv = await self.acquire_loaded(model, task)
         try:
             yield sv
         finally:
             self.release(sv)
+
+    async def acquire_loaded(self, model: str, task: Task | None = None) -> ServedVersion:
+        """`acquire`, once the models are loaded (a cold start holds the request: `wait_loaded`)."""
+        await self.wait_loaded()
+        return self.acquire(model, task)
 
     def acquire(self, model: str, task: Task | None = None) -> ServedVersion:
         sv = self.lookup(model)
@@ -402,6 +483,14 @@ def _start_failed(info: VersionInfo, exc: Exception) -> MoorageError:
         return ModelLoadFailed(exc.message)
     log.error("could not start %s", info.ref, exc_info=exc)
     return ModelLoadFailed(f"cannot start {info.ref} ({type(exc).__name__}; the server log has the details)")
+
+
+def _resolve_failed(key: str, exc: Exception) -> MoorageError:
+    """A served reference that did not resolve at start (an unknown alias, the catalog down)."""
+    if isinstance(exc, MoorageError):
+        return exc
+    log.error("could not resolve %s", key, exc_info=exc)
+    return ModelLoadFailed(f"cannot resolve {key} ({type(exc).__name__}; the server log has the details)")
 
 
 def _reload_error(errors: list[tuple[str, Exception]], changes: list[dict[str, Any]]) -> Exception:

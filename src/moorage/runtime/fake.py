@@ -39,11 +39,15 @@ def make_fake_model(
     seed: int = 0,
     delay_ms: float = 0.0,
     crash_after_steps: int | None = None,
+    load_delay_ms: float = 0.0,
+    load_fails: bool = False,
 ) -> Path:
     """Write a fake model folder for `task` ('embed', 'classify' or 'generate').
 
     `crash_after_steps` (generate): the decode step after that many ends the engine thread, as a
-    broken device or a native crash would; for testing that nothing waits forever on a dead engine."""
+    broken device or a native crash would; for testing that nothing waits forever on a dead engine.
+    `load_delay_ms`: loading takes this long (a cold start of a large model); `load_fails`: then it
+    fails (a broken file, memory exhausted)."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
@@ -56,6 +60,8 @@ def make_fake_model(
         "labels": list(labels),
         "delay_ms": delay_ms,
         "crash_after_steps": crash_after_steps,
+        "load_delay_ms": load_delay_ms,
+        "load_fails": load_fails,
     }
     (folder / "fake.json").write_text(json.dumps(config, indent=2))
     save_file(
@@ -77,6 +83,9 @@ class _FakeBase(TaskHandler):
         from safetensors.numpy import load_file
 
         self.config = json.loads((folder / "fake.json").read_text())
+        time.sleep(float(self.config.get("load_delay_ms", 0.0)) / 1000)  # stands in for reading large weights
+        if self.config.get("load_fails"):
+            raise RuntimeError("the fake model fails to load, as its fake.json asks")
         weights = load_file(str(folder / "weights.safetensors"))
         self.embedding, self.head = weights["embedding"], weights["head"]
         self.memory_bytes = self.embedding.nbytes + self.head.nbytes

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
-from ..errors import MoorageError, Overloaded
+from ..errors import ModelLoading, MoorageError, Overloaded
 from ..observability.logging import request_id
 from .common import ClientGone
 
@@ -69,7 +69,7 @@ def error_body(message: str, type_: str, code: str, param: str | None = None) ->
 
 def error_response(exc: MoorageError) -> JSONResponse:
     headers = {}
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, Overloaded | ModelLoading):
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="moorage"'

@@ -193,7 +193,7 @@ async def _generate(
     request, body: _Sampling, inputs, params: dict, shape: _Shape, prefix: str, policy: Policy, field: str
 ) -> Response:
     service = service_of(request)
-    sv = service.pool.acquire(body.model, task=Task.GENERATE)
+    sv = await service.pool.acquire_loaded(body.model, task=Task.GENERATE)  # a cold start holds it
     try:
         mark(request, sv)
         call = service.prepare(sv.task, inputs(sv), params, policy=policy, n=body.n, field=field)

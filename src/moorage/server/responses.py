@@ -401,7 +401,7 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
     plan = plan_of(body)
     parameters = parameters_of(body, plan)
     service = service_of(request)
-    sv = service.pool.acquire(body.model, task=Task.GENERATE)
+    sv = await service.pool.acquire_loaded(body.model, task=Task.GENERATE)  # a cold start holds it
     try:
         mark(request, sv)
         inputs = [plan.render(messages, getattr(sv.loaded.handler, "takes_tools", False))]

@@ -42,7 +42,8 @@ def _dump(objects: list[dict[str, Any]]) -> str:
 
 def files() -> dict[Path, str]:
     base = render_chart({})
-    scaled = render_chart({"autoscaling": {"enabled": True, "engine": "hpa"}})
+    shared = {"secret": {"existingSecret": "moorage"}, "settings": {"registry": {"store_url": "s3://moorage"}}}
+    scaled = render_chart({"autoscaling": {"enabled": True, "engine": "hpa"}, **shared})
     hpa = [o for o in scaled if o["kind"] == "HorizontalPodAutoscaler"]
     kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                      "resources": ["moorage.yaml"]}  # fmt: skip

@@ -30,6 +30,7 @@ from tests.deploy_render import (
     RULES_DIR,
     SCHEMAS_DIR,
     kustomize_build,
+    load_values,
     overlays,
     render_chart,
     value_sets,
@@ -138,6 +139,16 @@ def test_every_object_passes_its_schema(source):
     assert {"Deployment", "ConfigMap", "ServiceAccount"} <= kinds
 
 
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_helm_lint_finds_nothing_to_warn_about(version):
+    from helm_python.chart import lint
+
+    for name in value_sets():
+        report = lint(CHART_DIR, load_values(name), strict=True, kube_version=f"v{version}.0")
+        assert not report["errors"], report
+        assert [m for m in report["messages"] if m["severity"] >= 2] == [], (name, report["messages"])
+
+
 def test_the_value_sets_cover_the_issue():
     assert {"minimal", "gpu", "keda", "hpa", "pdb-off", "tls"} <= set(value_sets())
     assert {"dev", "production", "gpu"} <= set(overlays())
@@ -146,7 +157,11 @@ def test_the_value_sets_cover_the_issue():
     assert {"PodDisruptionBudget", "Service"} <= rendered
 
 
-_SAMPLE = {"MOORAGE_RUNTIME__DEVICE": "cuda", "MOORAGE_REGISTRY__CATALOG_URL": "sqlite:///catalog.db"}
+# what the pods' Secret would hold
+_SECRETS = {
+    "MOORAGE_SECURITY__MASTER_KEY": base64.b64encode(bytes(32)).decode(),
+    "MOORAGE_REGISTRY__CATALOG_URL": "postgresql+psycopg://moorage:pw@postgres/moorage",
+}
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -158,8 +173,9 @@ def test_pods_read_settings_moorage_accepts(source):
             names = [e["name"] for e in container["env"]]
             assert names[0] == "MOORAGE_CONFIG"
             # every MOORAGE_* variable of the pod names a setting: moorage refuses one that does not
-            environ = {n: _SAMPLE.get(n, "x") for n in names if n.startswith("MOORAGE_") and n != "MOORAGE_CONFIG"}
-            assert pod_settings(source, environ).catalog_url == "sqlite:///catalog.db"
+            environ = {e["name"]: e.get("value", _SECRETS.get(e["name"])) for e in container["env"][1:]}
+            assert all(n.startswith("MOORAGE_") and v for n, v in environ.items()), environ
+            assert pod_settings(source, environ).catalog_url == _SECRETS["MOORAGE_REGISTRY__CATALOG_URL"]
 
 
 # ---- probes and drain ---------------------------------------------------------------------------
@@ -186,6 +202,31 @@ def test_probe_and_grace_period_arithmetic(source):
     assert grace >= pre_stop + serve.drain_delay_s + serve.graceful_timeout_s + 5
     scheme = "HTTPS" if serve.ssl_certfile or _env(server, "MOORAGE_SERVE__SSL_CERTFILE") else "HTTP"
     assert {p["httpGet"]["scheme"] for p in (startup, ready, live)} == {scheme}
+
+
+def test_the_chart_computes_with_the_servers_own_defaults():
+    chart = yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8"))
+    for key in ("port", "load_budget_s", "graceful_timeout_s"):
+        assert chart["settings"]["serve"][key] == Settings.model_fields["serve"].default_factory().model_dump()[key]
+
+
+def test_several_replicas_need_a_shared_catalog_and_store():
+    from helm_python.errors import HelmRenderError
+
+    with pytest.raises(HelmRenderError, match="secret.databaseUrl"):
+        render_chart({"server": {"replicas": 2}})
+    with pytest.raises(HelmRenderError, match="store_url"):
+        render_chart({"autoscaling": {"enabled": True}, "secret": {"existingSecret": "moorage"}})
+    shared = {
+        "secret": {"databaseUrl": "postgresql+psycopg://db/moorage"},
+        "settings": {"registry": {"store_url": "s3://b"}},
+    }
+    assert one_of(render_chart({"server": {"replicas": 3}, **shared}), "Deployment")["spec"]["replicas"] == 3
+
+
+def one_of(rendered: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (obj,) = [o for o in rendered if o["kind"] == kind]
+    return obj
 
 
 def test_the_arithmetic_follows_the_values():
@@ -351,9 +392,12 @@ def test_service_monitor_scrapes_servers_and_workers_under_the_rules_job_names()
 
 
 def test_overlays_change_what_they_say():
-    assert one("kustomize:dev", "Deployment")["spec"]["replicas"] == 1
+    (dev,) = one("kustomize:dev", "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert _env(dev, "MOORAGE_LOG_LEVEL") == "DEBUG" and dev["resources"]["requests"]["cpu"] == "500m"
     production = one("kustomize:production", "Deployment")
+    assert production["spec"]["replicas"] == 3
     (server,) = production["spec"]["template"]["spec"]["containers"]
+    assert _env(server, "MOORAGE_REGISTRY__STORE_URL").startswith("s3://")
     assert all(e["valueFrom"]["secretKeyRef"]["optional"] is False for e in server["env"] if "valueFrom" in e)
     assert one("kustomize:production", "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"] == "moorage-server"
     assert server["image"] == "moorage:0.1.0"

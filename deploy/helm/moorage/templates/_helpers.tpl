@@ -145,3 +145,17 @@ imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* Several servers must share one catalog and one artifact store: a SQLite file and a folder in
+each pod's emptyDir would give every replica models of its own. */}}
+{{- define "moorage.checkShared" -}}
+{{- if or (gt (int .Values.server.replicas) 1) .Values.autoscaling.enabled }}
+{{- $registry := default dict .Values.settings.registry }}
+{{- if not (or .Values.secret.databaseUrl .Values.secret.existingSecret $registry.catalog_url) }}
+{{- fail "several server replicas share one catalog: set secret.databaseUrl (or secret.existingSecret) to a PostgreSQL URL" }}
+{{- end }}
+{{- if not $registry.store_url }}
+{{- fail "several server replicas share one artifact store: set settings.registry.store_url (e.g. s3://bucket)" }}
+{{- end }}
+{{- end }}
+{{- end }}

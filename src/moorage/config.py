@@ -149,7 +149,10 @@ class ServeSettings(BaseModel):
         0.0,
         ge=0,
         description="after SIGTERM: /readyz answers 503 and new requests are still served this long (time for a "
-        "load balancer to stop sending), then the listener closes and in-flight work gets graceful_timeout_s",
+        "load balancer to stop sending), then the listener closes and in-flight work gets graceful_timeout_s. "
+        "0 by default: on Kubernetes the pod's preStop sleep covers the endpoint removal before SIGTERM comes, and "
+        "a server with nothing in front loses only time; behind a balancer that probes /readyz, set it to the "
+        "probe's interval times its failure count",
     )
     ignore_unsupported: list[str] = Field(
         default_factory=list,
@@ -268,6 +271,10 @@ class CompressionSettings(BaseModel):
         0.005, ge=0, le=1, description="classifiers: most test accuracy lost against the parent (0.005 = 0.5 points)"
     )
     min_speedup: float = Field(1.2, gt=0, description="throughput at batch 32 over the parent's, in-process")
+    max_perplexity_ratio: float = Field(
+        1.05, ge=1, description="language models: most held-out perplexity over the parent's (1.05 = 5 % higher)"
+    )
+    max_texts: int = Field(512, ge=2, description="held-out texts (or rows) the report measures on, at most")
 
 
 class ConfigCenterSettings(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import re
+import signal
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -87,7 +88,12 @@ def serve(
     if serve_settings.workers == 1:
         from ..server import create_app
 
-        uvicorn.run(create_app(settings, registry=st.registry), **options)
+        app = create_app(settings, registry=st.registry)
+        # uvicorn stops gracefully on SIGTERM, then raises it again under the handler in place before it
+        # ran: this one, so that a stop on request that answered everything exits 0, as a supervisor
+        # expects of a drained server (Kubernetes, systemd, compose), not as if it had been killed
+        signal.signal(signal.SIGTERM, _stopped_on_request)
+        uvicorn.run(app, **options)
         return
     # The workers get the settings, master key included, in a file only this user can read, inside
     # a folder only this user can enter (mode 0700), removed at exit; the environment of a process
@@ -99,6 +105,10 @@ def serve(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # prometheus_client reads it in each worker
         os.environ[SETTINGS_FILE_ENV] = str(write_settings_file(settings, Path(private) / "settings.json"))
         uvicorn.run("moorage.cli.serve:worker_app", factory=True, workers=serve_settings.workers, **options)
+
+
+def _stopped_on_request(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def _has_rate_limits(registry, settings: Settings) -> bool:

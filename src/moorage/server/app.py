@@ -23,6 +23,7 @@ from ..runtime import Runtime
 from . import admin, classify, config, config_watch, health, inference, jobs, openai, promotion, responses
 from .edge import EdgeMiddleware
 from .errors import ERROR_RESPONSES, install_error_handlers
+from .lifecycle import Drain
 from .security import Guard, SecurityMiddleware, request_gray
 from .training import router as training_router
 from .training import start_worker, stop_worker
@@ -37,7 +38,9 @@ def create_app(
     load_before_serving: bool = False,
 ) -> FastAPI:
     """The app for `models` (default: ``settings.serve.models``). Models load in the background after
-    start-up: ``/healthz`` answers at once, ``/readyz`` once every model is loaded. With
+    start-up: ``/healthz`` answers at once, ``/readyz`` once every model is loaded, and a request that
+    needs a model meanwhile waits for it (``serve.cold_start_hold_s``, ``serve.cold_start_queue``)
+    or gets 503 with Retry-After. SIGTERM: see `lifecycle.Drain`. With
     `load_before_serving` start-up ends only once the models are loaded (or failed to load, which
     ``/readyz`` then says): for a worker of several behind one socket, which should take no
     connection it cannot serve."""
@@ -56,11 +59,13 @@ def create_app(
         await app.state.config_delivery.start()  # the first release is in force before any request
         await app.state.jobs.start()
         start_worker(app)  # only with training.run_in_server
+        drain.install()  # on top of the config delivery's hook: long-polls end when the listener closes
         if load_before_serving:
             await asyncio.wait([app.state.loading])  # a failure is kept for /readyz, as in the background
         try:
             yield
         finally:
+            drain.uninstall()
             watchdog.cancel()
             app.state.loading.cancel()
             await app.state.jobs.stop()
@@ -84,6 +89,9 @@ def create_app(
         responses=ERROR_RESPONSES,
     )
     app.state.pool = pool
+    # SIGTERM: not ready at once, serving serve.drain_delay_s more (not when an engine died: nothing to serve)
+    drain = Drain(settings.serve.drain_delay_s, can_serve=lambda: pool.dead_engine() is None)
+    app.state.drain = drain
     cache = ResponseCache.from_settings(settings.cache)  # every route and job below shares it
     app.state.service = InferenceService(pool, settings.serve.default_max_tokens, cache=cache)
     app.state.settings = settings
@@ -154,7 +162,6 @@ async def _load(pool: ModelPool) -> None:
         log.info("ready: serving %s", ", ".join(f"{k} (version {v.version})" for k, v in pool.served().items()))
     except asyncio.CancelledError:
         raise
-    except Exception as exc:
-        pool.load_error = str(exc)
-        log.error("could not load the models: %s", exc, exc_info=not hasattr(exc, "code"))
+    except Exception as exc:  # kept by the pool: /readyz and every request held for the models say it
+        log.error("could not load the models: %s", exc)  # an unexpected error's traceback: logged by the pool
         raise

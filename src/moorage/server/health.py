@@ -25,18 +25,20 @@ async def healthz() -> dict:
 @router.get("/readyz", tags=["health"])
 async def readyz(request: Request) -> Response:
     """Ready only when every served model is loaded, every engine is alive and the server is not
-    shutting down."""
+    shutting down (503 from SIGTERM on, while it still serves for ``serve.drain_delay_s``)."""
     pool = pool_of(request)
-    if pool.is_ready:
+    if pool.is_ready and not request.app.state.drain.shutting_down:
         models = {k: sv.version for k, sv in pool.served().items()}
         return FastJSON({"status": "ready", "models": models})
     dead = pool.dead_engine()
-    if dead:
+    if request.app.state.drain.shutting_down:
+        message, code = "not ready: the server is shutting down", "shutting_down"
+    elif dead:
         message, code = f"not ready: an engine stopped ({dead})", "engine_failed"
-    elif pool.load_error:
-        message, code = f"not ready: {pool.load_error}", "not_ready"
+    elif pool.load_failure is not None:
+        message, code = f"not ready: {pool.load_failure.client_message}", pool.load_failure.code
     else:
-        message, code = "not ready: models are loading", "not_ready"
+        message, code = "not ready: models are loading", "model_loading"
     return FastJSON(error_body(message, "server_error", code), status_code=503)
 
 

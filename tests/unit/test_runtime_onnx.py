@@ -179,3 +179,36 @@ def test_a_missing_onnxruntime_is_one_line_naming_the_extra(registry, settings, 
     with pytest.raises(MissingDependency) as err:
         Runtime(registry, settings.runtime).load(info)
     assert "pip install 'moorage[onnx]'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_models_show_prints_framework_precision_and_the_compression_gates(registry, settings, exported):
+    from typer.testing import CliRunner
+
+    from moorage.cli.main import app
+
+    compression = {
+        "method": "onnx-int8",
+        "parameters": {"per_channel": True, "reduce_range": True},
+        "parent": "emb:1",
+        "forced": False,
+        "gates": {
+            "mean_cosine": {"value": 0.99251, "threshold": 0.99, "passed": True},
+            "speedup_b32": {"value": 1.1, "threshold": 1.2, "passed": False},
+        },
+        "report": {"quality": {"mean_cosine": 0.99251}},
+    }
+    registry.register(exported["embed"][0], "emb", "embed")
+    registry.register(exported["embed"][1], "emb", "embed", params={"precision": "int8", "compression": compression})
+    env = {"MOORAGE_HOME": str(settings.home), "MOORAGE_USER": "tester", "MOORAGE_CONFIG": None, "COLUMNS": "200"}
+    derived = CliRunner().invoke(app, ["models", "show", "emb:2"], env=env)
+    parent = CliRunner().invoke(app, ["models", "show", "emb:1"], env=env)
+    assert derived.exit_code == 0, derived.output
+    lines = derived.output.splitlines()
+    assert "framework: onnx" in lines and "precision: int8" in lines
+    assert "compression: onnx-int8 from emb:1" in lines
+    assert "  per_channel=True, reduce_range=True" in lines
+    rows = {line.split()[1]: line.split()[2:] for line in lines if "mean_cosine" in line or "speedup_b32" in line}
+    assert rows["mean_cosine"][:4] == ["│", "0.9925", "│", "0.99"] and "yes" in rows["mean_cosine"]
+    assert rows["speedup_b32"][:4] == ["│", "1.1", "│", "1.2"] and "no" in rows["speedup_b32"]
+    assert "framework: sentence-transformers" in parent.output.splitlines()
+    assert "compression:" not in parent.output

@@ -351,7 +351,7 @@ def test_gpu_pods_ask_for_a_gpu_on_gpu_nodes(source):
     pod = one(source, "Deployment", "-server")["spec"]["template"]["spec"]
     (server,) = pod["containers"]
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert server["image"].endswith("-cuda")
+    assert server["image"].endswith("-cu126")
     assert _env(server, "MOORAGE_RUNTIME__DEVICE") == "cuda"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"

@@ -64,7 +64,7 @@ def reg(tmp_path, settings):
 
 
 def build(settings, registry, folder: Path, task: str, name: str, **params):
-    parent = registry.register(folder, "parent", task)
+    parent = registry.register(folder, f"parent-{task}", task)
     out = folder.parent / f"{name}-out"
     ctx = BuildContext(parent=parent, parent_dir=folder, out_dir=out, params=params, settings=settings)
     return method(name).build(ctx), out

@@ -128,6 +128,7 @@ def chart_schema() -> dict[str, Any]:
                     "resourceName": STR,
                     "count": INT1,
                     "imageTagSuffix": STR,
+                    "shmSizeLimit": QUANTITY,
                     "nodeSelector": PLACEMENT["nodeSelector"],
                     "tolerations": OBJ_LIST,
                 }

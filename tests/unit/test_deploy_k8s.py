@@ -217,6 +217,8 @@ def test_several_replicas_need_a_shared_catalog_and_store():
         render_chart({"server": {"replicas": 2}})
     with pytest.raises(HelmRenderError, match="store_url"):
         render_chart({"autoscaling": {"enabled": True}, "secret": {"existingSecret": "moorage"}})
+    with pytest.raises(HelmRenderError, match="secret.databaseUrl"):  # a worker would see none of the jobs
+        render_chart({"jobsWorker": {"enabled": True}})
     shared = {
         "secret": {"databaseUrl": "postgresql+psycopg://db/moorage"},
         "settings": {"registry": {"store_url": "s3://b"}},
@@ -265,7 +267,11 @@ def test_every_pod_runs_locked_down(source):
             assert ctx["capabilities"]["drop"] == ["ALL"] and "add" not in ctx["capabilities"], where
             assert ctx["seccompProfile"]["type"] == "RuntimeDefault", where
             writable = {m["mountPath"]: m["name"] for m in container["volumeMounts"] if not m.get("readOnly")}
-            assert set(writable) == {"/tmp", str(pod_settings(source).home)}, where
+            assert (
+                {"/tmp", str(pod_settings(source).home)}
+                <= set(writable)
+                <= {"/tmp", "/dev/shm", str(pod_settings(source).home)}
+            ), where
             assert set(writable.values()) <= empty_dirs, where
             assert "limits" in container["resources"] and "requests" in container["resources"], where
     for account in objects(source, "ServiceAccount"):
@@ -355,6 +361,9 @@ def test_gpu_pods_ask_for_a_gpu_on_gpu_nodes(source):
     assert _env(server, "MOORAGE_RUNTIME__DEVICE") == "cuda"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in server["volumeMounts"]
 
 
 def test_tls_mounts_the_certificate_and_probes_use_https():

@@ -116,6 +116,24 @@ serving drain_delay_s with /readyz 503, then gives in-flight work graceful_timeo
     sizeLimit: {{ .Values.scratch.tmpSizeLimit }}
 {{- end }}
 
+{{/* GPU pods: a memory-backed /dev/shm (the container runtime's default is 64 MiB; torch's
+inter-process tensors and data-loader workers need more). */}}
+{{- define "moorage.shmMount" -}}
+{{- if .Values.gpu.enabled }}
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+{{- end }}
+
+{{- define "moorage.shmVolume" -}}
+{{- if .Values.gpu.enabled }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.gpu.shmSizeLimit }}
+{{- end }}
+{{- end }}
+
 {{/* topologySpreadConstraints of one component: include "moorage.topologySpread" (list . "server") */}}
 {{- define "moorage.topologySpread" -}}
 {{- $ctx := index . 0 -}}
@@ -146,16 +164,18 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
-{{/* Several servers must share one catalog and one artifact store: a SQLite file and a folder in
-each pod's emptyDir would give every replica models of its own. */}}
+{{/* Several pods must share one catalog and one artifact store: a SQLite file and a folder in each
+pod's emptyDir would give every replica models of its own, and a worker neither the server's models
+nor its jobs. */}}
 {{- define "moorage.checkShared" -}}
-{{- if or (gt (int .Values.server.replicas) 1) .Values.autoscaling.enabled }}
+{{- $several := or (gt (int .Values.server.replicas) 1) .Values.autoscaling.enabled }}
+{{- if or $several .Values.streamWorker.enabled .Values.jobsWorker.enabled }}
 {{- $registry := default dict .Values.settings.registry }}
 {{- if not (or .Values.secret.databaseUrl .Values.secret.existingSecret $registry.catalog_url) }}
-{{- fail "several server replicas share one catalog: set secret.databaseUrl (or secret.existingSecret) to a PostgreSQL URL" }}
+{{- fail "several servers, and workers, share one catalog: set secret.databaseUrl (or secret.existingSecret) to a PostgreSQL URL" }}
 {{- end }}
 {{- if not $registry.store_url }}
-{{- fail "several server replicas share one artifact store: set settings.registry.store_url (e.g. s3://bucket)" }}
+{{- fail "several servers, and workers, share one artifact store: set settings.registry.store_url (e.g. s3://bucket)" }}
 {{- end }}
 {{- end }}
 {{- end }}

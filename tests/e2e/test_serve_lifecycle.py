@@ -104,11 +104,17 @@ def _stream(url: str, i: int, started: threading.Semaphore) -> dict:
 
 
 def test_sigterm_during_20_streams_cuts_none_and_readyz_is_503_from_the_signal_on(cli_env, start, tmp_path):
+    """A config long-poll held across the signal is answered 304 when the listener closes: its 55 s
+    hold would outlast the 40 s graceful timeout, which would cut it."""
     _register(cli_env, tmp_path, "gen", "generate", delay_ms=15)
-    proc, url, log = start("-m", "gen", drain_delay_s=DRAIN_DELAY_S, graceful_timeout_s=120)
+    cli_env["MOORAGE_CONFIG__HOLD_S"] = "55"
+    proc, url, log = start("-m", "gen", drain_delay_s=DRAIN_DELAY_S, graceful_timeout_s=40)
     wait_until(lambda: httpx.get(url + "/readyz").status_code == 200, timeout_s=60, what="the model's load")
+    watch = {"instance": "lifecycle-test", "after": -1}
+    watch["after"] = httpx.get(url + "/v1/config/watch", params=watch).json()["revision"]
     started = threading.Semaphore(0)
-    with ThreadPoolExecutor(NUM_STREAMS) as pool:
+    with ThreadPoolExecutor(NUM_STREAMS + 1) as pool:
+        held = pool.submit(httpx.get, url + "/v1/config/watch", params=watch, timeout=120)
         streams = [pool.submit(_stream, url, i, started) for i in range(NUM_STREAMS)]
         for _ in range(NUM_STREAMS):
             assert started.acquire(timeout=120), "a stream did not start"
@@ -129,7 +135,9 @@ def test_sigterm_during_20_streams_cuts_none_and_readyz_is_503_from_the_signal_o
         wait_until(closed, timeout_s=60, what="the listener's close", interval_s=0.05)
         in_flight_at_close = sum(not s.done() for s in streams)
         results = [s.result(timeout=120) for s in streams]
+        long_poll = held.result(timeout=120)
     assert proc.wait(timeout=120) == 0
+    assert long_poll.status_code == 304
     assert (during[0].status_code, during[0].json()["error"]["code"]) == (503, "shutting_down")
     assert during[1].status_code == 200 and during[1].json()["usage"]["completion_tokens"] == 2
     assert set(statuses) <= {(503, "shutting_down")}

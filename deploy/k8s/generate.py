@@ -36,8 +36,19 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the settings file in the ConfigMap) as literal blocks, readable as they are."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def _dump(objects: list[dict[str, Any]]) -> str:
-    return HEADER + "---\n".join(yaml.safe_dump(_plain(o), sort_keys=False) for o in objects)
+    return HEADER + "---\n".join(yaml.dump(_plain(o), Dumper=_Dumper, sort_keys=False) for o in objects)
 
 
 def files() -> dict[Path, str]:

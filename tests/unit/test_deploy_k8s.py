@@ -149,6 +149,21 @@ def test_helm_lint_finds_nothing_to_warn_about(version):
         assert [m for m in report["messages"] if m["severity"] >= 2] == [], (name, report["messages"])
 
 
+def test_the_validators_catch_a_mistyped_field():
+    import copy
+
+    monitor = copy.deepcopy(one("chart:hpa", "ServiceMonitor"))
+    monitor["spec"]["endpoints"][0]["intervall"] = "15s"
+    assert [e.message for e in _crd_validator("servicemonitor_v1.json").iter_errors(monitor)]
+    scaled = copy.deepcopy(one("chart:keda", "ScaledObject", "-server"))
+    scaled["spec"]["minReplicas"] = 1
+    assert [e.message for e in _crd_validator("scaledobject_v1alpha1.json").iter_errors(scaled)]
+    deployment = copy.deepcopy(one("chart:minimal", "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError, match="readinesProbe"):
+        kubernetes_validate.validate(deployment, "1.30", strict=True)
+
+
 def test_the_value_sets_cover_the_issue():
     assert {"minimal", "gpu", "keda", "hpa", "pdb-off", "tls"} <= set(value_sets())
     assert {"dev", "production", "gpu"} <= set(overlays())

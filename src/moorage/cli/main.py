@@ -15,7 +15,7 @@ from rich.markup import escape
 from .. import __version__
 from ..errors import MoorageError
 from ..observability.logging import quiet_libraries, setup_logging
-from . import audit, configcenter, datasets, keys, models, report, serve, spark, stream
+from . import audit, compress, configcenter, datasets, keys, models, report, serve, spark, stream
 from .context import AppState, RichProgress, console, err_console, state
 from .jobs import app as jobs_app
 from .train import app as train_app
@@ -44,6 +44,7 @@ app.add_typer(configcenter.app, name="config")
 app.command()(serve.serve)
 app.command()(report.report)
 app.command()(evaluate)
+app.command(name="compress")(compress.compress)
 
 
 def _version(value: bool) -> None:

@@ -36,8 +36,8 @@ from ..db import utcnow
 from ..errors import BadRequest
 from .store import DEFAULT_LEASE_S, Job, JobError, JobNotFound, JobStatus, JobStore, job_logs_table, jobs_table
 
-JOB_KINDS = ("inference", "training", "evaluation", "batch")
-WORK_KINDS = ("training", "evaluation", "batch")  # the kinds a worker takes from the table
+JOB_KINDS = ("inference", "training", "evaluation", "batch", "compress")
+WORK_KINDS = ("training", "evaluation", "batch", "compress")  # the kinds a worker takes from the table
 MAX_LOG_LINE = 4000
 _CANDIDATES = 8  # claimable rows read per attempt of `next`; racing workers each try them in order
 

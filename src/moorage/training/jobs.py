@@ -9,6 +9,8 @@
 - ``batch``: a `BatchSpec`; a registered model over a dataset split through the `InferenceService`
   that every edge uses, one output row per input row, written to ``HOME/jobs/<job id>/`` as JSONL or
   Parquet (the file is written under a temporary name and renamed: never half a file).
+- ``compress``: a `CompressSpec`; a derived version of a registered model, registered when its
+  quality gates pass (`moorage.training.compress.jobs`).
 
 `validate_spec` checks a job's request before it is queued (HTTP and CLI both call it), so a bad
 field is a 422 naming it, not a job that fails later.
@@ -30,6 +32,7 @@ from ..jobs.queue import WORK_KINDS, UnknownJobKind
 from ..jobs.store import Job
 from ..registry import Registry
 from .batch import BatchSpec
+from .compress.jobs import CompressSpec, run_compress_job
 from .trainer import Progress, TrainSpec
 
 
@@ -43,7 +46,12 @@ class EvaluationSpec(BaseModel):
     split: str = Field("test", min_length=1, max_length=64)
 
 
-SPECS: dict[str, type[BaseModel]] = {"training": TrainSpec, "evaluation": EvaluationSpec, "batch": BatchSpec}
+SPECS: dict[str, type[BaseModel]] = {
+    "training": TrainSpec,
+    "evaluation": EvaluationSpec,
+    "batch": BatchSpec,
+    "compress": CompressSpec,
+}
 
 
 @dataclass
@@ -80,7 +88,8 @@ def check_refs(registry: Registry, kind: str, request: Mapping[str, Any]) -> Non
     from .datasets import Datasets
 
     registry.resolve(str(request["base"] if kind == "training" else request["model"]))
-    Datasets.from_registry(registry).get(str(request["dataset"]))
+    if request.get("dataset") is not None:  # a compress job's is optional
+        Datasets.from_registry(registry).get(str(request["dataset"]))
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -195,4 +204,5 @@ HANDLERS: dict[str, JobHandler] = {
     "training": run_training_job,
     "evaluation": run_evaluation_job,
     "batch": run_batch_job,
+    "compress": run_compress_job,
 }

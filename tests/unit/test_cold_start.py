@@ -121,3 +121,14 @@ async def test_sigint_or_a_dead_engine_stops_without_the_delay(settings, registr
         app.state.drain.shutting_down = False
         app.state.drain.begin(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
         assert stopped == [signal.SIGINT, signal.SIGTERM]
+
+
+async def test_a_load_past_its_budget_is_logged(settings, registry, fake_model, caplog):
+    """What a startup probe will do about it is said where the operator looks: the server's log."""
+    registry.register(fake_model("embed"), "emb", "embed")
+    async with loading(settings, registry, load_budget_s=0.01) as (app, c, release):
+        await eventually(lambda: "serve.load_budget_s" in caplog.text, what="the budget's log line")
+        release.set()
+        await app.state.loading
+        assert (await c.post("/v1/embeddings", json=EMBED)).status_code == 200
+    assert "still loading after 0.01 s" in caplog.text

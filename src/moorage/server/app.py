@@ -53,7 +53,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
-        app.state.loading = loop.create_task(_load(pool))
+        app.state.loading = loop.create_task(_load(pool, settings.serve.load_budget_s))
         watchdog = loop.create_task(_on_engine_failure(pool, settings.serve.exit_on_engine_failure))
         await guard.start()
         await app.state.config_delivery.start()  # the first release is in force before any request
@@ -156,7 +156,14 @@ async def _on_engine_failure(pool: ModelPool, exit_process: bool) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-async def _load(pool: ModelPool) -> None:
+async def _load(pool: ModelPool, budget_s: float) -> None:
+    late = asyncio.get_running_loop().call_later(
+        budget_s,
+        log.error,
+        "the models are still loading after %g s (serve.load_budget_s): a Kubernetes startup probe restarts the "
+        "pod now; raise the budget or make the models load faster (a local copy of the store, a smaller dtype)",
+        budget_s,
+    )
     try:
         await pool.start()
         log.info("ready: serving %s", ", ".join(f"{k} (version {v.version})" for k, v in pool.served().items()))
@@ -165,3 +172,5 @@ async def _load(pool: ModelPool) -> None:
     except Exception as exc:  # kept by the pool: /readyz and every request held for the models say it
         log.error("could not load the models: %s", exc)  # an unexpected error's traceback: logged by the pool
         raise
+    finally:
+        late.cancel()

@@ -4,6 +4,7 @@ one-line error of a missing onnxruntime."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 
@@ -212,3 +213,26 @@ def test_models_show_prints_framework_precision_and_the_compression_gates(regist
     assert rows["speedup_b32"][:4] == ["│", "1.1", "│", "1.2"] and "no" in rows["speedup_b32"]
     assert "framework: sentence-transformers" in parent.output.splitlines()
     assert "compression:" not in parent.output
+
+
+def test_sessions_take_threads_from_the_runtime_settings_and_cuda_only_where_it_exists(settings, caplog):
+    import onnxruntime as ort
+
+    from moorage.runtime.onnx import providers, session_options
+
+    options = session_options(ort, settings.runtime.model_copy(update={"num_threads": 3}))
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert session_options(ort, settings.runtime).intra_op_num_threads == len(os.sched_getaffinity(0))
+
+    class WithCuda:
+        @staticmethod
+        def get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    assert providers(WithCuda, "cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert providers(WithCuda, "cpu") == ["CPUExecutionProvider"]
+    cpu_only = "CUDAExecutionProvider" not in ort.get_available_providers()
+    if cpu_only:  # this onnxruntime has no CUDA: the model runs on the CPU, and the log says so
+        assert providers(ort, "cuda") == ["CPUExecutionProvider"]
+        assert "no CUDA provider" in caplog.text

@@ -39,7 +39,7 @@ def register(
     ] = None,
 ) -> None:
     """Copy a model folder into the registry as its next version (refused, storing nothing, if a
-    safetensors header is malformed or a file is not a plain file)."""
+    safetensors header or an ONNX file is malformed or a file is not a plain file)."""
     if parent is not None:
         parse_ref(parent)
     st = state(ctx)
@@ -100,7 +100,8 @@ def versions(ctx: typer.Context, name: str) -> None:
 
 @app.command()
 def show(ctx: typer.Context, ref: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """One version: manifest, aliases, tags, lineage."""
+    """One version: manifest, aliases, tags, lineage, the framework and precision it is served with,
+    and for a compressed version its method, parent and quality gates."""
     info = state(ctx).registry.resolve(ref)
     doc = {
         "ref": info.ref,
@@ -291,8 +292,8 @@ def delete(
 
 @app.command()
 def verify(ctx: typer.Context, ref: str) -> None:
-    """Recompute every checksum and read every safetensors header of a version; exit 1 if any file
-    differs or is malformed."""
+    """Recompute every checksum and read every safetensors header and ONNX file's structure of a
+    version; exit 1 if any file differs or is malformed."""
     reg = state(ctx).registry
     info = reg.resolve(ref)
     with RichProgress() as progress:

@@ -97,6 +97,9 @@ class _OnnxHandler(TaskHandler):
         }
 
     def run(self, batch: dict[str, Any]) -> Any:
+        # Plain run, not IO binding: on the CPU provider run() already reads the numpy inputs in place
+        # and IO binding measured the same (MiniLM, 2 shared cores, batch 1: 21.5 vs 19.3 ms, batch 32:
+        # 268 vs 258 ms, both within the noise of repeated rounds). A CUDA session is where it would pay.
         return self.session.run([self.output], batch)[0]
 
 

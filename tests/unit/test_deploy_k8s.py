@@ -6,6 +6,7 @@ the autoscalers and the shipped alert rules are checked on the rendered objects.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import importlib.util
@@ -258,6 +259,37 @@ def test_the_arithmetic_follows_the_values():
 
 def _env(container: dict[str, Any], name: str) -> str | None:
     return next((e.get("value") for e in container.get("env", []) if e["name"] == name), None)
+
+
+@pytest.mark.anyio
+async def test_the_probed_and_scraped_paths_answer_on_a_server_with_the_pods_settings(tmp_path, fake_model):
+    """The chart's settings file, as a pod reads it, starts a server whose probe paths and /metrics
+    (no key: the ServiceMonitor sends none) answer: /readyz once the served model is loaded."""
+    import httpx
+    from asgi_lifespan import LifespanManager
+
+    from moorage.registry import Registry
+    from moorage.server import create_app
+
+    settings = pod_settings("chart:minimal").model_copy(update={"home": tmp_path / "home"})
+    registry = Registry.from_settings(settings)
+    registry.register(fake_model("embed"), "emb", "embed")
+    (server,) = one("chart:minimal", "Deployment", "-server")["spec"]["template"]["spec"]["containers"]
+    paths = {probe: server[probe]["httpGet"]["path"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
+    app = create_app(settings, ["emb"], registry=registry)
+    try:
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://moorage") as client:
+                assert (await client.get(paths["livenessProbe"])).status_code == 200
+                await asyncio.wait([app.state.loading], timeout=60)  # the models load in the background
+                assert (await client.get(paths["readinessProbe"])).status_code == 200
+                assert (await client.get(paths["startupProbe"])).status_code == 200
+                metrics = await client.get("/metrics")
+                assert metrics.status_code == 200 and "moorage_queue_depth" in metrics.text
+                assert (await client.post("/v1/embeddings", json={"model": "emb", "input": "a"})).status_code == 401
+    finally:
+        registry.close()
 
 
 # ---- security -----------------------------------------------------------------------------------

@@ -222,7 +222,7 @@ def test_probe_and_grace_period_arithmetic(source):
 
 def test_the_chart_computes_with_the_servers_own_defaults():
     chart = yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8"))
-    for key in ("port", "load_budget_s", "graceful_timeout_s"):
+    for key in ("port", "load_budget_s", "graceful_timeout_s", "drain_delay_s"):
         assert chart["settings"]["serve"][key] == Settings.model_fields["serve"].default_factory().model_dump()[key]
 
 

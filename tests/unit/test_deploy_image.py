@@ -24,6 +24,7 @@ import stat
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -573,3 +574,11 @@ def test_readme_secret_steps_make_what_the_stack_reads(compose, dockerfile, tmp_
     assert runs
     for line in runs:
         _parse_moorage(shlex.split(line.split("#")[0])[5:])
+
+
+def test_image_version_label_and_stack_tag_follow_the_package_version(dockerfile, compose):
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    labels = dict(item.split("=", 1) for args in _effective(dockerfile, "all", "LABEL") for item in shlex.split(args))
+    assert labels["org.opencontainers.image.version"] == version
+    assert compose["x-moorage"]["image"] == f"${{IMAGE:-moorage:{version}}}"
+    assert f"moorage:{version}" in _readme_blocks()[0]

@@ -298,11 +298,11 @@ def _moorage_services(compose) -> dict[str, dict]:
 
 
 def test_moorage_services_run_the_image_read_only_with_their_home_on_a_volume(compose, dockerfile):
-    build = compose["services"]["server"]["build"]
-    assert (STACK / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
-    assert build["target"] in RUNTIME_TARGETS
     script = _installed_healthcheck(dockerfile)
     for name, service in _moorage_services(compose).items():
+        build = service["build"]  # each can build it, so none pulls an image of that name from elsewhere
+        assert (STACK / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+        assert build["target"] in RUNTIME_TARGETS and build == compose["services"]["server"]["build"]
         assert str(service.get("user", "10001")).split(":")[0] not in ("0", "root"), name
         assert service["read_only"] is True and "/tmp" in service["tmpfs"], name
         assert service["cap_drop"] == ["ALL"] and "no-new-privileges:true" in service["security_opt"], name

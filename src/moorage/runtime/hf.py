@@ -7,6 +7,7 @@ pickle files at registration and the loader refuses them again before this modul
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import time
@@ -155,15 +156,14 @@ class CausalGenerator(StepGenerator):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = (
-            tf.AutoModelForCausalLM.from_pretrained(
+        with int8_quiet(folder):
+            model = tf.AutoModelForCausalLM.from_pretrained(
                 str(folder), local_files_only=True, use_safetensors=True, dtype=resolve_dtype(self.torch, settings)
             )
-            .to(settings.device)
-            .eval()
-        )
+        quantized = restore_int8_linears(model, folder)
+        self.model = model.to(settings.device).eval()
         self.memory_bytes = _param_bytes(self.model)
-        self.precision = precision_of(self.model.dtype)
+        self.precision = "int8" if quantized else precision_of(self.model.dtype)
         decoding.use_decode_attention(self.model)
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -568,16 +568,8 @@ def pruned_heads_kwargs(folder: Path) -> dict[str, Any]:
 def pruned_heads_quiet(folder: Path) -> Iterator[None]:
     """transformers' load report lists a pruned folder's projections as mismatched: they are loaded by
     `restore_pruned_heads`, so the report is not printed."""
-    if not pruned_heads(folder):
+    with _transformers_quiet(bool(pruned_heads(folder))):
         yield
-        return
-    tf = require("transformers", "ml")
-    verbosity = tf.logging.get_verbosity()
-    tf.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        tf.logging.set_verbosity(verbosity)
 
 
 def cut_heads(attention, heads: list[int], torch) -> None:
@@ -652,3 +644,97 @@ def _in_pruned_layer(name: str, pruned: dict[int, list[int]]) -> bool:
             rest = parts[i + 2 :]
             return rest[:2] in (["attention", "self"], ["attention", "output"]) and "LayerNorm" not in rest
     return False
+
+
+# ---- int8 weight-only linear layers (moorage compress --method lm-int8) -----------------------------
+# config.json's `moorage_int8` names the linear layers whose weights the folder holds as int8 (their
+# usual names and shapes) with one scale per output channel beside each (NAME.weight_scale). transformers
+# loads the int8 values into the float model (exactly: they are integers below 128) and leaves the scales
+# out; the layers are then swapped for `Int8Linear`s that keep the weights as int8.
+INT8_KEY = "moorage_int8"
+INT8_KERNEL_ROWS = 16  # up to this many rows (decode steps) the int8 kernel; more (prefill) bf16 matmuls
+
+
+def int8_config(folder: Path) -> dict[str, Any] | None:
+    try:
+        recorded = json.loads((folder / "config.json").read_text()).get(INT8_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+@contextlib.contextmanager
+def int8_quiet(folder: Path) -> Iterator[None]:
+    """transformers' load report lists the int8 scales as unexpected: they are read by `restore_int8_linears`."""
+    with _transformers_quiet(int8_config(folder) is not None):
+        yield
+
+
+@contextlib.contextmanager
+def _transformers_quiet(quiet: bool) -> Iterator[None]:
+    if not quiet:
+        yield
+        return
+    tf = require("transformers", "ml")
+    verbosity = tf.logging.get_verbosity()
+    tf.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tf.logging.set_verbosity(verbosity)
+
+
+@functools.cache
+def int8_linear(torch):
+    """The Int8Linear module class (made once torch is imported)."""
+    module: Any = torch.nn.Module
+
+    class Int8Linear(module):
+        """y = x W^T + b with W = q * scale: q int8 (out, in), one float scale per output channel. A few
+        rows run torch's int8 weight kernel (_weight_int8pack_mm) on bf16 activations; more rows (a
+        prompt's prefill) dequantise W to bf16 for one matmul, which is faster there."""
+
+        def __init__(self, weight, scale, bias) -> None:
+            super().__init__()
+            self.in_features, self.out_features = int(weight.shape[1]), int(weight.shape[0])
+            self.register_buffer("weight", weight.to(torch.int8).contiguous())
+            self.register_buffer("weight_scale", scale.to(torch.bfloat16).contiguous())
+            self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+
+        def forward(self, x):
+            rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            scale = self.weight_scale.to(torch.bfloat16)
+            if rows.shape[0] <= INT8_KERNEL_ROWS:
+                y = torch._weight_int8pack_mm(rows, self.weight, scale)
+            else:
+                y = torch.nn.functional.linear(rows, self.weight.to(torch.bfloat16) * scale[:, None])
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    return Int8Linear
+
+
+def restore_int8_linears(model, folder: Path) -> bool:
+    """Swap the layers `moorage_int8` names for Int8Linears with the folder's scales; False for a folder
+    without int8 layers."""
+    recorded = int8_config(folder)
+    if recorded is None:
+        return False
+    torch = require("torch", "ml")
+    from safetensors import safe_open
+
+    scales = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            scales.update({k: f.get_tensor(k) for k in f.keys() if k.endswith(".weight_scale")})  # noqa: SIM118
+    linear = int8_linear(torch)
+    for name in recorded.get("modules", []):
+        scale = scales.get(f"{name}.weight_scale")
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        old = getattr(owner, attr, None)
+        if scale is None or not isinstance(old, torch.nn.Linear):
+            raise InvalidArtifact(f"{folder.name}: int8 layer {name} has no scale or is not a linear layer")
+        setattr(owner, attr, linear(old.weight.detach().round(), scale, old.bias))
+    return True

@@ -173,6 +173,7 @@ def tiny_onnx_folder(tmp: Path, task: str = "embed", seed: int = 0) -> tuple[Pat
     folder and a graph with mean pooling and L2 normalisation inside (output `embeddings`);
     "classify": a 3-label sequence classifier (output `logits`). Exported with torch.onnx (opset 17)."""
     import json
+    import warnings
 
     import torch
     import transformers
@@ -201,16 +202,18 @@ def tiny_onnx_folder(tmp: Path, task: str = "embed", seed: int = 0) -> tuple[Pat
     inputs = ["input_ids", "attention_mask", "token_type_ids"]
     sample = tokenizer(["a first sentence", "and a second, longer one"], padding=True, return_tensors="pt")
     axes = {name: {0: "batch", 1: "seq"} for name in inputs}
-    torch.onnx.export(
-        model,
-        tuple(sample[name] for name in inputs),
-        str(folder / "model.onnx"),
-        input_names=inputs,
-        output_names=[output],
-        dynamic_axes={**axes, output: {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            tuple(sample[name] for name in inputs),
+            str(folder / "model.onnx"),
+            input_names=inputs,
+            output_names=[output],
+            dynamic_axes={**axes, output: {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
     transformers.AutoConfig.from_pretrained(str(parent)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     meta = {

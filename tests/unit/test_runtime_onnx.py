@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from moorage.config import load_settings
-from moorage.errors import IntegrityError, InvalidArtifact, MissingDependency, ModelLoadFailed
+from moorage.errors import BadRequest, IntegrityError, InvalidArtifact, MissingDependency, ModelLoadFailed
 from moorage.registry import Registry, crypto
 from moorage.registry.manifest import detect_framework
 from moorage.runtime import Runtime
@@ -80,10 +80,15 @@ def test_onnx_classifier_matches_the_torch_handler_on_the_same_weights(registry,
         assert g.score == max(g.scores.values())
 
 
-def test_an_onnx_folder_for_another_task_is_refused_with_wrong_task(exported):
-    with pytest.raises(Exception) as err:
+def test_an_onnx_folder_for_another_task_or_without_its_graph_is_refused(exported, tmp_path):
+    with pytest.raises(BadRequest) as err:
         detect_framework(exported["embed"][1], "classify")
-    assert getattr(err.value, "code", None) == "wrong_task" and "onnx.json" in str(err.value)
+    assert err.value.code == "wrong_task" and "onnx.json" in str(err.value)
+    folder = tmp_path / "no-graph"
+    shutil.copytree(exported["embed"][1], folder)
+    (folder / "model.onnx").unlink()
+    with pytest.raises(BadRequest, match="has an onnx.json but no model.onnx"):
+        detect_framework(folder, "embed")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])

@@ -107,6 +107,8 @@ def detect_framework(folder: Path, task: str) -> str:
         return "fake"
     if (folder / "onnx.json").is_file():  # a derived ONNX folder (see moorage.runtime.onnx)
         _check_task(folder, task, _read_json(folder / "onnx.json").get("task"), "onnx.json")
+        if not (folder / "model.onnx").is_file():
+            raise BadRequest(f"{folder} has an onnx.json but no model.onnx: export the model again")
         return "onnx"
     if any(folder.glob("*.gguf")):
         raise BadRequest(

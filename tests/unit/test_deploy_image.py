@@ -372,6 +372,7 @@ def test_every_environment_name_is_a_setting_the_process_accepts(compose, docker
             assert _seconds(service["stop_grace_period"]) >= needed
         if name == "stream":
             assert _seconds(service["stop_grace_period"]) > settings.stream.stop_grace_s
+            assert settings.stream.metrics_host == "0.0.0.0"  # its container's interface: Prometheus scrapes it
     # the check bites: a misspelt name is refused, not ignored
     env = _service_env(compose, dockerfile, "server") | {"MOORAGE_SERVE__PROT": "8000"}
     with pytest.raises(ConfigError, match="prot"):
@@ -448,9 +449,16 @@ def test_stack_prometheus_loads_the_shipped_rules_and_scrapes_the_server(compose
         assert str(in_container.parent) in mounts, f"{pattern}: nothing is mounted there"
         assert mounts[str(in_container.parent)] == SHIPPED_RULES
         assert sorted(SHIPPED_RULES.glob(in_container.name)) == sorted(SHIPPED_RULES.glob("*.yml"))
-    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "moorage-serve"]
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    assert set(jobs) == {"moorage-serve", "moorage-stream"}  # the job names the rules and dashboards use
     port = Settings().serve.port
-    assert job["static_configs"][0]["targets"] == [f"server:{port}"]
+    assert jobs["moorage-serve"]["static_configs"][0]["targets"] == [f"server:{port}"]
+    # every replica of the stream service, on the port its command serves metrics on
+    (sd,) = jobs["moorage-stream"]["dns_sd_configs"]
+    stream = compose["services"]["stream"]
+    assert sd["names"] == ["stream"] and sd["type"] == "A"
+    assert str(sd["port"]) == _option([_interpolate(str(a), {}) for a in stream["command"]], "--metrics-port")
+    assert "ports" not in stream  # reached inside the stack only
 
 
 def test_stack_prometheus_config_passes_promtool(compose, tmp_path):

@@ -284,3 +284,20 @@ def test_a_compress_job_runs_through_the_queue(world):
         assert any("compressing tiny-cls with onnx-int8" in line for line in lines)
     finally:
         registry.close()
+
+
+def test_a_language_model_is_compared_on_perplexity_token_agreement_and_generated_tokens(tmp_path):
+    from moorage.training.compress.report import HeldOut, measure
+
+    from tests.support import tiny_llama
+
+    folder = tiny_llama(tmp_path / "llama")
+    settings = make_settings(tmp_path / "home", MOORAGE_RUNTIME__DTYPE="float32")
+    held_out = HeldOut(texts(4), source={"source": "texts"})
+    report = measure("generate", folder, folder, held_out, settings.runtime, speed_batches={1: 1, 2: 1})
+    quality = report["quality"]
+    assert quality["perplexity_ratio"] == pytest.approx(1.0) and quality["greedy_token_agreement"] == 1.0
+    assert quality["tokens"] > 0 and quality["parent_perplexity"] == pytest.approx(quality["derived_perplexity"])
+    rates = report["speed"]["tokens_per_s"]
+    assert set(rates["parent"]) == set(rates["derived"]) == {"batch_1", "batch_2"}
+    assert all(value > 0 for value in rates["derived"].values())

@@ -122,9 +122,11 @@ def report_table(report: dict[str, Any]) -> Table:
         table.add_row("perplexity", f"{before:.3f}", f"{after:.3f}", f"x{quality['perplexity_ratio']:.3f}")
         table.add_row("greedy-token agreement", "", f"{quality['greedy_token_agreement']:.4f}", "")
     speed = report["speed"]
+    unit = "tokens/s" if "tokens_per_s" in speed else "texts/s"
+    rates = speed.get("tokens_per_s") or speed["texts_per_s"]
     for batch, ratio in speed["speedup"].items():
-        before, after = speed["texts_per_s"]["parent"][batch], speed["texts_per_s"]["derived"][batch]
-        table.add_row(f"texts/s, {batch.replace('_', ' ')}", f"{before:.1f}", f"{after:.1f}", f"x{ratio:.2f}")
+        before, after = rates["parent"][batch], rates["derived"][batch]
+        table.add_row(f"{unit}, {batch.replace('_', ' ')}", f"{before:.1f}", f"{after:.1f}", f"x{ratio:.2f}")
     parent, derived = report["footprint"]["parent"], report["footprint"]["derived"]
     table.add_row("weights", _mb(parent["weights_bytes"]), _mb(derived["weights_bytes"]), f"{report['size_ratio']:.1%}")
     table.add_row("load", f"{parent['load_s']:.2f} s", f"{derived['load_s']:.2f} s", "")

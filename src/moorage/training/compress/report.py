@@ -27,6 +27,9 @@ from ...runtime.loader import handler_for
 from ..evaluation import classification_metrics
 
 SPEED_BATCHES = {1: 32, 32: 4}  # batch size -> batches timed (after one warm-up batch)
+GENERATE_BATCHES = {1: 2, 32: 1}  # language models: greedy generations of GENERATED_TOKENS each
+GENERATED_TOKENS = 16
+LM_TEXTS, LM_TOKENS = 64, 256  # perplexity and token agreement: on this many texts, this many tokens each
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".data")
 
 
@@ -90,18 +93,17 @@ def measure(
         say(f"loading the parent as served ({served_dtype})")
         parent = load(parent_dir, task, settings, "parent")
     speed: dict[str, Any] = {}
+    batches = speed_batches or (GENERATE_BATCHES if task == "generate" else SPEED_BATCHES)
+    measure_speed = generation_throughput if task == "generate" else throughput
     for role, loaded in (("parent", parent), ("derived", derived)):
         say(f"measuring the {role}'s speed")
-        speed[role] = throughput(loaded.handler, held_out.texts, speed_batches or SPEED_BATCHES)
-    speedups = {
-        f"batch_{b}": _ratio(speed["derived"][f"batch_{b}"], speed["parent"][f"batch_{b}"])
-        for b in (speed_batches or SPEED_BATCHES)
-    }
+        speed[role] = measure_speed(loaded.handler, held_out.texts, batches)
+    speedups = {f"batch_{b}": _ratio(speed["derived"][f"batch_{b}"], speed["parent"][f"batch_{b}"]) for b in batches}
     return {
         "task": task,
         "held_out": {"rows": len(held_out.texts), **(held_out.source or {})},
         "quality": quality,
-        "speed": {"texts_per_s": speed, "speedup": speedups},
+        "speed": {"texts_per_s" if task != "generate" else "tokens_per_s": speed, "speedup": speedups},
         "footprint": {"parent": _footprint(parent, parent_dir), "derived": _footprint(derived, derived_dir)},
         "size_ratio": _ratio(weights_bytes(derived_dir), weights_bytes(parent_dir)),
         "runtime": {"num_threads": settings.num_threads, "device": settings.device, "dtype": settings.dtype},
@@ -180,8 +182,8 @@ def language_model_quality(parent: TaskHandler, derived: TaskHandler, texts: Seq
     torch = require("torch", "ml")
     total = {"parent": 0.0, "derived": 0.0}
     agree = count = 0
-    for text in texts:
-        ids = parent.tokenizer(text, return_tensors="pt")["input_ids"][:, :512]  # type: ignore[attr-defined]
+    for text in texts[:LM_TEXTS]:
+        ids = parent.tokenizer(text, return_tensors="pt")["input_ids"][:, :LM_TOKENS]  # type: ignore[attr-defined]
         if ids.shape[1] < 2:
             continue
         with torch.inference_mode():
@@ -227,6 +229,27 @@ def throughput(handler: TaskHandler, texts: Sequence[str], batches: dict[int, in
         for chunk in chunks[1:]:
             handler(chunk)
         out[f"batch_{size}"] = size * count / (time.perf_counter() - started)
+    return out
+
+
+def generation_throughput(handler: TaskHandler, texts: Sequence[str], batches: dict[int, int]) -> dict[str, float]:
+    """Generated tokens per second at each batch size (greedy, `GENERATED_TOKENS` new tokens from the
+    first words of held-out texts), through the same step loop the server's engine runs."""
+    from ...runtime.base import GenerateInput, GenerationParams
+
+    params = GenerationParams(max_new_tokens=GENERATED_TOKENS)
+    prompts = [" ".join(t.split()[:24]) or "Hello" for t in texts]
+    out = {}
+    for size, count in batches.items():
+        chunks = [
+            [GenerateInput(prompt=prompts[(i * size + j) % len(prompts)], params=params) for j in range(size)]
+            for i in range(count + 1)
+        ]
+        handler(chunks[0])
+        tokens, started = 0, time.perf_counter()
+        for chunk in chunks[1:]:
+            tokens += sum(g.completion_tokens for g in handler(chunk))
+        out[f"batch_{size}"] = tokens / (time.perf_counter() - started)
     return out
 
 

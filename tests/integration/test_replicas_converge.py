@@ -32,7 +32,7 @@ from tests.services.fleet import Fleet, dead_letter_reasons, metric, predict, pu
 from tests.services.servers import free_port
 from tests.support import wait_until
 
-NUM_MESSAGES = 60  # half published before the alias moves, half once both workers have followed it
+NUM_MESSAGES = 60  # half published under the load before the alias moves, half once both workers followed it
 BEFORE = [f"m{i}" for i in range(NUM_MESSAGES // 2)]
 AFTER = [f"n{i}" for i in range(NUM_MESSAGES // 2)]
 NUM_JOBS = 8
@@ -98,7 +98,7 @@ class SteadyLoad:
         self._lock = threading.Lock()
         self.done = threading.Condition(self._lock)
 
-    def _run(self) -> None:
+    def run(self) -> None:
         with httpx.Client(timeout=60) as client:
             while (i := next(self._numbers)) < self._stop_at:
                 replica = i % len(self.urls)
@@ -133,7 +133,6 @@ def test_two_replicas_and_two_workers_converge_on_an_alias_and_a_release_under_l
     redis = shared_env["MOORAGE_SECURITY__LIMITS__REDIS_URL"]
     source = f"{redis}?topic=in-{uuid.uuid4().hex[:8]}&group=workers"
     sink = f"sql+{shared_env['MOORAGE_REGISTRY__CATALOG_URL']}?table=results"
-    publish(source, [{"id": i, "text": f"story {i}"} for i in BEFORE])
 
     fleet = Fleet(shared_env, tmp_path)
     urls, metrics_urls = [], []
@@ -155,20 +154,23 @@ def test_two_replicas_and_two_workers_converge_on_an_alias_and_a_release_under_l
 
         load = SteadyLoad(urls, load_key)
         with ThreadPoolExecutor(4) as pool:
-            running = [pool.submit(load._run) for _ in range(4)]
-            load.wait_for(60)  # the load flows on version 1 ...
-            moved_at = time.monotonic()
-            registry.set_alias("emb", "production", 2, "replicas converge")  # ... when the alias moves
-            for replica, url in enumerate(urls):
-                wait_until(lambda u=url: _served_version(u) == 2, 60, f"{url} serving version 2", interval_s=0.05)
-                load.moved[replica].set()
-            followed_s, published_at = time.monotonic() - moved_at, time.monotonic()
-            center.edit_draft("global", RELEASE, author="replicas-test")
-            release = center.publish("global", author="replicas-test", comment="smaller batches, a shared limit")
-            wait_until(lambda: center.status()["current"] == 4, 60, "every instance applying", interval_s=0.1)
-            status = center.status()
-            applied_s = time.monotonic() - published_at
-            load.stop_after(TAIL)  # a last stretch of load on the new version and the new release
+            running = [pool.submit(load.run) for _ in range(4)]
+            try:
+                publish(source, [{"id": i, "text": f"story {i}"} for i in BEFORE])  # the workers' share of the load
+                load.wait_for(60)  # the load flows on version 1 ...
+                moved_at = time.monotonic()
+                registry.set_alias("emb", "production", 2, "replicas converge")  # ... when the alias moves
+                for replica, url in enumerate(urls):
+                    wait_until(lambda u=url: _served_version(u) == 2, 60, f"{url} on version 2", interval_s=0.05)
+                    load.moved[replica].set()
+                followed_s, published_at = time.monotonic() - moved_at, time.monotonic()
+                center.edit_draft("global", RELEASE, author="replicas-test")
+                release = center.publish("global", author="replicas-test", comment="smaller batches, a shared limit")
+                wait_until(lambda: center.status()["current"] == 4, 60, "every instance applying", interval_s=0.1)
+                status = center.status()
+                applied_s = time.monotonic() - published_at
+            finally:
+                load.stop_after(TAIL)  # a last stretch of load on the new version and the new release
             for future in running:
                 future.result()
 

@@ -337,7 +337,7 @@ async def run_policy(run: Run, rates: list[float], args) -> None:
 
 
 def summary(run: Run, rates: list[float], sync: float) -> dict:
-    ramp_start = next(i for i, r in enumerate(rates) if r > rates[0])
+    ramp_start = next((i for i, r in enumerate(rates) if r > rates[0]), 0)
     most = max(s.ready for s in run.steps)
     reached = next(i for i, s in enumerate(run.steps) if s.ready == most)
     scaled = most > run.steps[0].ready

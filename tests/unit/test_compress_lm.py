@@ -65,6 +65,13 @@ def test_int8_layers_load_and_stay_close_to_the_parent(tmp_path, settings, reg):
             want = reference.model(input_ids=ids).logits.float()
         assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() > 0.999
 
+    from moorage.runtime.base import GenerationParams, NewSequence
+
+    batch = derived.new_batch()  # the generation engine's continuous batch decodes over the int8 layers
+    tokens = batch.add([NewSequence(0, prompt[0].tolist(), GenerationParams(max_new_tokens=4))])
+    tokens += batch.step() + batch.step()
+    assert len(tokens) == 3 and all(0 <= t < derived.vocab_size for t in tokens)
+
     with pytest.raises(BadRequest) as caught:  # int8 twice
         build(settings, reg, out, "generate", "lm-int8")
     assert caught.value.code == "unsupported_method"

@@ -16,9 +16,19 @@ SmolLM2-135M-Instruct, one matmul of the model's shapes:
     1536 x 576, 128 rows       2.7 ms    0.6 ms       129 ms               6.7 ms
 
 so int8 weights pay only with bf16 activations and only for a few rows (decode): hence the split at
-`INT8_KERNEL_ROWS` rows. Whole model, greedy decoding at batch 1 and quality on 8 BBC News
-articles (192 tokens each): see `MEASURED` below (bench: the same method through the runtime's
-handler against the parent in fp32 and bf16).
+`INT8_KERNEL_ROWS` rows. The whole model through the runtime's generation handler (median of 36
+decode steps after a 64-token prompt, interleaved, load average ~8 on the 2 cores):
+
+    parent fp32      decode step 112.0 ms ( 8.9 tok/s)   prefill 64 tokens 248 ms   513 MB
+    parent bf16      decode step 111.5 ms ( 9.0 tok/s)   prefill 64 tokens 204 ms   257 MB
+    int8, rest fp32  decode step  60.5 ms (16.5 tok/s)   prefill 64 tokens 419 ms   237 MB
+    int8, rest bf16  decode step  41.1 ms (24.3 tok/s)   prefill 64 tokens 353 ms   183 MB (file 237 MB)
+
+Quality on 8 BBC News articles (192 tokens each) against the fp32 parent: perplexity 32.675 ->
+32.835 (+0.5 %; bf16 alone 32.735), next-token top-1 agreement 94.8 % (bf16 alone 96.6 %), 52 % of the
+positions of two greedy 32-token continuations equal (bf16 alone 62 %; a continuation differs from
+its first differing token on). Decoding is 2.7x faster than the bf16 parent and prefill 1.7x slower: worth it for chat,
+where decode steps dominate.
 """
 
 from __future__ import annotations
@@ -32,8 +42,6 @@ from ...errors import BadRequest, require
 from ...runtime.hf import INT8_KERNEL_ROWS, INT8_KEY, int8_config
 from .distill import parse_params
 from .methods import BuildContext, BuildResult, check_task
-
-MEASURED: dict[str, Any] = {}
 
 
 class LmInt8Params(BaseModel):

@@ -241,3 +241,26 @@ def test_sessions_take_threads_from_the_runtime_settings_and_cuda_only_where_it_
     if cpu_only:  # this onnxruntime has no CUDA: the model runs on the CPU, and the log says so
         assert providers(ort, "cuda") == ["CPUExecutionProvider"]
         assert "no CUDA provider" in caplog.text
+
+
+def test_an_int8_quantised_version_loads_and_says_so(registry, fp32, exported, tmp_path):
+    """What `moorage compress --method onnx-int8` writes: ONNX Runtime's dynamic per-channel int8
+    graph (com.microsoft operators) in the same folder layout, onnx.json saying int8."""
+    import json
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32_dir = exported["embed"][1]
+    folder = tmp_path / "int8"
+    shutil.copytree(fp32_dir, folder)
+    quantize_dynamic(
+        str(fp32_dir / "model.onnx"), str(folder / "model.onnx"), per_channel=True, weight_type=QuantType.QInt8
+    )
+    meta = json.loads((folder / "onnx.json").read_text())
+    (folder / "onnx.json").write_text(json.dumps({**meta, "precision": "int8", "quantization": {"per_channel": True}}))
+    full, quantised = registry.register(fp32_dir, "emb", "embed"), registry.register(folder, "emb", "embed")
+    assert quantised.manifest.size_bytes < full.manifest.size_bytes
+    runtime = Runtime(registry, fp32)
+    loaded = runtime.load(quantised)
+    assert loaded.handler.precision == "int8"
+    assert min(_cosines(runtime.load(full).predict(TEXTS), loaded.predict(TEXTS))) > 0.999  # 0.99996 measured

@@ -43,6 +43,15 @@ def fp32(settings):
     return settings.runtime.model_copy(update={"dtype": "float32", "num_threads": 1})
 
 
+def _cli(settings, *args: str):
+    from typer.testing import CliRunner
+
+    from moorage.cli.main import app
+
+    env = {"MOORAGE_HOME": str(settings.home), "MOORAGE_USER": "tester", "MOORAGE_CONFIG": None, "COLUMNS": "200"}
+    return CliRunner().invoke(app, list(args), env=env)
+
+
 def _cosines(a, b) -> list[float]:
     return [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b)]
 
@@ -130,6 +139,8 @@ def test_a_malformed_onnx_file_that_slipped_past_registration_fails_verify_and_l
     monkeypatch.undo()
     (problem,) = registry.verify(info.ref)
     assert problem == "model.onnx: not a valid ONNX file (the file: field graph of 16383 bytes runs past its end at 69)"
+    shown = _cli(settings, "models", "verify", info.ref)
+    assert shown.exit_code == 1 and f"{info.ref} FAILED verification" in shown.output and problem in shown.output
     with pytest.raises(ModelLoadFailed) as err:
         Runtime(registry, settings.runtime).load(info)
     assert str(err.value).startswith(f"cannot load {info.ref}: model.onnx is not a valid ONNX file")
@@ -188,10 +199,6 @@ def test_a_missing_onnxruntime_is_one_line_naming_the_extra(registry, settings, 
 
 
 def test_models_show_prints_framework_precision_and_the_compression_gates(registry, settings, exported):
-    from typer.testing import CliRunner
-
-    from moorage.cli.main import app
-
     compression = {
         "method": "onnx-int8",
         "parameters": {"per_channel": True, "reduce_range": True},
@@ -205,9 +212,7 @@ def test_models_show_prints_framework_precision_and_the_compression_gates(regist
     }
     registry.register(exported["embed"][0], "emb", "embed")
     registry.register(exported["embed"][1], "emb", "embed", params={"precision": "int8", "compression": compression})
-    env = {"MOORAGE_HOME": str(settings.home), "MOORAGE_USER": "tester", "MOORAGE_CONFIG": None, "COLUMNS": "200"}
-    derived = CliRunner().invoke(app, ["models", "show", "emb:2"], env=env)
-    parent = CliRunner().invoke(app, ["models", "show", "emb:1"], env=env)
+    derived, parent = _cli(settings, "models", "show", "emb:2"), _cli(settings, "models", "show", "emb:1")
     assert derived.exit_code == 0, derived.output
     lines = derived.output.splitlines()
     assert "framework: onnx" in lines and "precision: int8" in lines

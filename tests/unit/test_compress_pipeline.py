@@ -202,6 +202,10 @@ def test_a_method_the_task_does_not_support_and_an_unknown_one_are_one_line_erro
     with pytest.raises(BadRequest) as caught:
         compress(settings, "tiny", "zip", texts=texts())
     assert caught.value.code == "unknown_method" and "onnx-int8" in caught.value.message
+    compress(settings, "tiny", "onnx", texts=texts())  # tiny:2, an ONNX graph: no weights to start from
+    with pytest.raises(BadRequest) as caught:
+        compress(settings, "tiny:2", "onnx-int8", texts=texts())
+    assert caught.value.code == "unsupported_method" and "compress its parent tiny:1 instead" in caught.value.message
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from .methods import BuildContext, BuildResult, check_task, method
 from .report import HeldOut, measure
 
 DEMO_DATASET = "bbc-news"
+TORCH_FRAMEWORKS = ("transformers", "sentence-transformers")
 REPORTS = "compression-reports"
 Phase = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -90,8 +91,7 @@ def compress(
         parent = registry.resolve(ref)
         chosen = method(method_name)
         check_task(chosen, parent.task, parent.ref)
-        if parent.framework == "fake":
-            raise BadRequest(f"{parent.ref} is a fake model: it has no weights to compress", code="unsupported_method")
+        check_parent(parent)
         held_out = held_out_data(registry, parent, dataset, texts, settings.compression.max_texts)
         with base_folder(registry, parent) as parent_dir, _work_dir(settings) as work:
             out_dir = work / "derived"
@@ -122,6 +122,20 @@ def compress(
         return CompressionOutcome(info, report, gates, why, bool(failed), None, built, built.notes)
     finally:
         registry.close()
+
+
+def check_parent(parent: VersionInfo) -> None:
+    """Methods start from torch weights: a fake model has none, a derived ONNX one only its graph."""
+    if parent.framework in TORCH_FRAMEWORKS:
+        return
+    if parent.framework == "fake":
+        raise BadRequest(f"{parent.ref} is a fake model: it has no weights to compress", code="unsupported_method")
+    origin = (parent.manifest.params.get("compression") or {}).get("parent")
+    hint = f"; compress its parent {origin} instead" if origin else ""
+    raise BadRequest(
+        f"{parent.ref} is a {parent.framework} model: compression starts from transformers weights{hint}",
+        code="unsupported_method",
+    )
 
 
 # ---- held-out data ----------------------------------------------------------------------------------

@@ -233,6 +233,7 @@ def test_sessions_take_threads_from_the_runtime_settings_and_cuda_only_where_it_
     options = session_options(ort, settings.runtime.model_copy(update={"num_threads": 3}))
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (3, 1)
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert session_options(ort, settings.runtime).intra_op_num_threads == len(os.sched_getaffinity(0))
 
     class WithCuda:

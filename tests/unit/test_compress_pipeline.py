@@ -286,6 +286,28 @@ def test_a_compress_job_runs_through_the_queue(world):
         assert registry.resolve("tiny-cls:2").manifest.params["compression"]["parent"] == "tiny-cls:1"
         lines = [line for _, line in queue.logs(job.id)]
         assert any("compressing tiny-cls with onnx-int8" in line for line in lines)
+
+        # a job whose model a gate refuses fails with the one-line reason, nothing registered
+        strict = world.settings(MOORAGE_COMPRESSION__MAX_ACCURACY_LOSS="0", MOORAGE_COMPRESSION__MIN_SPEEDUP="1000")
+        refused = queue.submit("compress", request, owner="cli:tester")
+        assert Worker(strict, queue, kinds=["compress"]).run_next()
+        ended = queue.get(refused.id)
+        assert ended is not None and ended.status == JobStatus.FAILED and ended.error is not None
+        assert ended.error.code == "compression_refused" and "speedup_batch_32" in ended.error.message
+        assert [v.version for v in registry.list_versions("tiny-cls")] == [1, 2]
+    finally:
+        registry.close()
+
+
+def test_a_cancelled_compression_registers_nothing(world):
+    from moorage.training.compress.pipeline import CompressionCancelled
+
+    settings = world.settings()
+    with pytest.raises(CompressionCancelled):
+        compress(settings, "tiny", "onnx", texts=texts(), should_stop=lambda: True)
+    registry = Registry.from_settings(settings)
+    try:
+        assert [v.version for v in registry.list_versions("tiny")] == [1]
     finally:
         registry.close()
 

@@ -72,7 +72,9 @@ class Distill:
                 code="invalid_parameters",
             )
         kept = [i * len(layers) // num_layers for i in range(num_layers)]  # 6 -> 3: 0, 2, 4 (every other)
-        texts, source = dataset_texts(ctx, params.dataset, params.split, params.max_texts, params.seed)
+        # no more texts than the steps can see (the teacher embeds every one of them first)
+        limit = min(params.max_texts, params.max_steps * params.batch_size)
+        texts, source = dataset_texts(ctx, params.dataset, params.split, limit, params.seed)
         max_length = fit_max_length(teacher, params.max_length)
         ctx.report(0, params.max_steps, "teacher embeddings")
         targets = teacher_embeddings(teacher, texts, max_length)

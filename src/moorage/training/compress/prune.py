@@ -209,7 +209,8 @@ def _recover(
 ) -> dict[str, Any]:
     if embed:  # distilled onto the unpruned parent's embeddings
         teacher = load_sentence_model(ctx.parent_dir)
-        texts, source = dataset_texts(ctx, params.dataset, params.recovery_split, params.max_texts, params.seed)
+        limit = min(params.max_texts, params.max_steps * params.batch_size)  # no more than the steps see
+        texts, source = dataset_texts(ctx, params.dataset, params.recovery_split, limit, params.seed)
         targets = teacher_embeddings(teacher, texts, max_length)
         del teacher
         loop = {**params.model_dump(), "epochs": params.recovery, "loss": "cosine"}

@@ -131,10 +131,9 @@ def export(
             str(out_dir / MODEL_FILE),
             input_names=inputs,
             output_names=[output],
-            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in inputs}, output: {0: "batch"}},
             opset_version=opset,
             do_constant_folding=True,
-            dynamo=exporter == "dynamo",
+            **_dynamic(torch, exporter, inputs, output),
         )
     _copy_model_files(source, out_dir)
     meta = {
@@ -153,6 +152,17 @@ def export(
             f"the ONNX export differs from torch by {diff:.3g} (more than the tolerance {tolerance:g}): not registered"
         )
     return Exported(task, inputs, output, max_length, normalize, diff, exporter, opset)
+
+
+def _dynamic(torch, exporter: str, inputs: list[str], output: str) -> dict[str, Any]:
+    """Batch and sequence axes left free: the TorchScript exporter names them per graph input and
+    output, torch.export per argument of the traced function (one tuple: it takes *tensors)."""
+    if exporter == "torchscript":
+        axes = {**{n: {0: "batch", 1: "sequence"} for n in inputs}, output: {0: "batch"}}
+        return {"dynamo": False, "dynamic_axes": axes}
+    dim = torch.export.Dim
+    shapes = tuple({0: dim("batch", min=1, max=1024), 1: dim("sequence", min=1, max=4096)} for _ in inputs)
+    return {"dynamo": True, "dynamic_shapes": (shapes,), "optimize": True}
 
 
 class ExportMismatch(BadRequest):

@@ -17,6 +17,9 @@ Then the pipeline itself: `moorage compress minilm@production --method onnx-int8
 parent and the gated int8 version, bounded requests of 32 texts from 4 connections) texts/s of each,
 and their ratio to the same model's in-process batch-32 throughput.
 
+With --classifier REF (a classifier in --home, e.g. bench/training.py's bbc-minilm), that classifier
+goes through the pipeline too: accuracy and macro-F1 against its parent on its own test split, per class.
+
 Targets (issue 14): int8 mean cosine >= 0.99 at >= 1.5x the parent's in-process throughput at batch 32,
 weights <= 25 % of fp32; over HTTP >= 0.75x its in-process throughput. The header prints the CPU, its ISA
 flags, torch and its threads, and the dtype.
@@ -195,6 +198,32 @@ def gated(settings: Settings, texts: list[str]) -> dict:
     }
 
 
+def classifier(settings: Settings, ref: str) -> dict:
+    """A trained classifier (e.g. bench/training.py's bbc-minilm, kept with --home) through the pipeline
+    with onnx-int8: accuracy and macro-F1 against its parent on its own registered test split, per class."""
+    from moorage.training.compress.pipeline import compress
+
+    print(f"moorage compress {ref} --method onnx-int8 (its lineage's test split) ...", flush=True)
+    outcome = compress(settings, ref, "onnx-int8", user="bench")
+    q = outcome.report["quality"]
+    print(f"  {outcome.reason}")
+    print(
+        f"  accuracy {q['parent_accuracy']:.4f} -> {q['derived_accuracy']:.4f} ({100 * q['accuracy_delta']:+.2f} pts)"
+    )
+    print(
+        f"  macro-F1 {q['parent_macro_f1']:.4f} -> {q['derived_macro_f1']:.4f} ({100 * q['macro_f1_delta']:+.2f} pts)"
+    )
+    for label, row in q["per_class"].items():
+        print(f"    {label:16s} F1 {row['parent_f1']:.4f} -> {row['derived_f1']:.4f} (support {row['support']})")
+    return {
+        "registered": outcome.registered.ref if outcome.registered else None,
+        "reason": outcome.reason,
+        "gates": [g.as_dict() for g in outcome.gates],
+        "quality": {k: v for k, v in q.items() if k != "derived_metrics"},
+        "speed": outcome.report["speed"],
+    }
+
+
 def over_http(settings: Settings, refs: list[str], texts: list[str], requests: int) -> dict:
     """texts/s of each served version over HTTP: bounded requests of 32 texts, HTTP_CONNECTIONS at once."""
     port = free_port()
@@ -253,6 +282,7 @@ def main() -> None:
     parser.add_argument("--home", help="moorage home to use (default: a temporary one, removed at the end)")
     parser.add_argument("--threads", type=int, help="runtime.num_threads (default: the settings')")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP part")
+    parser.add_argument("--classifier", help="also compress this classifier of --home (e.g. bbc-minilm@challenger)")
     parser.add_argument("--out", default="bench/results/compression.json")
     args = parser.parse_args()
     if args.home:
@@ -294,9 +324,11 @@ def run(args, home: Path) -> None:
             ref: http[ref] | {"over_inprocess_b32": round(http[ref]["texts_per_s"] / inproc[role]["batch_32"], 3)}
             for ref, role in zip(refs, ("parent", "derived"))
         }
+    if args.classifier:
+        results["classifier"] = classifier(fp32_settings, args.classifier)
     results["targets"] = check_targets(results)
     for name, (value, target, ok) in results["targets"].items():
-        rule = "<=" if name == "int8_size_ratio" else ">="
+        rule = "<=" if name in ("int8_size_ratio", "classifier_accuracy_loss") else ">="
         print(f"target {name:22s} {value:8.3f}  ({rule} {target}) {'ok' if ok else 'MISSED'}")
     results["seconds"] = round(time.perf_counter() - started, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -311,6 +343,9 @@ def check_targets(results: dict) -> dict[str, tuple[float, float, bool]]:
         out["int8_mean_cosine"] = (row["mean_cosine"], TARGETS["int8_mean_cosine"], row["mean_cosine"] >= 0.99)
         out["int8_speedup_b32"] = (row["speedup_b32"], TARGETS["int8_speedup_b32"], row["speedup_b32"] >= 1.5)
         out["int8_size_ratio"] = (row["size_ratio"], TARGETS["int8_size_ratio"], row["size_ratio"] <= 0.25)
+    if "classifier" in results:
+        loss = -results["classifier"]["quality"]["accuracy_delta"]
+        out["classifier_accuracy_loss"] = (loss, 0.005, loss <= 0.005)
     http = results.get("http") or {}
     derived = results["gated"]["registered"]
     if derived in http:

@@ -177,13 +177,21 @@ def test_force_registers_past_the_gate_and_says_so_in_the_manifest_and_the_audit
 
 def test_a_classifier_is_compared_on_its_test_split_per_class(world):
     settings = world.settings()
-    outcome = compress(settings, "tiny-cls", "onnx-int8", dataset="toy", user="cli:tester")
+    registry = Registry.from_settings(settings)
+    try:  # as training registers it: its lineage names the dataset and the test split
+        data = Datasets.from_registry(registry).get("toy")
+        lineage = {"dataset": data.lineage(), "hyperparameters": {"spec": {"test_split": "test"}}}
+        folder = registry.local_path(registry.resolve("tiny-cls:1"))
+        registry.register(folder, "tiny-cls", "classify", lineage=lineage)
+    finally:
+        registry.close()
+    outcome = compress(settings, "tiny-cls:2", "onnx-int8", user="cli:tester")
     quality = outcome.report["quality"]
     assert set(quality["per_class"]) == {"sport", "tech"}
     assert quality["accuracy_delta"] == pytest.approx(quality["derived_accuracy"] - quality["parent_accuracy"])
     assert [g.name for g in outcome.gates] == ["accuracy_loss", "speedup_batch_32"]
     assert outcome.report["held_out"]["split"] == "test" and outcome.report["held_out"]["dataset"] == "toy:1"
-    assert outcome.registered is not None
+    assert outcome.registered is not None and outcome.registered.manifest.lineage.dataset == data.lineage()
     metrics = outcome.registered.manifest.metrics  # as training records them: promotion can compare it
     assert metrics["evaluated_on"]["dataset"] == "toy:1" and "accuracy" in metrics
 

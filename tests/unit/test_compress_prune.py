@@ -140,6 +140,17 @@ def test_pruned_classifier_equals_masked_parent_and_recovers_on_its_dataset(tmp_
     assert len(load(out2, "classify")(TEXTS[:3])) == 3
 
 
+def test_ablation_scoring_masks_each_head_once_and_prunes_the_least_missed(tmp_path, settings, reg):
+    parent = wide_bert(tmp_path / "parent")
+    result, out = build(settings, reg, parent, "embed", "prune-heads", heads_per_layer=3, scoring="ablation")
+    scores = result.parameters["head_scores"]
+    assert len(scores) == 2 and all(len(row) == 4 and min(row) >= 0 for row in scores)
+    for layer, heads in result.parameters["pruned_heads"].items():
+        row = scores[int(layer)]
+        assert heads == [row.index(min(row))]  # the head whose masking moved the embeddings least
+    assert len(load(out, "embed")(TEXTS[:2])) == 2
+
+
 def test_a_pruned_embedder_recovers_by_distillation_onto_its_parent(tmp_path, settings, reg):
     parent = wide_bert(tmp_path / "parent")
     result, out = build(

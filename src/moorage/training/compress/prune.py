@@ -1,10 +1,15 @@
 """``prune-heads``: structured attention-head pruning of a BERT-like encoder (embed or classify).
 
-Scoring: each head's mean output norm, ``||ctx_h @ W_O[:, h]^T||``, its contribution to the attention
-block's output, averaged over the real tokens of held-out texts (the dataset's validation split) in
-one forward pass of the parent; no labels are needed, so embedding and classification models are
-scored the same way. The `heads_per_layer` best heads of each layer are kept (or all but `fraction`
-of them), the others removed: their rows of Q, K and V and their columns of the output projection
+Scoring (``scoring``), on held-out texts (the dataset's validation split), with no labels, so that
+embedding and classification models are scored the same way:
+- ``output-norm`` (default, one forward pass): each head's mean output norm, ``||ctx_h @ W_O[:, h]^T||``,
+  its contribution to the attention block's output, averaged over the real tokens;
+- ``ablation`` (one forward pass per head): how far the model's output (sentence embedding or logits)
+  moves, as mean 1 - cosine to the parent's, when that head alone is masked: the measure the
+  compression gate reads, at the cost of layers x heads passes.
+
+The `heads_per_layer` best heads of each layer are kept (or all but `fraction` of them), the others
+removed: their rows of Q, K and V and their columns of the output projection
 are cut out, which computes exactly what the full model computes with those heads masked to zero.
 
 The folder keeps the parent's layout and config, with the removed heads in config.json's
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -37,8 +42,6 @@ from .distill import (
 )
 from .methods import BuildContext, BuildResult, check_task
 
-SCORING = "output-norm"
-
 
 class PruneParams(BaseModel):
     """What `prune-heads` takes (every field is recorded with the derived version)."""
@@ -49,6 +52,7 @@ class PruneParams(BaseModel):
     fraction: float | None = Field(None, gt=0, lt=1, description="share of each layer's heads removed (default 0.25)")
     dataset: str | None = Field(None, description="dataset ref (default: the parent's lineage dataset, else bbc-news)")
     score_split: str = "validation"
+    scoring: Literal["output-norm", "ablation"] = "output-norm"
     num_texts: int = Field(64, ge=1, description="held-out texts the heads are scored on")
     max_length: int = Field(128, ge=8)
     batch_size: int = Field(16, ge=1)
@@ -82,7 +86,10 @@ class PruneHeads:
         max_length = fit_max_length(model, params.max_length) if embed else params.max_length
         texts, scored_on = dataset_texts(ctx, params.dataset, params.score_split, params.num_texts, params.seed)
         ctx.report(0, 3, "scoring heads")
-        scores = head_scores(encoder, tokenizer, texts, max_length, params.batch_size)
+        if params.scoring == "ablation":
+            scores = ablation_scores(model, encoder, tokenizer, texts, max_length, params.batch_size, embed)
+        else:
+            scores = head_scores(encoder, tokenizer, texts, max_length, params.batch_size)
         pruned = {
             layer: sorted(sorted(range(len(row)), key=lambda h: (-row[h], h))[keep:])
             for layer, row in enumerate(scores)
@@ -100,7 +107,6 @@ class PruneHeads:
         ctx.report(3, 3, "done")
         parameters = {
             **params.model_dump(),
-            "scoring": SCORING,
             "heads_per_layer": keep,
             "parent_heads_per_layer": num_heads,
             "fraction": 1 - keep / num_heads,
@@ -110,7 +116,7 @@ class PruneHeads:
             "max_length": max_length,
             "recovery_result": recovery,
         }
-        notes = [f"{num_heads} -> {keep} heads in each of {len(layers)} layers (scored by {SCORING})"]
+        notes = [f"{num_heads} -> {keep} heads in each of {len(layers)} layers (scored by {params.scoring})"]
         return BuildResult(precision="fp32", parameters=parameters, notes=notes)
 
 
@@ -186,6 +192,51 @@ def head_scores(encoder: Any, tokenizer: Any, texts: list[str], max_length: int,
         for handle in handles:
             handle.remove()
     return [(t / max(1, state["tokens"])).tolist() for t in totals]
+
+
+def ablation_scores(
+    model: Any, encoder: Any, tokenizer: Any, texts: list[str], max_length: int, batch_size: int, embed: bool
+) -> list[list[float]]:
+    """Per layer, per head: mean 1 - cosine between the model's outputs with that head masked and
+    without, over `texts`."""
+    torch = require("torch", "training")
+    layers = encoder.encoder.layer
+    gates = [torch.ones(int(layer.attention.self.all_head_size)) for layer in layers]
+    handles = [
+        layer.attention.output.dense.register_forward_pre_hook(lambda m, args, g=gate: (args[0] * g.to(args[0]),))
+        for layer, gate in zip(layers, gates)
+    ]
+    batches = [
+        dict(
+            tokenizer(
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+        )
+        for i in range(0, len(texts), batch_size)
+    ]
+
+    def outputs() -> Any:
+        run = (lambda b: model(dict(b))["sentence_embedding"]) if embed else (lambda b: model(**b).logits)
+        return torch.cat([run(b).float() for b in batches])
+
+    model.eval()
+    scores: list[list[float]] = []
+    try:
+        with torch.inference_mode():
+            reference = outputs()
+            for layer, gate in zip(layers, gates):
+                size = int(layer.attention.self.attention_head_size)
+                row = []
+                for head in range(int(layer.attention.self.num_attention_heads)):
+                    gate[head * size : (head + 1) * size] = 0
+                    moved = 1 - torch.nn.functional.cosine_similarity(outputs(), reference, dim=-1)
+                    gate[head * size : (head + 1) * size] = 1
+                    row.append(float(moved.mean()))
+                scores.append(row)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return scores
 
 
 def prune(encoder: Any, pruned: dict[int, list[int]]) -> None:

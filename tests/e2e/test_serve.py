@@ -92,7 +92,7 @@ def test_a_dead_engine_answers_503_and_the_process_exits_for_its_supervisor(cli,
     with httpx.Client(base_url=url, timeout=60) as http:
         response = http.post("/v1/completions", json=body)
     assert (response.status_code, response.json()["error"]["code"]) == (503, "engine_failed")
-    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert proc.wait(timeout=60) == 1  # not a stop on request: a supervisor restarts it even "on failure"
     log = (tmp_path / f"serve-{url.rsplit(':', 1)[1]}.log").read_text()
     assert "stopping this server process so that its supervisor restarts it" in log
     assert "every accepted request was answered" in log

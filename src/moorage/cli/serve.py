@@ -90,9 +90,9 @@ def serve(
 
         app = create_app(settings, registry=st.registry)
         # uvicorn stops gracefully on SIGTERM, then raises it again under the handler in place before it
-        # ran: this one, so that a stop on request that answered everything exits 0, as a supervisor
-        # expects of a drained server (Kubernetes, systemd, compose), not as if it had been killed
-        signal.signal(signal.SIGTERM, _stopped_on_request)
+        # ran: this one, so that a drained server exits 0 (a stop on request, as a supervisor expects),
+        # and one that stopped itself because an engine died exits 1 (restart me, even on-failure)
+        signal.signal(signal.SIGTERM, lambda signum, frame: _exit(app))
         uvicorn.run(app, **options)
         return
     # The workers get the settings, master key included, in a file only this user can read, inside
@@ -107,8 +107,8 @@ def serve(
         uvicorn.run("moorage.cli.serve:worker_app", factory=True, workers=serve_settings.workers, **options)
 
 
-def _stopped_on_request(signum: int, frame: Any) -> None:
-    raise SystemExit(0)
+def _exit(app) -> None:
+    raise SystemExit(0 if app.state.pool.engine_failure is None else 1)
 
 
 def _has_rate_limits(registry, settings: Settings) -> bool:

@@ -50,6 +50,8 @@ def compress(
     st = state(ctx)
     params = parse_params(param)
     if queue:
+        if texts is not None:
+            raise MoorageError("--texts is read here: a queued job takes --dataset instead", code="invalid_option")
         _queue(st, ref, method, params, dataset, force, alias)
         return
     held_out = read_texts(texts) if texts is not None else None

@@ -1,7 +1,12 @@
 """``distill``: a shallower embedding model trained to give its parent's sentence embeddings.
 
-The student is the parent with layers dropped (6 -> 3 keeps layers 0, 2 and 4), each kept layer and
-the embeddings initialised from the teacher, so training starts close to the parent. It then learns
+The student is the parent with layers dropped, each kept layer and the embeddings initialised from
+the teacher, so training starts close to the parent. It keeps the first and the last layer and
+others evenly between (6 -> 3: layers 0, 3 and 5). Measured on all-MiniLM-L6-v2 before any
+training, mean cosine of the student's embeddings to the teacher's on 96 BBC News articles: 0.64
+for layers 0, 3, 5; 0.29 for every other layer (0, 2, 4, DistilBERT's choice); 0.57 for the top
+three. Layers 0, 2, 4 trained 93 steps of 16 texts (BBC News' train split, lr 1e-4) reached 0.62 on
+192 held-out articles (loss 0.70 -> 0.39): a distilled MiniLM needs far more steps to near the gate. It then learns
 the teacher's own sentence embeddings (its pooling and normalisation included) on texts of a
 dataset: the cosine (or MSE) between the two is the loss, through transformers' `Trainer`, seeded,
 for a bounded number of steps. The result is a sentence-transformers folder like the parent's
@@ -71,7 +76,7 @@ class Distill:
                 f"distill: layers={num_layers}, the parent has {len(layers)}; a student has fewer",
                 code="invalid_parameters",
             )
-        kept = [i * len(layers) // num_layers for i in range(num_layers)]  # 6 -> 3: 0, 2, 4 (every other)
+        kept = spread(len(layers), num_layers)
         # no more texts than the steps can see (the teacher embeds every one of them first)
         limit = min(params.max_texts, params.max_steps * params.batch_size)
         texts, source = dataset_texts(ctx, params.dataset, params.split, limit, params.seed)
@@ -97,6 +102,13 @@ class Distill:
         }
         notes = [f"{len(layers)} -> {num_layers} layers (kept {kept}), {len(losses)} steps on {source['rows']} texts"]
         return BuildResult(precision="fp32", parameters=parameters, notes=notes)
+
+
+def spread(num_layers: int, num_kept: int) -> list[int]:
+    """`num_kept` of `num_layers` layer indexes: the first, the last and the rest evenly between."""
+    if num_kept == 1:
+        return [0]
+    return [int(i * (num_layers - 1) / (num_kept - 1) + 0.5) for i in range(num_kept)]
 
 
 # ---- shared with prune ---------------------------------------------------------------------------

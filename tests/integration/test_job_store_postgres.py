@@ -75,6 +75,25 @@ def test_two_replicas_taking_the_same_jobs_finish_each_exactly_once(stores):
             assert job.status == JobStatus.SUCCEEDED and job.result == {"replica": replica}
 
 
+def test_racing_runners_starting_the_same_batch_take_each_job_once_and_finish_it_once(stores):
+    """Two replicas receive the same batch (a duplicate delivery): each job is started by exactly one
+    of the racing runners, and of their batch finishes only the first of each job counts."""
+    ids = [stores[0].create("emb", {"inputs": [str(i)]}).id for i in range(20)]
+    barrier = threading.Barrier(8)
+
+    def start(i: int) -> dict[str, Job]:
+        barrier.wait()
+        return stores[i % 2].start_many(ids, f"r{i}")
+
+    with ThreadPoolExecutor(8) as pool:
+        batches = list(pool.map(start, range(8)))
+    assert sorted(job_id for b in batches for job_id in b) == sorted(ids)
+    outcomes = [(job_id, JobStatus.SUCCEEDED, {"by": 0}, None) for job_id in ids]
+    assert len(stores[0].finish_many(outcomes, runner_id="r0")) == len(ids)
+    assert stores[1].finish_many([(ids[0], JobStatus.SUCCEEDED, {"by": 1}, None)], runner_id="r1") == []
+    assert stores[1].get(ids[0]).result == {"by": 0}
+
+
 def test_an_unknown_job_is_not_a_finished_one_on_postgres(stores):
     with pytest.raises(JobNotFound):
         stores[0].start("job-from-another-catalog", "r1")

@@ -100,6 +100,58 @@ def test_claim_leases_received_jobs_that_are_free_and_skips_the_rest(store, cloc
     assert store.start(free.id, "r2").attempts == 1
 
 
+def _transactions(store) -> list[int]:
+    """A counter of the catalog transactions `store` begins from now on (one item each)."""
+    begun: list[int] = []
+    sa.event.listen(store.engine, "begin", lambda conn: begun.append(1))
+    return begun
+
+
+def test_a_received_batch_starts_in_one_transaction_and_leaves_the_rest_to_start(store, clock):
+    free, mine, held, done = (store.create("emb", {"inputs": [str(i)]}) for i in range(4))
+    store.start(mine.id, "r1")  # redelivered to the runner that holds it
+    store.start(held.id, "r2")  # a live lease of another runner
+    store.finish(done.id, JobStatus.SUCCEEDED, result={})
+    begun = _transactions(store)
+    started = store.start_many([free.id, mine.id, held.id, done.id, "job-unknown"], "r1")
+    assert len(begun) == 1  # one write lock for the batch, not one per job
+    assert set(started) == {free.id, mine.id}
+    assert started[free.id] == store.get(free.id) and started[free.id].attempts == 1
+    assert started[mine.id].attempts == 2 and started[mine.id].status == JobStatus.RUNNING
+    assert started[free.id].runner_id == "r1" and started[free.id].lease_expires_at == clock.now + timedelta(
+        seconds=LEASE_S
+    )
+    assert store.start(held.id, "r1") is None and store.start(done.id, "r1") is None  # each start tells why
+    with pytest.raises(JobNotFound):
+        store.start("job-unknown", "r1")
+    assert store.start_many([], "r1") == {}
+
+
+def test_a_written_batch_finishes_in_one_transaction_and_only_the_first_finish_counts(store):
+    a, b, done = (store.create("emb", {"inputs": [str(i)]}, callback_url="https://hooks.example/x") for i in range(3))
+    for job in (a, b, done):
+        store.start(job.id, "r1")
+    store.finish(done.id, JobStatus.SUCCEEDED, result={"first": True}, runner_id="r1")
+    begun = _transactions(store)
+    error = JobError("content_blocked", "refused")
+    finished = store.finish_many(
+        [
+            (a.id, JobStatus.SUCCEEDED, {"outputs": [1]}, None),
+            (done.id, JobStatus.SUCCEEDED, {"second": True}, None),  # a redelivered message's
+            ("job-unknown", JobStatus.SUCCEEDED, {}, None),
+            (b.id, JobStatus.FAILED, None, error),
+        ],
+        runner_id="r1",
+    )
+    assert len(begun) == 1
+    assert [j.id for j in finished] == [a.id, b.id]  # in order, without the finished and the unknown
+    assert finished[0].result == {"outputs": [1]} and finished[1].error == error
+    assert all(j.callback_status == CALLBACK_PENDING and j.callback_attempts == 1 for j in finished)
+    assert store.get(done.id).result == {"first": True}
+    with pytest.raises(ValueError):  # refused before anything is written
+        store.finish_many([(a.id, JobStatus.FAILED, None, None)])
+
+
 def test_a_job_handed_back_is_queued_again_and_held_by_no_one(store):
     job = store.create("emb", {"inputs": ["a"]})
     store.start(job.id, "r1")

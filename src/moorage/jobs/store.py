@@ -38,7 +38,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -142,6 +142,10 @@ class JobError:
 
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
+
+
+Outcome = tuple[str, JobStatus, Mapping[str, Any] | None, JobError | None]
+"""What `JobStore.finish_many` stores for one job: its id, status, result and error."""
 
 
 @dataclass(frozen=True)
@@ -313,10 +317,10 @@ class JobStore:
         return now + timedelta(seconds=self.lease_s)
 
     def claim(self, job_ids: Collection[str], runner_id: str) -> set[str]:
-        """Lease the unfinished jobs among `job_ids` that no live lease of another runner holds, as
-        soon as their messages are received (before each `start`): a runner that dies with a whole
-        batch received leaves every job of it to be reclaimed. Answers the ids it leased; unknown,
-        finished and held ones are left alone (`start` tells them apart)."""
+        """Lease the unfinished jobs among `job_ids` that no live lease of another runner holds,
+        without starting them (a runner receiving a batch starts it with `start_many`, which leases
+        it too). Answers the ids it leased; unknown, finished and held ones are left alone (`start`
+        tells them apart)."""
         if not job_ids:
             return set()
         now = self.clock()
@@ -420,14 +424,37 @@ class JobStore:
         acknowledging it as done.
         """
         now = self.clock()
-        change = {
+        return self._transition(job_id, self._start_change(runner_id, now), self._takeable(runner_id, now))
+
+    def start_many(self, job_ids: Collection[str], runner_id: str) -> dict[str, Job]:
+        """`start` every job among `job_ids` that may start, in one transaction (the jobs of a batch
+        the runner just received), and answer them by id. The ones left out (unknown, finished, held
+        by a live lease of another runner) need their own `start`, which tells those cases apart.
+
+        One UPDATE for the whole batch instead of one per job: on a SQLite catalog every transaction
+        takes the database's write lock, and a restarted server's runner competes for it with its
+        callbacks, its lease renewals, the other replicas and any reader."""
+        if not job_ids:
+            return {}
+        now = self.clock()
+        c = jobs_table.c
+        update = (
+            jobs_table.update()
+            .where(c.id.in_(list(job_ids)), c.status.in_(UNFINISHED), self._takeable(runner_id, now))
+            .values(**self._start_change(runner_id, now))
+            .returning(*_RETURNED)
+        )
+        with self.transaction() as conn:
+            return {row["id"]: Job.from_row(row) for row in conn.execute(update).mappings()}
+
+    def _start_change(self, runner_id: str, now: datetime) -> dict[str, Any]:
+        return {
             "status": JobStatus.RUNNING.value,
             "attempts": jobs_table.c.attempts + 1,
             "started_at": now,
             "runner_id": runner_id,
             "lease_expires_at": self.lease_end(now),
         }
-        return self._transition(job_id, change, self._takeable(runner_id, now))
 
     def finish(
         self,
@@ -450,13 +477,38 @@ class JobStore:
         callback URL is released. Without a `runner_id` (a job that never reached a runner) no
         callback is due.
         """
+        return self._transition(job_id, self._finish_change(status, result, error, runner_id, self.clock()))
+
+    def finish_many(self, outcomes: Sequence[Outcome], runner_id: str | None = None) -> list[Job]:
+        """`finish` each of `outcomes` (job id, status, result, error) in one transaction, and answer
+        the jobs this call finished, in order: one already finished or unknown is left out (a
+        redelivered message, a job removed meanwhile). Either every outcome is stored or, if the
+        catalog fails, none is."""
+        now = self.clock()
+        changes = [(job_id, self._finish_change(status, result, error, runner_id, now))
+                   for job_id, status, result, error in outcomes]  # fmt: skip
+        finished = []
+        with self.transaction() as conn:
+            for job_id, change in changes:
+                row = conn.execute(self._transition_update(job_id, change)).mappings().first()
+                if row is not None:
+                    finished.append(Job.from_row(row))
+        return finished
+
+    def _finish_change(
+        self,
+        status: JobStatus,
+        result: Mapping[str, Any] | None,
+        error: JobError | None,
+        runner_id: str | None,
+        now: datetime,
+    ) -> dict[str, Any]:
         if status == JobStatus.SUCCEEDED and error is not None:
             raise ValueError("a succeeded job has a result, not an error")
         if status == JobStatus.FAILED and error is None:
             raise ValueError("a failed job needs a JobError (code and message)")
         if not status.is_finished:
             raise ValueError(f"finish takes succeeded, failed or cancelled, not {status.value!r}")
-        now = self.clock()
         c = jobs_table.c
         has_callback = c.callback_url.is_not(None)
         change: dict[str, Any] = {
@@ -471,7 +523,7 @@ class JobStore:
             change["callback_status"] = sa.case((has_callback, CALLBACK_PENDING), else_=None)
             change["lease_expires_at"] = sa.case((has_callback, self.lease_end(now)), else_=None)
             change["callback_attempts"] = sa.case((has_callback, c.callback_attempts + 1), else_=c.callback_attempts)
-        return self._transition(job_id, change)
+        return change
 
     def begin_callback(self, job_id: str, runner_id: str) -> int | None:
         """Count one more delivery of the job's pending callback by `runner_id`, which reclaimed it,
@@ -504,20 +556,24 @@ class JobStore:
     def _transition(self, job_id: str, change: Mapping[str, Any], *conditions: sa.ColumnElement[bool]) -> Job | None:
         """Apply `change` to an unfinished job in one conditional UPDATE: the WHERE clause is
         re-checked under the row's write lock, so of two racing finishes only the first matches."""
-        update = (
-            jobs_table.update()
-            .where(jobs_table.c.id == job_id, jobs_table.c.status.in_(UNFINISHED), *conditions)
-            .values(**change)
-            .returning(*_RETURNED)
-        )
         with self.transaction() as conn:
-            row = conn.execute(update).mappings().first()
+            row = conn.execute(self._transition_update(job_id, change, *conditions)).mappings().first()
             if row is not None:
                 return Job.from_row(row)
             exists = conn.execute(sa.select(jobs_table.c.id).where(jobs_table.c.id == job_id)).first()
         if exists is None:
             raise JobNotFound(f"no job {job_id!r}")
         return None
+
+    def _transition_update(
+        self, job_id: str, change: Mapping[str, Any], *conditions: sa.ColumnElement[bool]
+    ) -> sa.Update:
+        return (
+            jobs_table.update()
+            .where(jobs_table.c.id == job_id, jobs_table.c.status.in_(UNFINISHED), *conditions)
+            .values(**change)
+            .returning(*_RETURNED)
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+import sqlalchemy as sa
 
 from moorage.config import load_settings
 from moorage.jobs import Job, JobStatus, JobStore
@@ -299,3 +300,41 @@ async def test_a_reclaimed_job_whose_message_could_not_be_published_is_reclaimed
     assert await leases.tend(publish, lambda job: None) == 0  # not renewed, not expired yet
     clock.now += timedelta(seconds=11)
     assert await leases.tend(publish, lambda job: None) == 1 and published == [job.id]
+
+
+async def test_a_received_batch_costs_one_catalog_transaction_to_start_and_one_to_finish(models, tmp_path):
+    """On a SQLite catalog every transaction takes the write lock that the runner's callbacks, lease
+    renewals and other replicas wait for: a batch's starts and finishes are one transaction each, not
+    one per job. A message whose job did not start with its batch (finished already) is skipped."""
+    from moorage.config import JobSettings
+    from moorage.streams.jobs import JobCodec, JobQueue, JobSink, job_message
+    from moorage.streams.worker import Skip
+
+    store = JobStore(models.catalog.engine)
+    jobs = [store.create("emb", {"inputs": [str(i)]}) for i in range(8)]
+    store.finish(jobs[-1].id, JobStatus.SUCCEEDED, result={"outputs": []})  # its message is a replay
+    leases = Leases(store, "r1")
+    sink = JobSink(store, JobSettings(), leases)
+    codec = JobCodec(store, lambda model: None, sink)
+    queue = JobQueue(open_broker(f"sqlite:///{tmp_path / 'q.db'}?topic=jobs"), leases)
+    await queue.connect()
+    try:
+        await queue.publish([job_message(j.id) for j in jobs])
+        begun: list[int] = []
+        sa.event.listen(store.engine, "begin", lambda conn: begun.append(1))
+        messages = await queue.receive(8, 1.0)
+        assert len(messages) == 8 and len(begun) == 1
+        works = [await codec.decode(m) for m in messages[:-1]]
+        with pytest.raises(Skip):
+            await codec.decode(messages[-1])
+        assert len(begun) == 2  # the finished one's own start tells it apart
+        assert [w.id for w in works] == [j.id for j in jobs[:-1]] and leases.working == {w.id for w in works}
+        await sink.write([{"id": w.id, "status": "succeeded", "result": {"outputs": [w.id]}} for w in works])
+        assert len(begun) == 3
+        assert all(w.context.status == JobStatus.RUNNING and w.context.attempts == 1 for w in works)
+        await queue.ack(messages)
+        assert leases.working == set() and leases.received == {}
+        assert all(store.get(w.id).result == {"outputs": [w.id]} for w in works)
+    finally:
+        await sink.close()
+        await queue.close()

@@ -198,7 +198,7 @@ class JobRunner:
                 log.exception("the job runner failed; restarting it")
                 # what the failed worker held comes back through the broker; renewing it would keep
                 # other runners from it, so let those leases run out
-                self.leases.working.clear()
+                self.leases.forget()
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=1.0)
                 except TimeoutError:

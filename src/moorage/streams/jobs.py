@@ -17,11 +17,12 @@ in the catalog (`moorage.jobs.JobStore`), so every replica sharing the catalog c
   acknowledged, so a crash between the two costs no callback: the job's lease expires and whoever
   reclaims it delivers the callback (at least once, ``Idempotency-Key: JOB_ID``).
 
-Leases (`Leases`): every job whose message this runner receives is leased to it in its row
-(`JobQueue.receive`), renewed while the runner works on it or calls it back, and released when its
-message goes back to the broker (the job is ``queued`` again, not ``running``). `Leases.tend`, run
-every ``lease_s / 4`` by the job runner, renews them and reclaims the expired leases of runners
-that died: an unfinished job gets a new queue message, a pending callback is delivered here.
+Leases (`Leases`): every job whose message this runner receives is started and leased to it in its
+row, one catalog transaction for the batch (`JobQueue.receive`), renewed while the runner works on
+it or calls it back, and released when its message goes back to the broker (the job is ``queued``
+again, not ``running``). `Leases.tend`, run every ``lease_s / 4`` by the job runner, renews them
+and reclaims the expired leases of runners that died: an unfinished job gets a new queue message, a
+pending callback is delivered here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import orjson
 
@@ -76,6 +78,18 @@ class Leases:
         self.runner_id = runner_id
         self.working: set[str] = set()
         self.calling: set[str] = set()
+        self.received: dict[str, Job] = {}  # started as their batch was received, not decoded yet
+
+    def settled(self, job_ids: Sequence[str]) -> None:
+        """This runner's work on these jobs' messages is over (acknowledged, handed back, dead-lettered)."""
+        self.working.difference_update(job_ids)
+        for job_id in job_ids:
+            self.received.pop(job_id, None)
+
+    def forget(self) -> None:
+        """A worker that failed: what it held comes back through the broker."""
+        self.working.clear()
+        self.received.clear()
 
     async def renew(self) -> None:
         await asyncio.to_thread(self.store.renew, self.working | self.calling, self.runner_id)
@@ -126,8 +140,12 @@ class JobCodec:
 
     async def decode(self, message: Message) -> Work:
         job_id = job_id_of(message)
+        # started with the rest of its batch when it was received (`JobQueue.receive`); otherwise
+        # (unknown, finished, another runner's, or a second message of the job) its own start tells
+        job = self.leases.received.pop(job_id, None)
         try:
-            job = await asyncio.to_thread(self.store.start, job_id, self.leases.runner_id)
+            if job is None:
+                job = await asyncio.to_thread(self.store.start, job_id, self.leases.runner_id)
         except JobNotFound:  # another catalog's job, or a row not visible yet
             raise GiveBack(f"job_not_found: no job {job_id!r} in this catalog") from None
         if job is None:  # a replay of a finished job, or a duplicate of one another runner holds
@@ -180,21 +198,36 @@ class JobSink(Sink):
         self.settings = settings
         self.leases = leases
         self._callbacks: set[asyncio.Task] = set()
+        self._http: Any = None  # one client for every delivery: making one costs ~16 ms of the loop's CPU
+
+    def _client(self) -> Any:
+        import httpx
+
+        from ..jobs.callbacks import USER_AGENT
+
+        if self._http is None or self._http.is_closed:
+            self._http = httpx.AsyncClient(
+                follow_redirects=False,
+                trust_env=False,
+                headers={"User-Agent": USER_AGENT},
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
+            )
+        return self._http
 
     async def write(self, rows: Sequence[Row]) -> None:
-        """Finish each row's job; a job this write finished is called back at once, so a later row
-        that fails (the write is then retried) cannot cost it its callback."""
-        for row in rows:
-            status = JobStatus(row["status"])
-            error = JobError(**row["error"]) if row.get("error") else None
-            try:
-                job = await asyncio.to_thread(
-                    self.store.finish, row["id"], status, row.get("result"), error, self.leases.runner_id
-                )
-            except JobNotFound:  # removed meanwhile: nothing to record
-                continue
-            if job is not None:
-                self.call_back(job, just_finished=True)
+        """Finish the rows' jobs in one catalog transaction (all or none), then call back the jobs it
+        finished (one already finished or removed meanwhile is left alone)."""
+        outcomes = [
+            (
+                row["id"],
+                JobStatus(row["status"]),
+                row.get("result"),
+                JobError(**row["error"]) if row.get("error") else None,
+            )
+            for row in rows
+        ]
+        for job in await asyncio.to_thread(self.store.finish_many, outcomes, self.leases.runner_id):
+            self.call_back(job, just_finished=True)
 
     def call_back(self, job: Job, just_finished: bool = False) -> None:
         """Deliver a finished job's pending callback (leased to this runner), in the background.
@@ -222,6 +255,7 @@ class JobSink(Sink):
                 allow=settings.callback_allow,
                 retries=settings.callback_retries,
                 timeout_s=settings.callback_timeout_s,
+                client=self._client(),
                 headers=idempotency_headers(job.id, delivery),
             )
             await asyncio.to_thread(self.store.set_callback_status, job.id, status)
@@ -233,14 +267,16 @@ class JobSink(Sink):
     async def close(self) -> None:
         while self._callbacks:  # including any a reclaim started meanwhile
             await asyncio.gather(*self._callbacks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
 
 
 class JobQueue(Broker):
     """The jobs queue as the stream worker sees it: `inner`'s messages, with each job's lease kept in
-    step with its message. A received job is leased to this runner at once (so a crash with a batch
-    received leaves every job of it reclaimable, not only the started ones); a message handed back
-    to the broker puts its job back to ``queued``; an acknowledged or dead-lettered message ends the
-    runner's work on its job (a pending callback stays leased until it is delivered)."""
+    step with its message. A received batch's jobs are started and leased to this runner at once, in
+    one catalog transaction (so a crash with a batch received leaves every job of it reclaimable); a
+    message handed back to the broker puts its job back to ``queued``; an acknowledged or dead-lettered
+    message ends the runner's work on its job (a pending callback stays leased until it is delivered)."""
 
     def __init__(self, inner: Broker, leases: Leases) -> None:
         super().__init__(inner.url)
@@ -260,19 +296,24 @@ class JobQueue(Broker):
         await self.inner.publish(bodies, topic, headers)
 
     async def receive(self, max_messages: int, timeout_s: float) -> list[Message]:
+        """The next messages, their jobs started and leased to this runner in one catalog transaction
+        (`JobStore.start_many`; `JobCodec.decode` then reads each job from `Leases.received`)."""
         messages = await self.inner.receive(max_messages, timeout_s)
         ids = _job_ids(messages)
         if ids:
             leases = self.leases
             try:
-                leases.working |= await asyncio.to_thread(leases.store.claim, ids, leases.runner_id)
+                started = await asyncio.to_thread(leases.store.start_many, ids, leases.runner_id)
             except Exception as exc:  # each job's start tries again (and hands its message back if it fails)
-                log.warning("could not lease the jobs just received: %s", exc)
+                log.warning("could not start the jobs just received: %s", exc)
+            else:
+                leases.working.update(started)
+                leases.received.update(started)
         return messages
 
     async def ack(self, messages: Sequence[Message]) -> None:
         await self.inner.ack(messages)
-        self.leases.working.difference_update(_job_ids(messages))
+        self.leases.settled(_job_ids(messages))
 
     async def extend(self, messages: Sequence[Message]) -> None:
         await self.inner.extend(messages)
@@ -284,12 +325,12 @@ class JobQueue(Broker):
             await asyncio.to_thread(leases.store.release, ids, leases.runner_id)
         except Exception as exc:  # the rows stay running until their leases expire and are reclaimed
             log.warning("could not put %d handed-back jobs back to queued: %s", len(ids), exc)
-        leases.working.difference_update(ids)
+        leases.settled(ids)
         await self.inner.retry(messages, reason, delay_s)
 
     async def dead_letter(self, entries: Sequence[tuple[Message, str]]) -> None:
         await self.inner.dead_letter(entries)
-        self.leases.working.difference_update(_job_ids([m for m, _ in entries]))
+        self.leases.settled(_job_ids([m for m, _ in entries]))
 
     def is_stale(self, message: Message) -> bool:
         is_stale = getattr(self.inner, "is_stale", None)  # the real broker's, where it has one

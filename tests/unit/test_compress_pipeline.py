@@ -25,7 +25,7 @@ from moorage.runtime import Runtime  # noqa: E402
 from moorage.security.audit import AuditLog  # noqa: E402
 from moorage.training.compress.export import export, read_meta  # noqa: E402
 from moorage.training.compress.pipeline import compress  # noqa: E402
-from moorage.training.compress.quantize import choose_reduce_range, cpu_flags  # noqa: E402
+from moorage.training.compress.quantize import choose_reduce_range, compact, cpu_flags, int8_options  # noqa: E402
 from moorage.training.datasets import Datasets  # noqa: E402
 from moorage.training.jobs import validate_spec  # noqa: E402
 from moorage.training.worker import Worker  # noqa: E402
@@ -123,6 +123,44 @@ def test_the_onnx_export_matches_torch_and_is_served_by_the_onnx_handler(pristin
     assert done.max_abs_diff < 1e-4 and read_meta(tmp_path / "onnx-cls")["output"] == "logits"
 
 
+def test_compacting_the_int8_graph_keeps_its_int8_weights_and_its_outputs(pristine, tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoTokenizer
+
+    export("embed", pristine.tmp / "bert", tmp_path / "onnx")
+    quantized = tmp_path / "int8.onnx"
+    quantize_dynamic(tmp_path / "onnx" / "model.onnx", quantized, per_channel=True, weight_type=QuantType.QInt8)
+    enc = AutoTokenizer.from_pretrained(str(pristine.tmp / "bert"))(texts(6), padding=True, return_tensors="np")
+
+    def run(path: Path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()})[0]
+
+    def int8_bytes(graph) -> int:
+        return sum(t.ByteSize() for t in graph.initializer if t.data_type == onnx.TensorProto.INT8)
+
+    expected, original = run(quantized), onnx.load(str(quantized)).graph
+    for float16 in (False, True):
+        path = tmp_path / f"compact-{float16}.onnx"
+        shutil.copyfile(quantized, path)
+        assert compact(path, float16=float16) == quantized.stat().st_size - path.stat().st_size > 0
+        graph = onnx.load(str(path)).graph
+        assert not graph.value_info and all(len(n.input) == 3 for n in graph.node if n.op_type == "MatMulInteger")
+        assert int8_bytes(graph) < int8_bytes(original)  # only the all-zero zero points went
+        weights = {t.name for t in original.initializer if t.data_type == onnx.TensorProto.INT8}
+        assert {n for n in weights if not n.endswith("zero_point")} <= {t.name for t in graph.initializer}
+        halves = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+        assert bool(halves) is float16 and len([n for n in graph.node if n.op_type == "Cast"]) >= len(halves)
+        # lossless without float16; float16 biases and scales move the embeddings by far less than int8 does
+        assert np.abs(run(path) - expected).max() < (1e-3 if float16 else 1e-6)
+    with pytest.raises(BadRequest) as caught:
+        int8_options({"float_storage": "bfloat16"})
+    assert caught.value.code == "invalid_param" and "float16, float32" in caught.value.message
+
+
 def test_int8_registers_a_new_version_with_its_lineage_parameters_gates_and_report(world):
     settings = world.settings()
     outcome = compress(settings, "tiny", "onnx-int8", texts=texts(), user="cli:tester")
@@ -138,6 +176,7 @@ def test_int8_registers_a_new_version_with_its_lineage_parameters_gates_and_repo
         assert (compression["method"], compression["parent"], compression["forced"]) == ("onnx-int8", "tiny:1", False)
         used = compression["parameters"]
         assert used["per_channel"] is True and used["weight_type"] == "qint8"
+        assert used["float_storage"] == "float16" and used["compacted_bytes"] > 0
         assert used["reduce_range"] == choose_reduce_range(cpu_flags()) and used["cpu_flags"] == cpu_flags()
         assert set(compression["gates"]) == {"mean_cosine", "min_cosine", "speedup_batch_32"}
         assert all(g["passed"] for g in compression["gates"].values())

@@ -6,7 +6,15 @@ on sentence embeddings (on MiniLM, a mean cosine of ~0.96 to float32 against ~0.
 ``reduce_range`` (7-bit weights) is chosen from the CPU's instruction set, as ONNX Runtime's
 documentation advises: on x86 CPUs with AVX2 but no VNNI, the int8 kernels' 16-bit intermediate sums
 can saturate, and 7-bit weights avoid it; with AVX512-VNNI, AVX-VNNI or AMX they do not saturate and
-full 8-bit weights keep more precision. The flags read and the choice are recorded with the version."""
+full 8-bit weights keep more precision. The flags read and the choice are recorded with the version.
+
+The quantised graph is then compacted (`compact`): what ONNX Runtime rebuilds at load (shape
+annotations, node names, all-zero weight zero points, long intermediate tensor names) is dropped, and
+the float32 tensors left beside the int8 weights (biases, LayerNorm weights, per-channel scales) are
+stored as float16 and cast back to float32 when the session loads (``float_storage``, default
+float16). On all-MiniLM-L6-v2 the file goes from 25.3 % to 25.0 % of the float32 parent's
+safetensors (the int8 weights alone are 24.8 %) at the same mean cosine to the parent (0.9933 on 60
+BBC sentences, Xeon with AMX, both before and after)."""
 
 from __future__ import annotations
 
@@ -24,6 +32,8 @@ from .methods import BuildContext, BuildResult
 ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 WEIGHT_TYPES = ("qint8", "quint8")
+FLOAT_STORAGES = ("float16", "float32")
+FLOAT16_MAX = 65504.0
 _QUANT_TYPES = {"qint8": "QInt8", "quint8": "QUInt8"}
 
 
@@ -48,7 +58,8 @@ def choose_reduce_range(flags: list[str]) -> bool:
 
 class OnnxInt8:
     """``onnx-int8`` (parameters: ``per_channel`` (default true), ``reduce_range`` (auto: from the CPU),
-    ``weight_type`` (qint8), ``op_types`` (ONNX Runtime's default set), and those of ``onnx``)."""
+    ``weight_type`` (qint8), ``op_types`` (ONNX Runtime's default set), ``float_storage`` (float16: how
+    the float32 weights left beside the int8 ones are stored, see `compact`), and those of ``onnx``)."""
 
     name = "onnx-int8"
     tasks = ("embed", "classify")
@@ -75,6 +86,7 @@ class OnnxInt8:
                 reduce_range=params["reduce_range"],
                 weight_type=getattr(quantization.QuantType, _QUANT_TYPES[params["weight_type"]]),
             )
+        saved = compact(ctx.out_dir / MODEL_FILE, float16=params["float_storage"] == "float16")
         for path in fp32.iterdir():  # config, tokenizer, onnx.json: as exported
             if path.name != MODEL_FILE:
                 (ctx.out_dir / path.name).write_bytes(path.read_bytes())
@@ -87,7 +99,8 @@ class OnnxInt8:
         notes = []
         if not params["per_channel"]:
             notes.append("per-tensor weights: expect lower quality than per-channel")
-        return BuildResult("int8", {**options, **params, "max_abs_diff_fp32_export": done.max_abs_diff}, notes)
+        parameters = {**options, **params, "max_abs_diff_fp32_export": done.max_abs_diff, "compacted_bytes": saved}
+        return BuildResult("int8", parameters, notes)
 
 
 def int8_options(params: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +112,11 @@ def int8_options(params: dict[str, Any]) -> dict[str, Any]:
     weight_type = str(params.get("weight_type", "qint8")).lower()
     if weight_type not in WEIGHT_TYPES:
         raise BadRequest(f"weight_type: one of {', '.join(WEIGHT_TYPES)}, not {weight_type!r}", code="invalid_param")
+    float_storage = str(params.get("float_storage", "float16")).lower()
+    if float_storage not in FLOAT_STORAGES:
+        raise BadRequest(
+            f"float_storage: one of {', '.join(FLOAT_STORAGES)}, not {float_storage!r}", code="invalid_param"
+        )
     op_types = params.get("op_types")
     if isinstance(op_types, str):
         op_types = [t.strip() for t in op_types.split(",") if t.strip()]
@@ -109,7 +127,78 @@ def int8_options(params: dict[str, Any]) -> dict[str, Any]:
         "cpu_flags": flags,
         "weight_type": weight_type,
         "op_types": sorted(op_types or registry.IntegerOpsRegistry),
+        "float_storage": float_storage,
     }
+
+
+def compact(model_path: Path, *, float16: bool = True) -> int:
+    """Rewrite the quantised graph at `model_path` smaller, its int8 weights untouched; the bytes saved.
+
+    Lossless: shape annotations (``value_info``), node names and doc strings are dropped (ONNX Runtime
+    infers and names what it needs at load), so are all-zero weight zero points of ``MatMulInteger``
+    (an absent zero point is zero; symmetric qint8 weights always have one), and intermediate tensors
+    get short names (the graph's inputs, outputs and weights keep theirs). With `float16`, each float32
+    weight of more than one value that float16 holds (biases, LayerNorm weights, per-channel scales) is
+    stored as float16 behind a ``Cast`` to float32, which ONNX Runtime's constant folding turns back
+    into a float32 weight when the session loads: the graph's arithmetic stays float32."""
+    onnx = require("onnx", "onnx")
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    before = model.ByteSize()
+    del graph.value_info[:]
+    graph.doc_string = ""
+    for node in graph.node:
+        node.name, node.doc_string = "", ""
+    _drop_zero_points(onnx, graph)
+    if not any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):  # no subgraphs to follow
+        _short_names(graph)
+    if float16:
+        _float16_weights(onnx, graph)
+    onnx.save(model, str(model_path))
+    return before - model.ByteSize()
+
+
+def _drop_zero_points(onnx, graph) -> None:
+    weights = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "MatMulInteger" and len(node.input) == 4 and node.input[3] in weights:
+            if not onnx.numpy_helper.to_array(weights[node.input[3]]).any():
+                del node.input[3]
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _short_names(graph) -> None:
+    keep = {v.name for v in (*graph.input, *graph.output)} | {t.name for t in graph.initializer} | {""}
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.output):
+            if name not in keep:
+                node.output[i] = renamed.setdefault(name, f"t{len(renamed):x}")
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+
+
+def _float16_weights(onnx, graph) -> None:
+    import numpy as np
+
+    numpy_helper, float32 = onnx.numpy_helper, onnx.TensorProto.FLOAT
+    graph_inputs = {v.name for v in graph.input}
+    casts = []
+    for weight in graph.initializer:
+        if weight.data_type != float32 or weight.name in graph_inputs:
+            continue
+        values = numpy_helper.to_array(weight)
+        if values.size < 2 or not np.all(np.abs(values) <= FLOAT16_MAX):
+            continue
+        name = weight.name
+        weight.CopyFrom(numpy_helper.from_array(values.astype(np.float16), f"{name}.float16"))
+        casts.append(onnx.helper.make_node("Cast", [weight.name], [name], to=float32))
+    nodes = [*casts, *graph.node]  # a Cast before every node that reads its output
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def as_bool(value: Any, name: str) -> bool:

@@ -5,8 +5,10 @@ the teacher, so training starts close to the parent. It keeps the first and the 
 others evenly between (6 -> 3: layers 0, 3 and 5). Measured on all-MiniLM-L6-v2 before any
 training, mean cosine of the student's embeddings to the teacher's on 96 BBC News articles: 0.64
 for layers 0, 3, 5; 0.29 for every other layer (0, 2, 4, DistilBERT's choice); 0.57 for the top
-three. Layers 0, 2, 4 trained 93 steps of 16 texts (BBC News' train split, lr 1e-4) reached 0.62 on
-192 held-out articles (loss 0.70 -> 0.39): a distilled MiniLM needs far more steps to near the gate. It then learns
+three. Trained on BBC News' train split (16 texts a step, lr 1e-4, 128 tokens), measured on 192
+articles of its validation split: layers 0, 3, 5 after 60 steps mean cosine 0.862 (min 0.692,
+nearest-neighbour agreement 58 %, loss 0.39 -> 0.15) at 1.78x the parent's sentences/s at batch 32;
+layers 0, 2, 4 after 93 steps only 0.62. A distilled MiniLM needs far more steps to near the gate. It then learns
 the teacher's own sentence embeddings (its pooling and normalisation included) on texts of a
 dataset: the cosine (or MSE) between the two is the loss, through transformers' `Trainer`, seeded,
 for a bounded number of steps. The result is a sentence-transformers folder like the parent's

@@ -652,7 +652,7 @@ def _in_pruned_layer(name: str, pruned: dict[int, list[int]]) -> bool:
 # loads the int8 values into the float model (exactly: they are integers below 128) and leaves the scales
 # out; the layers are then swapped for `Int8Linear`s that keep the weights as int8.
 INT8_KEY = "moorage_int8"
-INT8_KERNEL_ROWS = 16  # up to this many rows (decode steps) the int8 kernel; more (prefill) bf16 matmuls
+INT8_KERNEL_ROWS = 8  # up to this many rows (decode steps) the int8 kernel; more (prefill) bf16 matmuls
 
 
 def int8_config(folder: Path) -> dict[str, Any] | None:
@@ -692,7 +692,7 @@ def int8_linear(torch):
     class Int8Linear(module):
         """y = x W^T + b with W = q * scale: q int8 (out, in), one float scale per output channel. A few
         rows run torch's int8 weight kernel (_weight_int8pack_mm) on bf16 activations; more rows (a
-        prompt's prefill) dequantise W to bf16 for one matmul, which is faster there."""
+        prompt's prefill, a large decode batch) one bf16 matmul over q, which is faster there."""
 
         def __init__(self, weight, scale, bias) -> None:
             super().__init__()
@@ -706,8 +706,8 @@ def int8_linear(torch):
             scale = self.weight_scale.to(torch.bfloat16)
             if rows.shape[0] <= INT8_KERNEL_ROWS:
                 y = torch._weight_int8pack_mm(rows, self.weight, scale)
-            else:
-                y = torch.nn.functional.linear(rows, self.weight.to(torch.bfloat16) * scale[:, None])
+            else:  # the int8 values are exact in bf16; the scales apply to the output columns
+                y = torch.nn.functional.linear(rows, self.weight.to(torch.bfloat16)) * scale
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

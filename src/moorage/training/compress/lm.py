@@ -3,32 +3,37 @@
 
 Every linear layer (attention, MLP and the LM head) keeps its weight as int8 with one symmetric
 scale per output channel; activations stay bfloat16. The runtime's generation handler loads the
-folder (`moorage.runtime.hf.restore_int8_linears`): a decode step (a few rows) runs the int8 kernel,
-a prompt's prefill dequantises each weight to bf16 for one matmul (the kernel is slower there).
+folder (`moorage.runtime.hf.restore_int8_linears`): up to `INT8_KERNEL_ROWS` rows (a decode step of
+a few sequences) run the int8 kernel; more rows (a prompt's prefill, a large decode batch) one bf16
+matmul over the int8 values (exact in bf16), the scales applied to its output columns.
 
 Measured on this machine kind (Intel Xeon, AVX-512 BF16 + AMX, 1 torch thread, a shared 2-core VM),
-SmolLM2-135M-Instruct, one matmul of the model's shapes:
+SmolLM2-135M-Instruct. One matmul of the model's shapes (1536 x 576):
 
-    shape (out x in), rows     fp32      bf16    int8 w + fp32 act   int8 w + bf16 act
-    1536 x 576, 1 row          258 us    237 us       803 us               78 us
-    576 x 1536, 1 row          292 us    201 us       935 us               82 us
-    49152 x 576 (head), 1 row  19.6 ms   14.3 ms      43.1 ms              5.8 ms
-    1536 x 576, 128 rows       2.7 ms    0.6 ms       129 ms               6.7 ms
+    rows   fp32     bf16     int8 kernel (bf16 act)   bf16 matmul over q, scaled   int8 kernel, fp32 act
+    1      258 us   237 us    78 us                    -                           803 us
+    8      592 us   180 us   236 us                   418 us
+    32     756 us   221 us  1059 us                   396 us
+    128   1439 us   318 us  2804 us                   576 us
 
-so int8 weights pay only with bf16 activations and only for a few rows (decode): hence the split at
-`INT8_KERNEL_ROWS` rows. The whole model through the runtime's generation handler (median of 36
-decode steps after a 64-token prompt, interleaved, load average ~8 on the 2 cores):
+The whole model through the runtime's generation handler (medians of interleaved runs after a
+64-token prompt; the load of the other tenants moves them by up to 40 %):
 
-    parent fp32      decode step 112.0 ms ( 8.9 tok/s)   prefill 64 tokens 248 ms   513 MB
-    parent bf16      decode step 111.5 ms ( 9.0 tok/s)   prefill 64 tokens 204 ms   257 MB
-    int8, rest fp32  decode step  60.5 ms (16.5 tok/s)   prefill 64 tokens 419 ms   237 MB
-    int8, rest bf16  decode step  41.1 ms (24.3 tok/s)   prefill 64 tokens 353 ms   183 MB (file 237 MB)
+    parent fp32   decode batch 1  83 ms (12.0 tok/s)  batch 32 280 ms  prefill 64 tokens 322 ms  513 MB
+    parent bf16   decode batch 1  85 ms (11.7 tok/s)  batch 32 138 ms  prefill 64 tokens 146 ms  257 MB
+    lm-int8       decode batch 1  53 ms (18.9 tok/s)  batch 32 232 ms  prefill 64 tokens 233 ms  183 MB
 
-Quality on 8 BBC News articles (192 tokens each) against the fp32 parent: perplexity 32.675 ->
-32.835 (+0.5 %; bf16 alone 32.735), next-token top-1 agreement 94.8 % (bf16 alone 96.6 %), 52 % of the
-positions of two greedy 32-token continuations equal (bf16 alone 62 %; a continuation differs from
-its first differing token on). Decoding is 2.7x faster than the bf16 parent and prefill 1.7x slower: worth it for chat,
-where decode steps dominate.
+(another run: batch-1 decode 41 ms against 112 ms for both parents). The file is 237 MB (the input
+embeddings stay float32). Quality on 8 BBC News articles (192 tokens each) against the fp32 parent:
+perplexity 32.675 -> 32.831 (+0.5 %; bf16 alone 32.735), next-token top-1 agreement 94.5 % (bf16
+alone 96.6 %), 52 % of the positions of two greedy 32-token continuations equal (bf16 alone 62 %; a
+continuation differs from its first differing token on).
+
+So lm-int8 pays for one or a few concurrent streams (decode 1.6-2.7x faster than the bf16 parent, a
+third less memory) and costs at batch 32 and in prefill (about 0.6x the bf16 parent, still faster
+than fp32): the compression gate's batch-32 speed-up refuses it unless forced. Tried and left out:
+dynamic int8 activations through torch._int_mm (AMX int8) for the many-row path, 2x faster than bf16
+there, but perplexity +4.5 % and top-1 agreement 86 %.
 """
 
 from __future__ import annotations

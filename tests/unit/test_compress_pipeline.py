@@ -135,14 +135,20 @@ def test_compacting_the_int8_graph_keeps_its_int8_weights_and_its_outputs(pristi
     quantize_dynamic(tmp_path / "onnx" / "model.onnx", quantized, per_channel=True, weight_type=QuantType.QInt8)
     enc = AutoTokenizer.from_pretrained(str(pristine.tmp / "bert"))(texts(6), padding=True, return_tensors="np")
 
-    def run(path: Path):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    def run(path: Path):  # unoptimised: ONNX Runtime's fusions differ by graph, and with them the rounding
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return session.run(None, {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()})[0]
+
+    def mean_cosine(a, b) -> float:
+        return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
 
     def int8_bytes(graph) -> int:
         return sum(t.ByteSize() for t in graph.initializer if t.data_type == onnx.TensorProto.INT8)
 
     expected, original = run(quantized), onnx.load(str(quantized)).graph
+    fp32 = run(tmp_path / "onnx" / "model.onnx")
     for float16 in (False, True):
         path = tmp_path / f"compact-{float16}.onnx"
         shutil.copyfile(quantized, path)
@@ -154,8 +160,11 @@ def test_compacting_the_int8_graph_keeps_its_int8_weights_and_its_outputs(pristi
         assert {n for n in weights if not n.endswith("zero_point")} <= {t.name for t in graph.initializer}
         halves = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
         assert bool(halves) is float16 and len([n for n in graph.node if n.op_type == "Cast"]) >= len(halves)
-        # lossless without float16; float16 biases and scales move the embeddings by far less than int8 does
-        assert np.abs(run(path) - expected).max() < (1e-3 if float16 else 1e-6)
+        got = run(path)
+        if not float16:  # lossless
+            assert np.array_equal(got, expected)
+        else:  # float16 biases and scales: as close to float32 as the int8 graph was (activations re-quantised)
+            assert mean_cosine(got, fp32) > mean_cosine(expected, fp32) - 0.005
     with pytest.raises(BadRequest) as caught:
         int8_options({"float_storage": "bfloat16"})
     assert caught.value.code == "invalid_param" and "float16, float32" in caught.value.message

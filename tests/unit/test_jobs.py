@@ -338,3 +338,50 @@ async def test_a_received_batch_costs_one_catalog_transaction_to_start_and_one_t
     finally:
         await sink.close()
         await queue.close()
+
+
+async def test_the_queue_messages_of_a_runner_found_dead_are_delivered_again_at_once(models, tmp_path):
+    """A runner killed between receiving a batch and leasing its jobs in the catalog leaves jobs that
+    no job lease marks as held: only its queue leases do. The SQLite queue names the consumer in each
+    lease, so a runner found dead (its lock file free, or its job leases expired) has its messages
+    delivered again now, not when their visibility timeout ends."""
+    url = f"sqlite:///{tmp_path / 'q.db'}?topic=jobs&visibility_timeout=600"
+    dead, alive, other = (open_broker(f"{url}&consumer={name}") for name in ("dead-1", "alive-2", "dead-10"))
+    for broker in (dead, alive, other):
+        await broker.connect()
+    try:
+        await dead.publish([b'{"id": "job-a"}', b'{"id": "job-b"}', b'{"id": "job-c"}'])
+        held = await dead.receive(2, 0.1)
+        held_by_other = await other.receive(1, 0.1)
+        assert len(held) == 2 and len(held_by_other) == 1
+        assert await alive.receive(8, 0.1) == []  # hidden for the visibility timeout
+        assert await alive.release_consumer("dead-1") == 2  # not dead-10's, whose name starts alike
+        again = await alive.receive(8, 0.1)
+        assert sorted(m.body for m in again) == sorted(m.body for m in held) and {m.attempts for m in again} == {2}
+        await dead.ack(held)  # the dead runner's handles settle nothing any more
+        await alive.ack(again)
+        assert await alive.lag() == 1
+    finally:
+        for broker in (dead, alive, other):
+            await broker.close()
+
+
+async def test_tend_names_each_runner_whose_expired_leases_it_took(models):
+    clock = _Clock()
+    store = JobStore(models.catalog.engine, lease_s=10, clock=clock)
+    mine, a, b = (store.create("emb", {"inputs": [str(i)]}) for i in range(3))
+    store.start(mine.id, "r1")
+    store.start(a.id, "dead-1")
+    store.start(b.id, "dead-1")
+    leases = Leases(store, "r1")  # r1 lost track of its own job: its lease expires too
+    gone: list[str] = []
+
+    async def publish(job_id: str) -> None:
+        pass
+
+    async def on_gone(runner_id: str) -> None:
+        gone.append(runner_id)
+
+    clock.now += timedelta(seconds=11)
+    assert await leases.tend(publish, lambda job: None, on_gone) == 3
+    assert gone == ["dead-1"]  # once, and never this runner itself

@@ -130,14 +130,18 @@ class JobRunner:
         self.settings = settings
         self.service = service
         self.store = JobStore(catalog.engine, lease_s=settings.jobs.lease_s)
+        self.leases = Leases(self.store, new_runner_id())
         # The worker renews the broker leases of the messages it works on (WorkerConfig.lease_heartbeat_s),
         # and the job leases keep a duplicate delivery from running a job twice: a short visibility
-        # timeout only brings a dead server's messages back sooner.
+        # timeout only brings a dead server's messages back sooner. The queue names this runner as the
+        # consumer holding each message, so that the messages of a runner found dead are released at
+        # once (`_release_messages_of`): a runner killed between receiving a batch and leasing its
+        # jobs in the catalog leaves jobs that no job lease marks as held, which only that would free.
         self.queue_url = settings.stream.jobs_url or (
             f"sqlite:///{settings.home / 'jobs-queue.db'}?topic=jobs&visibility_timeout=60"
+            f"&consumer={self.leases.runner_id}"
         )
         self.config = replace(worker_config(settings), batch_size=concurrency, receive_timeout_s=1.0)
-        self.leases = Leases(self.store, new_runner_id())
         self._lock = RunnerLock(settings.home / "runners", self.leases.runner_id)
         self._broker: Broker | None = None
         self._sink = JobSink(self.store, settings.jobs, self.leases)
@@ -165,8 +169,22 @@ class JobRunner:
             for runner_id in await asyncio.to_thread(self._lock.dead_runners):
                 num_leases = await asyncio.to_thread(self.store.expire, runner_id)
                 log.warning("job runner %s has stopped; its %d job leases end now", runner_id, num_leases)
+                await self._release_messages_of(runner_id)
         except Exception as exc:  # its leases still expire on their own
             log.warning("could not check which job runners of this home are alive: %s", exc)
+
+    async def _release_messages_of(self, runner_id: str) -> None:
+        """The queue messages a dead runner holds are delivered again now, not once its visibility
+        timeout ends (where the queue can tell its consumers apart: the embedded SQLite queue)."""
+        release = getattr(self.broker.inner, "release_consumer", None) if isinstance(self.broker, JobQueue) else None
+        if release is None:
+            return
+        try:
+            if num_messages := await release(runner_id):
+                log.warning("job runner %s has stopped; its %d queue messages are delivered again", runner_id,
+                            num_messages)  # fmt: skip
+        except Exception as exc:  # they come back when their visibility timeout ends
+            log.warning("could not release the queue messages of job runner %s: %s", runner_id, exc)
 
     async def _tend_leases(self) -> None:
         """Renew this runner's leases and reclaim expired ones, at start-up and every lease_s / 4, until
@@ -177,7 +195,7 @@ class JobRunner:
             try:
                 if self._stop.is_set():
                     await self.leases.renew()
-                elif reclaimed := await self.leases.tend(self.enqueue, self._sink.call_back):
+                elif reclaimed := await self.leases.tend(self.enqueue, self._sink.call_back, self._release_messages_of):
                     log.warning("reclaimed %d jobs whose runner stopped renewing its leases", reclaimed)
             except asyncio.CancelledError:
                 raise

@@ -94,12 +94,19 @@ class Leases:
     async def renew(self) -> None:
         await asyncio.to_thread(self.store.renew, self.working | self.calling, self.runner_id)
 
-    async def tend(self, publish: Callable[[str], Awaitable[None]], call_back: Callable[[Job], None]) -> int:
+    async def tend(
+        self,
+        publish: Callable[[str], Awaitable[None]],
+        call_back: Callable[[Job], None],
+        gone: Callable[[str], Awaitable[None]] | None = None,
+    ) -> int:
         """Renew this runner's leases, then reclaim every expired one: `publish(job_id)` (awaitable)
-        queues an unfinished job again, `call_back(job)` delivers a pending callback. Answers how
+        queues an unfinished job again, `call_back(job)` delivers a pending callback, and `gone(runner_id)`
+        (awaitable, once per runner) is told of each other runner whose leases it took. Answers how
         many jobs it reclaimed. Another runner reclaiming the same job first is not an error."""
         store = self.store
         await self.renew()
+        dead: set[str] = set()
         num_reclaimed, taken_this_round = 0, True
         while taken_this_round:  # rounds of up to 100, until one finds nothing left to take
             taken_this_round = False
@@ -108,10 +115,15 @@ class Leases:
                 if taken is None:  # another runner was first, or the holder renewed meanwhile
                     continue
                 num_reclaimed, taken_this_round = num_reclaimed + 1, True
+                if job.runner_id is not None and job.runner_id != self.runner_id:
+                    dead.add(job.runner_id)
                 if taken.is_finished:
                     call_back(taken)
                 else:  # the dead runner's message stays hidden until its broker lease ends: a new one
                     await self._publish(taken.id, publish)
+        if gone is not None:  # e.g. its queue messages are delivered again now, not when they time out
+            for runner_id in sorted(dead):
+                await gone(runner_id)
         return num_reclaimed
 
     async def _publish(self, job_id: str, publish: Callable[[str], Awaitable[None]]) -> None:

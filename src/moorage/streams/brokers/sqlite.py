@@ -5,9 +5,10 @@
 default 30), ``poll_ms`` (how often an empty queue is polled, default 50).
 
 A receive leases messages: one ``BEGIN IMMEDIATE`` transaction picks the oldest visible rows and
-hides them for the visibility timeout under a lease token. Ack deletes the row only while this lease
-holds; an expired lease lets another consumer take the message. The group is the whole file: every
-consumer of a topic shares its work.
+hides them for the visibility timeout under a lease token that names the consumer. Ack deletes the
+row only while this lease holds; an expired lease lets another consumer take the message, and
+`release_consumer` ends at once every lease of a consumer known to be gone. The group is the whole
+file: every consumer of a topic shares its work.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class SQLiteBroker(Broker):
         ).fetchall()
         if not rows:
             return []
-        lease = uuid.uuid4().hex
+        lease = f"{self.consumer} {uuid.uuid4().hex}"
         db.executemany(
             "UPDATE messages SET visible_at = ?, attempts = attempts + 1, lease = ? WHERE seq = ?",
             [(now + self.visibility_timeout, lease, r[0]) for r in rows],
@@ -164,6 +165,15 @@ class SQLiteBroker(Broker):
         rows = [(time.time() + delay_s, reason, *m.handle) for m in messages]
         sql = "UPDATE messages SET visible_at = ?, last_error = ?, lease = NULL WHERE seq = ? AND lease = ?"
         await self._tx(lambda db: db.executemany(sql, rows))
+
+    async def release_consumer(self, consumer: str) -> int:
+        """Make every message that `consumer` (a process known to be gone) holds visible now, instead
+        of when its visibility timeout ends; their delivery counts stay. Answers how many."""
+        if not consumer or " " in consumer:
+            return 0
+        sql = "UPDATE messages SET visible_at = ?, lease = NULL WHERE topic = ? AND substr(lease, 1, ?) = ?"
+        prefix = f"{consumer} "
+        return await self._tx(lambda db: db.execute(sql, (time.time(), self.topic, len(prefix), prefix)).rowcount)
 
     async def dead_letter(self, entries: Sequence[tuple[Message, str]]) -> None:
         now = time.time()

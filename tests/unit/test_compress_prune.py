@@ -121,6 +121,20 @@ def test_pruned_embedder_loads_and_equals_its_parent_with_those_heads_masked(tmp
     assert not torch.allclose(got, unmasked, atol=1e-3)  # the heads removed did count
 
 
+def test_a_pruned_embedder_exports_to_onnx_with_its_cut_projections(tmp_path, settings, reg):
+    pytest.importorskip("onnxruntime")
+    parent = wide_bert(tmp_path / "parent")
+    _, pruned = build(settings, reg, parent, "embed", "prune-heads", heads_per_layer=2, num_texts=16)
+    derived = reg.register(pruned, "parent-embed", "embed")  # the pruned version, as the pipeline registers it
+    out = tmp_path / "onnx-out"
+    ctx = BuildContext(parent=derived, parent_dir=pruned, out_dir=out, params={}, settings=settings)
+    method("onnx").build(ctx)  # checks the graph against the torch model it came from
+
+    onnx_embeddings = embeddings(load(out, "embed"), TEXTS[:6])
+    torch_embeddings = embeddings(load(pruned, "embed"), TEXTS[:6])
+    assert torch.allclose(onnx_embeddings, torch_embeddings, atol=1e-4)
+
+
 def test_pruned_classifier_equals_masked_parent_and_recovers_on_its_dataset(tmp_path, settings, reg):
     parent = classifier(tmp_path / "parent")
     result, out = build(settings, reg, parent, "classify", "prune-heads", fraction=0.5, num_texts=16)

@@ -64,6 +64,7 @@ class DistillParams(BaseModel):
 class Distill:
     name = "distill"
     tasks: tuple[str, ...] = ("embed",)
+    learns_from_data = True  # `moorage compress --dataset D` is its default `dataset` parameter
 
     def build(self, ctx: BuildContext) -> BuildResult:
         check_task(self, ctx.parent.task, ctx.parent.ref)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BadRequest, require
+from ...runtime.hf import pruned_heads_kwargs, pruned_heads_quiet, restore_pruned_heads, transformer_folder
 from .methods import BuildContext, BuildResult
 
 MODEL_FILE = "model.onnx"
@@ -204,9 +205,16 @@ def _embedder(parent_dir: Path):
     folder its transformer's config and tokenizer files are in, its token limit and whether it normalises."""
     torch = require("torch", "ml")
     st = require("sentence_transformers", "ml")
-    model = st.SentenceTransformer(
-        str(parent_dir), device="cpu", local_files_only=True, model_kwargs={"use_safetensors": True}
-    ).eval()
+    weights = transformer_folder(parent_dir)
+    with pruned_heads_quiet(weights):  # a pruned parent loads its cut projections as the runtime does
+        model = st.SentenceTransformer(
+            str(parent_dir),
+            device="cpu",
+            local_files_only=True,
+            model_kwargs={"use_safetensors": True, **pruned_heads_kwargs(weights)},
+        )
+    restore_pruned_heads(model[0].auto_model, weights)
+    model.eval()
     normalize = any(type(m).__name__ == "Normalize" for m in model)
 
     class Embed(torch.nn.Module):  # type: ignore[name-defined]
@@ -220,16 +228,23 @@ def _embedder(parent_dir: Path):
 
     tokenizer = model.tokenizer
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
-    return Embed().eval(), tokenizer, _transformer_folder(parent_dir), int(model.max_seq_length or 512), normalize
+    return Embed().eval(), tokenizer, transformer_folder(parent_dir), int(model.max_seq_length or 512), normalize
 
 
 def _classifier(parent_dir: Path):
     torch = require("torch", "ml")
     tf = require("transformers", "ml")
     tokenizer = tf.AutoTokenizer.from_pretrained(str(parent_dir), local_files_only=True)
-    model = tf.AutoModelForSequenceClassification.from_pretrained(
-        str(parent_dir), local_files_only=True, use_safetensors=True, dtype=torch.float32
-    ).eval()
+    with pruned_heads_quiet(parent_dir):
+        model = tf.AutoModelForSequenceClassification.from_pretrained(
+            str(parent_dir),
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=torch.float32,
+            **pruned_heads_kwargs(parent_dir),
+        )
+    restore_pruned_heads(model, parent_dir)
+    model.eval()
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
 
     class Logits(torch.nn.Module):  # type: ignore[name-defined]
@@ -243,17 +258,6 @@ def _classifier(parent_dir: Path):
     limit = getattr(model.config, "max_position_embeddings", None) or 512
     max_length = min(int(tokenizer.model_max_length or limit), int(limit))
     return Logits().eval(), tokenizer, parent_dir, max_length
-
-
-def _transformer_folder(parent_dir: Path) -> Path:
-    """Where a sentence-transformers folder keeps its transformer (config.json, tokenizer files)."""
-    modules_file = parent_dir / "modules.json"
-    if not modules_file.is_file():
-        return parent_dir
-    for module in json.loads(modules_file.read_text(encoding="utf-8")):
-        if str(module.get("type", "")).endswith("Transformer"):
-            return parent_dir / str(module.get("path") or "")
-    return parent_dir
 
 
 def _copy_model_files(source: Path, out_dir: Path) -> None:

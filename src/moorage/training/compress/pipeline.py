@@ -96,7 +96,10 @@ def compress(
         with base_folder(registry, parent) as parent_dir, _work_dir(settings) as work:
             out_dir = work / "derived"
             report_step("building", 0, 1)
-            ctx = BuildContext(parent, parent_dir, out_dir, dict(params or {}), settings, _build_progress(progress))
+            build_params = dict(params or {})
+            if dataset is not None and getattr(chosen, "learns_from_data", False):
+                build_params.setdefault("dataset", dataset)  # it learns on train/validation; test stays held out
+            ctx = BuildContext(parent, parent_dir, out_dir, build_params, settings, _build_progress(progress))
             built = chosen.build(ctx)
             _stop_if(should_stop, parent.ref)
             report_step("measuring", 0, 1)

@@ -84,6 +84,7 @@ class PruneParams(BaseModel):
 class PruneHeads:
     name = "prune-heads"
     tasks: tuple[str, ...] = ("embed", "classify")
+    learns_from_data = True  # `moorage compress --dataset D` is its default `dataset` parameter
 
     def build(self, ctx: BuildContext) -> BuildResult:
         check_task(self, ctx.parent.task, ctx.parent.ref)

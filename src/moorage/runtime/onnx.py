@@ -70,7 +70,7 @@ class _OnnxHandler(TaskHandler):
 
     def load(self, folder: Path, manifest: Manifest, settings: RuntimeSettings) -> None:
         ort = require_onnxruntime()
-        tf = require("transformers", "ml")
+        tf = require("transformers", "onnx")
         meta = _read_meta(folder, manifest)
         if meta.get("task") != self.task:
             raise ModelLoadFailed(f"cannot load {_ref(manifest)}: its {META_FILE} says task {meta.get('task')!r}")

@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from cpuload import _machine  # noqa: E402
+from cpuload import OtherLoad  # noqa: E402
 
 from moorage.registry import Registry  # noqa: E402
 from moorage.runtime import make_fake_model  # noqa: E402
@@ -369,32 +369,6 @@ def chart() -> tuple[dict, Rules, Rules, float]:
     )
 
 
-class OtherLoad:
-    """The share of the machine's CPU time that processes other than the bench and its replicas
-    (its children, each reaped before the block ends) took while the block ran."""
-
-    share: float | None = None
-
-    @staticmethod
-    def _own() -> float:
-        import resource
-
-        return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
-                   for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))  # fmt: skip
-
-    def __enter__(self) -> OtherLoad:
-        self._start, self._own_start = _machine(), self._own()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        end = _machine()
-        if self._start is None or end is None or end[1] <= self._start[1]:
-            return
-        ticks = os.sysconf("SC_CLK_TCK")
-        busy, total = end[0] - self._start[0], end[1] - self._start[1]
-        self.share = max(0.0, (busy - (self._own() - self._own_start) * ticks) / total)
-
-
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -448,7 +422,7 @@ def main() -> None:
             for name in args.policies.split(","):
                 target = float(values["targetQueueDepth"]) if name == "queue" else args.cpu_target
                 run = Run(name, args, fleet, Hpa(low, high, up, down), target)
-                with OtherLoad() as other:
+                with OtherLoad(children=True) as other:
                     asyncio.run(run_policy(run, rates, args))
                 run.other_share = other.share
                 runs.append(run)

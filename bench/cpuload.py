@@ -36,14 +36,23 @@ def _process(pid: int | str) -> int:
 
 class OtherLoad:
     """`with OtherLoad(server_pids) as load: ...` then `load.share`: the fraction of the machine's CPU
-    time spent outside this process and `pids` while the block ran (None where /proc is missing)."""
+    time spent outside this process and `pids` while the block ran (None where /proc is missing). With
+    `children`, the CPU time of this process's children that ended (and were waited for) in the block
+    counts as its own too: servers a bench starts and stops inside the block have no pid to list."""
 
-    def __init__(self, pids: list[int] = ()) -> None:  # type: ignore[assignment]
+    def __init__(self, pids: list[int] = (), children: bool = False) -> None:  # type: ignore[assignment]
         self.pids = ["self", *pids]
+        self.children = children
         self.share: float | None = None
 
     def _own(self) -> int:
-        return sum(_process(p) for p in self.pids)
+        own = sum(_process(p) for p in self.pids)
+        if self.children:
+            import resource
+
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            own += round((usage.ru_utime + usage.ru_stime) * _TICK)
+        return own
 
     def __enter__(self) -> OtherLoad:
         self._start, self._own_start = _machine(), self._own()

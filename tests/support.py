@@ -36,6 +36,24 @@ def wait_until(
         time.sleep(interval_s)
 
 
+def run_cli(monkeypatch, capsys, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the moorage CLI in this process as a user would: (exit status, stdout, stderr)."""
+    from moorage.cli.main import main
+
+    monkeypatch.delenv("MOORAGE_CONFIG", raising=False)
+    monkeypatch.setattr("faulthandler.enable", lambda: None)  # captured stderr has no file descriptor
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("sys.argv", ["moorage", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @contextmanager
 def serve_in_thread(app, ready_s: float = 60.0) -> Iterator[str]:
     """`app` under uvicorn on 127.0.0.1 (a free port) in a thread; yields its base URL once `/readyz`

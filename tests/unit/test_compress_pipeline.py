@@ -30,7 +30,7 @@ from moorage.training.datasets import Datasets  # noqa: E402
 from moorage.training.jobs import validate_spec  # noqa: E402
 from moorage.training.worker import Worker  # noqa: E402
 
-from tests.support import tiny_bert  # noqa: E402
+from tests.support import run_cli, tiny_bert  # noqa: E402
 
 WORDS = "goal match team coach league player software chip computer network server code laptop cloud".split()
 # The tiny random model is no faster than its parent in any reliable way, and its int8 cosine is what
@@ -267,22 +267,11 @@ def test_a_method_the_task_does_not_support_and_an_unknown_one_are_one_line_erro
 @pytest.fixture
 def moorage(monkeypatch, capsys):
     """Run the CLI as a user would: (exit status, stdout, stderr)."""
-    from moorage.cli.main import main
-
-    monkeypatch.delenv("MOORAGE_CONFIG", raising=False)
-    monkeypatch.setattr("faulthandler.enable", lambda: None)  # captured stderr has no file descriptor
 
     def run(home: Path, *args: str, **env: str) -> tuple[int, str, str]:
-        for key, value in {"MOORAGE_HOME": str(home), "MOORAGE_USER": "tester", **LENIENT, **env}.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setattr("sys.argv", ["moorage", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return code, out, err
+        return run_cli(
+            monkeypatch, capsys, *args, env={"MOORAGE_HOME": str(home), "MOORAGE_USER": "tester", **LENIENT, **env}
+        )
 
     return run
 

@@ -11,26 +11,15 @@ from moorage.config import load_settings
 from moorage.configcenter.releases import ConfigCenter
 from moorage.security.audit import AuditLog
 
+from tests.support import run_cli
+
 
 @pytest.fixture
 def moorage(tmp_path, monkeypatch, capsys):
     """Run the CLI as a user would: (exit status, stdout, stderr)."""
-    from moorage.cli.main import main
-
-    monkeypatch.setenv("MOORAGE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MOORAGE_CONFIG", raising=False)
-    monkeypatch.setattr("faulthandler.enable", lambda: None)  # captured stderr has no file descriptor
 
     def run(*args: str, user: str = "alice") -> tuple[int, str, str]:
-        monkeypatch.setenv("MOORAGE_USER", user)
-        monkeypatch.setattr("sys.argv", ["moorage", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return code, out, err
+        return run_cli(monkeypatch, capsys, *args, env={"MOORAGE_HOME": str(tmp_path / "home"), "MOORAGE_USER": user})
 
     return run
 

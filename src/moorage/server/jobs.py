@@ -11,8 +11,10 @@ server that dies mid-job stops renewing: once its leases expire (``jobs.lease_s`
 (the restarted server, or another replica on the same catalog) puts its unfinished jobs back on
 the queue and delivers the callbacks it left pending. A server restarted on the same home folder
 does not wait for that: the dead runner's lock file is free (`moorage.jobs.liveness`), so it ends
-that runner's leases at start-up. The job runs again; only the first finish is
-stored and calls back, at least once, with ``Idempotency-Key: JOB_ID``. A live replica's jobs are
+that runner's leases at start-up, and on the embedded SQLite queue (whose leases name the runner)
+delivers that runner's messages again at once, with them any batch it died receiving. The job
+runs again; only the first finish is stored and calls back, at least once, with
+``Idempotency-Key: JOB_ID``. A live replica's jobs are
 never taken: its leases do not expire. A message whose job this catalog does not know is handed
 back and finally dead-lettered with ``job_not_found``, never acknowledged as done.
 

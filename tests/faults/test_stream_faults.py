@@ -120,8 +120,15 @@ async def _restart_mid_stream(service, url: str, settings, registry, model: str,
         await eventually(lambda: health.is_healthy, 30, "the worker to report healthy again")
         dead = await _dead_letters(url)
     finally:
+        if not service.running:  # failed mid-outage: the worker stops against a live broker, as it would
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(service.start)
         stop.set()
-        counts = await asyncio.wait_for(worker, 60)
+        done, _ = await asyncio.wait({worker}, timeout=60)  # not wait_for: it waits out a cancel too
+        if not done:
+            worker.cancel()
+            raise AssertionError("the worker did not stop within 60 s of being asked")
+        counts = worker.result()
     ids = [r[0] for r in rows.last]
     figures = {"rows": len(ids), "distinct": len(set(ids)), "at_stop": at_stop, "first_row_s": round(first_row_s, 2),
                "replays": sum(r[1] for r in rows.last) - len(ids), "dead": len(dead), "problems": problems,
@@ -151,6 +158,36 @@ async def test_kafka_connection_loss_mid_stream_loses_and_duplicates_nothing(set
         url = f"{kafka.url}?topic=faults&create=auto&session_timeout_ms=6000"
         figures = await _restart_mid_stream(kafka, url, settings, registry, emb, tmp_path)
     assert figures["problems"], "the worker said what it was waiting for"
+
+
+async def test_a_kafka_worker_stopped_while_its_broker_is_down_stops(settings, registry, emb, tmp_path):
+    """The broker goes away mid-stream and stays away. An ack's commit waits on a coordinator that
+    cannot be reached (librdkafka waits out its request timeouts again and again): it fails after
+    `commit_timeout_ms`, so the worker reports the broker down, and when asked to stop it stops, its
+    close waiting only a bounded time for the commit still running."""
+    with kafka_service() as kafka:
+        url = f"{kafka.url}?topic=faults&create=auto&session_timeout_ms=6000&commit_timeout_ms=2000"
+        db = tmp_path / "out.db"
+        await _publish(url, inputs(N))
+        rows = Counter(lambda: sqlite_rows(db))
+        health, stop = Health(), asyncio.Event()
+        job = StreamJob(url, f"sql+sqlite:///{db}?table=results", emb)
+        worker = asyncio.create_task(run_stream(stream_settings(settings), job, stop, registry=registry, health=health))
+        try:
+            await eventually(lambda: rows() >= 300, 60, "300 rows before the fault")
+            await asyncio.to_thread(kafka.stop)
+            await eventually(lambda: not health.is_healthy, 30, "the worker to report the broker down")
+            started = time.monotonic()
+            stop.set()
+            done, _ = await asyncio.wait({worker}, timeout=60)
+            print({"stop_s": round(time.monotonic() - started, 1), "rows": len(rows.now()),
+                   "problems": health.report()["problems"]})  # fmt: skip
+            assert done, "the worker stopped while its broker was down"
+            assert worker.result().dead_lettered == 0
+        finally:
+            worker.cancel()
+            await asyncio.to_thread(kafka.start)
+    assert len(rows.now()) < N, "the broker went away mid-stream"
 
 
 async def test_redis_restart_mid_stream_loses_and_duplicates_nothing(settings, registry, emb, tmp_path):

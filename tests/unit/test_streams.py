@@ -218,3 +218,33 @@ async def test_a_flaky_sink_is_retried_with_backoff_and_loses_nothing(settings, 
     assert FlakySink.failures == 0 and counts.processed == 50 and counts.dead_lettered == 0
     ids = sorted(r[0] for r in sqlite3.connect(db).execute("SELECT id FROM r"))
     assert ids == sorted(f"in-{i}" for i in range(1, 51))
+
+
+async def test_a_call_stuck_in_a_client_bounds_its_caller_and_the_close_but_closes_only_after_it():
+    """A client call that does not return (a Kafka commit while the coordinator is unreachable) fails
+    its caller after `run_within`'s timeout, `close` returns after `close_wait_s` without closing the
+    client under the call, and the client is closed once the call returns; the call's thread is a
+    daemon, so the process can still exit."""
+    import threading
+
+    from moorage.streams.brokers.base import BlockingCalls, BrokerUnavailable
+
+    release, closed, inside = threading.Event(), threading.Event(), threading.Event()
+    threads: list[threading.Thread] = []
+
+    def stuck() -> str:
+        threads.append(threading.current_thread())
+        inside.set()
+        release.wait(30)
+        return "late"
+
+    calls = BlockingCalls(close_wait_s=0.2)
+    with pytest.raises(BrokerUnavailable, match="the commit did not finish within 0.1 s"):
+        await calls.run_within(0.1, "the commit", stuck)
+    assert inside.is_set() and threads[0].daemon
+    await calls.close(closed.set)  # returns: the call still runs, so the client stays open
+    assert not closed.is_set()
+    release.set()
+    assert await asyncio.to_thread(closed.wait, 30), "closed once the stuck call returned"
+    with pytest.raises(BrokerUnavailable, match="closed"):
+        await calls.run(stuck)

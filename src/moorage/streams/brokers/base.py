@@ -20,6 +20,8 @@ crash, a lost connection or an expired lease, with its delivery count raised.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import os
 import socket
 import threading
@@ -31,6 +33,8 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from ...errors import BadRequest, MissingDependency, MoorageError
+
+log = logging.getLogger(__name__)
 
 SCHEMES = {
     "sqlite": ("sqlite", "SQLiteBroker"),
@@ -147,9 +151,16 @@ class BlockingCalls:
     Cancelling an ``await asyncio.to_thread(...)`` does not stop its thread: a receive cancelled at
     shutdown goes on polling, and closing the client under it makes C libraries (sqlite3, librdkafka)
     use freed memory and crash the process. ``close(fn)`` refuses new calls, waits for the running
-    ones, then runs ``fn``; a call after that raises BrokerUnavailable."""
+    ones, then runs ``fn``; a call after that raises BrokerUnavailable.
 
-    def __init__(self) -> None:
+    A call can block far longer than its caller's patience: a Kafka commit while the coordinator is
+    unreachable waits out librdkafka's request timeouts, again and again. So calls run in daemon
+    threads (one stuck there cannot hold the process at exit) and ``close`` waits at most
+    ``close_wait_s``: after that the client is left to be closed by that thread once its calls
+    return, and the worker stops on time."""
+
+    def __init__(self, close_wait_s: float = 15.0) -> None:
+        self.close_wait_s = close_wait_s
         self._cv = threading.Condition()
         self._running = 0
         self._closed = False
@@ -159,7 +170,17 @@ class BlockingCalls:
             self._closed = False
 
     async def run(self, fn, *args):
-        return await asyncio.to_thread(self._call, fn, *args)
+        return await in_daemon_thread(self._call, fn, *args, name=getattr(fn, "__name__", "call"))
+
+    async def run_within(self, timeout_s: float, what: str, fn, *args):
+        """``run``, but the caller waits at most ``timeout_s``, then gets BrokerUnavailable; the call
+        goes on in its thread (and ``close`` waits for it as for any other)."""
+        future = in_daemon_thread(self._call, fn, *args, name=getattr(fn, "__name__", "call"))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            future.add_done_callback(_nobody_waits)
+            raise BrokerUnavailable(f"{what} did not finish within {timeout_s:g} s") from None
 
     def _call(self, fn, *args):
         with self._cv:
@@ -174,13 +195,48 @@ class BlockingCalls:
                 self._cv.notify_all()
 
     async def close(self, fn) -> None:
-        await asyncio.to_thread(self._close, fn)
+        closing = in_daemon_thread(self._close, fn, name="close")
+        try:
+            await asyncio.wait_for(asyncio.shield(closing), self.close_wait_s)
+        except TimeoutError:
+            log.warning("a broker call was still running %.0f s after close: the client closes when it returns",
+                        self.close_wait_s)  # fmt: skip
 
     def _close(self, fn) -> None:
         with self._cv:
             self._closed = True
             self._cv.wait_for(lambda: self._running == 0)
         fn()
+
+
+def _nobody_waits(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a late failure of a call nobody waits for is not an error to log
+
+
+def in_daemon_thread(fn, *args, name: str = "call") -> asyncio.Future:
+    """``asyncio.to_thread`` in a daemon thread of its own: the default executor's threads are
+    joined at exit, so one blocked in a client library would keep the process from ending."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(ok: bool, value) -> None:
+        if not future.done():  # the caller may have been cancelled meanwhile
+            (future.set_result if ok else future.set_exception)(value)
+
+    def target() -> None:
+        try:
+            outcome = (True, context.run(fn, *args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+            outcome = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: nobody waits for this any more
+            pass
+
+    threading.Thread(target=target, name=f"broker-{name}", daemon=True).start()
+    return future
 
 
 ReplyHandler = Callable[[str | None, bytes], None]

@@ -2,9 +2,13 @@
 
 ``kafka://HOST:PORT[,HOST:PORT]?topic=in&group=g``. Options: ``partitions`` (when moorage creates
 the topic, default 4), ``session_timeout_ms`` (how soon the group notices a dead consumer,
-default 10000), ``replication`` (default 1), ``create`` (how a missing topic is made: ``admin``, the
-default, creates it with CreateTopics; ``auto`` lets the broker create it on first use with its own
-default partition count, for clusters that allow auto-creation and for test brokers).
+default 10000), ``commit_timeout_ms`` (how long an ack waits for the group coordinator to confirm
+its commit, default 10000: while the coordinator is unreachable librdkafka would wait out its
+request timeouts again and again; past this the ack fails, the worker reports the broker down and
+the offsets are committed by a later ack), ``replication`` (default 1), ``create`` (how a missing
+topic is made: ``admin``, the default, creates it with CreateTopics; ``auto`` lets the broker
+create it on first use with its own default partition count, for clusters that allow
+auto-creation and for test brokers).
 
 Offsets are per partition, so an ack commits the lowest offset still outstanding on each
 partition (everything below it is done): acks may come in any order and nothing unfinished is
@@ -39,6 +43,7 @@ class KafkaBroker(Broker):
         self.partitions = url.int("partitions", 4)
         self.replication = url.int("replication", 1)
         self.session_timeout_ms = url.int("session_timeout_ms", 10_000)
+        self.commit_timeout_s = url.int("commit_timeout_ms", 10_000) / 1000
         self.create = url.options.get("create", "admin")
         self._producer: Producer | None = None
         self._consumer: Consumer | None = None
@@ -195,7 +200,8 @@ class KafkaBroker(Broker):
                 pending = self._outstanding.get(p)
                 offsets.append(TopicPartition(self.topic, p, min(pending) if pending else self._next[p]))
         if offsets and self._consumer is not None:
-            await self._calls.run(self._commit, self._consumer, offsets)
+            await self._calls.run_within(self.commit_timeout_s, "the Kafka offset commit", self._commit, self._consumer,
+                                         offsets)  # fmt: skip
 
     def _commit(self, consumer: Consumer, offsets: list[TopicPartition]) -> None:
         try:

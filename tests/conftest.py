@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import sys
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,6 +23,61 @@ def pytest_collection_modifyitems(config, items):
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
         if parts[0] in ("integration", "e2e", "faults"):
             item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+EXIT_GRACE_S = 60.0
+SESSION_BUDGET_S = float(os.environ.get("MOORAGE_TEST_BUDGET_S", "4500"))  # CI stops the whole job at 90 min
+_running: list[str] = []
+
+
+def pytest_sessionstart(session):
+    """pytest-timeout ends one slow test, but not one blocked inside a C call (its alarm waits for
+    the call to return): past the session's budget a watchdog names the running test, prints every
+    thread's stack and fails the run, so that it ends red with a reason instead of being cut off."""
+
+    def watchdog() -> None:
+        capture = session.config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:  # the running test's output capture holds stderr: give it back first
+            capture.suspend_global_capture(in_=True)
+        where = _running[-1] if _running else "no test"
+        print(f"\nthe test session ran past its budget of {SESSION_BUDGET_S:.0f} s (MOORAGE_TEST_BUDGET_S) "
+              f"in {where}; its threads:", file=sys.__stderr__, flush=True)  # fmt: skip
+        faulthandler.dump_traceback(file=sys.__stderr__)
+        os._exit(3)
+
+    timer = threading.Timer(SESSION_BUDGET_S, watchdog)
+    timer.daemon = True
+    timer.start()
+    session.config._moorage_budget = timer
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _running[:] = [nodeid]
+
+
+def pytest_unconfigure(config):
+    """After the last test the interpreter waits for every non-daemon thread. One left blocked (a
+    broker client's call on a server the session has stopped) would hang the run with no word of
+    why: a watchdog gives the exit a minute, then prints every thread's stack and ends the process
+    with the session's own status (the tests' verdict stands; the stacks say what to fix)."""
+    status = int(getattr(config, "_moorage_exitstatus", 1))
+    if budget := getattr(config, "_moorage_budget", None):
+        budget.cancel()
+
+    def watchdog() -> None:  # still here a minute on: something blocks the exit
+        print(f"\nthe test process did not exit within {EXIT_GRACE_S:.0f} s of the session's end "
+              f"(status {status}); its threads:", file=sys.__stderr__, flush=True)  # fmt: skip
+        faulthandler.dump_traceback(file=sys.__stderr__)
+        os._exit(status)
+
+    timer = threading.Timer(EXIT_GRACE_S, watchdog)
+    timer.daemon = True
+    timer.start()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    session.config._moorage_exitstatus = exitstatus
 
 
 @pytest.fixture

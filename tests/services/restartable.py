@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import select
 import shutil
 import signal
 import subprocess
@@ -162,6 +163,7 @@ def postgres_service(database: str = "moorage") -> Iterator[Service]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+MOCK_ANSWER_S = 30.0
 _KAFKA_MOCK = r"""
 import ctypes, glob, os, sys
 import confluent_kafka
@@ -198,10 +200,11 @@ def kafka_service() -> Iterator[Service]:
     assert proc.stdin is not None and proc.stdout is not None
     stdin, stdout = proc.stdin, proc.stdout
 
-    def command(word: str) -> None:
+    def command(word: str) -> None:  # bounded: a mock that stops answering fails the test, never hangs it
         stdin.write(word + "\n")
         stdin.flush()
-        answer = stdout.readline().strip()
+        ready, _, _ = select.select([stdout], [], [], MOCK_ANSWER_S)
+        answer = stdout.readline().strip() if ready else f"no answer within {MOCK_ANSWER_S:.0f} s"
         if answer != "err=0":
             raise RuntimeError(f"the Kafka mock did not take {word!r}: {answer!r}")
 

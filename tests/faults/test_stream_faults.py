@@ -98,8 +98,9 @@ async def _dead_letters(url: str) -> list:
         return await b.dead_letters()
 
 
-async def _restart_mid_stream(service, url: str, settings, registry, model: str, tmp_path: Path) -> dict:
-    """Stop the broker at ~300 rows, restart it once the worker says it is stuck, and measure."""
+async def _worker_mid_stream(service, url: str, settings, registry, model: str, tmp_path: Path):
+    """N inputs on the broker and an in-process worker into a SQLite sink; returns once ~300 rows are
+    written and the broker has been stopped: (rows, health, stop, worker)."""
     db = tmp_path / "out.db"
     await _publish(url, inputs(N))
     rows = Counter(lambda: sqlite_rows(db))
@@ -109,6 +110,16 @@ async def _restart_mid_stream(service, url: str, settings, registry, model: str,
     try:
         await eventually(lambda: rows() >= 300, 60, "300 rows before the fault")
         await asyncio.to_thread(service.stop)
+    except BaseException:
+        worker.cancel()
+        raise
+    return rows, health, stop, worker
+
+
+async def _restart_mid_stream(service, url: str, settings, registry, model: str, tmp_path: Path) -> dict:
+    """Stop the broker at ~300 rows, restart it once the worker says it is stuck, and measure."""
+    rows, health, stop, worker = await _worker_mid_stream(service, url, settings, registry, model, tmp_path)
+    try:
         at_stop = len(rows.now())
         await eventually(lambda: not health.is_healthy, 30, "the worker to report the broker down")
         problems = health.report()["problems"]
@@ -167,15 +178,8 @@ async def test_a_kafka_worker_stopped_while_its_broker_is_down_stops(settings, r
     close waiting only a bounded time for the commit still running."""
     with kafka_service() as kafka:
         url = f"{kafka.url}?topic=faults&create=auto&session_timeout_ms=6000&commit_timeout_ms=2000"
-        db = tmp_path / "out.db"
-        await _publish(url, inputs(N))
-        rows = Counter(lambda: sqlite_rows(db))
-        health, stop = Health(), asyncio.Event()
-        job = StreamJob(url, f"sql+sqlite:///{db}?table=results", emb)
-        worker = asyncio.create_task(run_stream(stream_settings(settings), job, stop, registry=registry, health=health))
+        rows, health, stop, worker = await _worker_mid_stream(kafka, url, settings, registry, emb, tmp_path)
         try:
-            await eventually(lambda: rows() >= 300, 60, "300 rows before the fault")
-            await asyncio.to_thread(kafka.stop)
             await eventually(lambda: not health.is_healthy, 30, "the worker to report the broker down")
             started = time.monotonic()
             stop.set()

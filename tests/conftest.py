@@ -27,57 +27,49 @@ def pytest_collection_modifyitems(config, items):
 
 EXIT_GRACE_S = 60.0
 SESSION_BUDGET_S = float(os.environ.get("MOORAGE_TEST_BUDGET_S", "4500"))  # CI stops the whole job at 90 min
-_running: list[str] = []
+_now = {"test": "no test", "budget": None}
+
+
+def _watchdog(config, after_s: float, why: str, status: int) -> threading.Timer:
+    """After `after_s`, unless cancelled: say `why` and print every thread's stack on the real
+    stderr (the running test's capture gives it back first), then end the process with `status`."""
+
+    def fire() -> None:
+        capture = config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:
+            capture.suspend_global_capture(in_=True)
+        print(f"\n{why.format(test=_now['test'])}; its threads:", file=sys.__stderr__, flush=True)
+        faulthandler.dump_traceback(file=sys.__stderr__)
+        os._exit(status)
+
+    timer = threading.Timer(after_s, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def pytest_sessionstart(session):
     """pytest-timeout ends one slow test, but not one blocked inside a C call (its alarm waits for
-    the call to return): past the session's budget a watchdog names the running test, prints every
-    thread's stack and fails the run, so that it ends red with a reason instead of being cut off."""
-
-    def watchdog() -> None:
-        capture = session.config.pluginmanager.getplugin("capturemanager")
-        if capture is not None:  # the running test's output capture holds stderr: give it back first
-            capture.suspend_global_capture(in_=True)
-        where = _running[-1] if _running else "no test"
-        print(f"\nthe test session ran past its budget of {SESSION_BUDGET_S:.0f} s (MOORAGE_TEST_BUDGET_S) "
-              f"in {where}; its threads:", file=sys.__stderr__, flush=True)  # fmt: skip
-        faulthandler.dump_traceback(file=sys.__stderr__)
-        os._exit(3)
-
-    timer = threading.Timer(SESSION_BUDGET_S, watchdog)
-    timer.daemon = True
-    timer.start()
-    session.config._moorage_budget = timer
+    the call to return): past the session's budget the run ends red (3) naming the running test,
+    instead of being cut off with no word of why."""
+    why = f"the test session ran past its budget of {SESSION_BUDGET_S:.0f} s (MOORAGE_TEST_BUDGET_S) in {{test}}"
+    _now["budget"] = _watchdog(session.config, SESSION_BUDGET_S, why, 3)
 
 
 def pytest_runtest_logstart(nodeid, location):
-    _running[:] = [nodeid]
-
-
-def pytest_unconfigure(config):
-    """After the last test the interpreter waits for every non-daemon thread. One left blocked (a
-    broker client's call on a server the session has stopped) would hang the run with no word of
-    why: a watchdog gives the exit a minute, then prints every thread's stack and ends the process
-    with the session's own status (the tests' verdict stands; the stacks say what to fix)."""
-    status = int(getattr(config, "_moorage_exitstatus", 1))
-    if budget := getattr(config, "_moorage_budget", None):
-        budget.cancel()
-
-    def watchdog() -> None:  # still here a minute on: something blocks the exit
-        print(f"\nthe test process did not exit within {EXIT_GRACE_S:.0f} s of the session's end "
-              f"(status {status}); its threads:", file=sys.__stderr__, flush=True)  # fmt: skip
-        faulthandler.dump_traceback(file=sys.__stderr__)
-        os._exit(status)
-
-    timer = threading.Timer(EXIT_GRACE_S, watchdog)
-    timer.daemon = True
-    timer.start()
+    _now["test"] = nodeid
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
-    session.config._moorage_exitstatus = exitstatus
+    """After the last test the interpreter waits for every non-daemon thread. One left blocked (a
+    broker client's call on a server the session has stopped) would hang the run: a minute on, the
+    process prints its threads and ends with the tests' own status (their verdict stands; the
+    stacks say what to fix)."""
+    if _now["budget"] is not None:
+        _now["budget"].cancel()
+    why = f"the test process did not exit within {EXIT_GRACE_S:.0f} s of the session's end (status {int(exitstatus)})"
+    _watchdog(session.config, EXIT_GRACE_S, why, int(exitstatus))
 
 
 @pytest.fixture

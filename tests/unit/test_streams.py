@@ -241,7 +241,7 @@ async def test_a_call_stuck_in_a_client_bounds_its_caller_and_the_close_but_clos
     calls = BlockingCalls(close_wait_s=0.2)
     with pytest.raises(BrokerUnavailable, match="the commit did not finish within 0.1 s"):
         await calls.run_within(0.1, "the commit", stuck)
-    assert inside.is_set() and threads[0].daemon
+    assert inside.wait(30) and threads[0].daemon
     await calls.close(closed.set)  # returns: the call still runs, so the client stays open
     assert not closed.is_set()
     release.set()

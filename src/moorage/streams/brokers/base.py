@@ -170,17 +170,18 @@ class BlockingCalls:
             self._closed = False
 
     async def run(self, fn, *args):
-        return await in_daemon_thread(self._call, fn, *args, name=getattr(fn, "__name__", "call"))
+        return await self._start(fn, *args)
 
     async def run_within(self, timeout_s: float, what: str, fn, *args):
         """``run``, but the caller waits at most ``timeout_s``, then gets BrokerUnavailable; the call
         goes on in its thread (and ``close`` waits for it as for any other)."""
-        future = in_daemon_thread(self._call, fn, *args, name=getattr(fn, "__name__", "call"))
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except TimeoutError:
-            future.add_done_callback(_nobody_waits)
-            raise BrokerUnavailable(f"{what} did not finish within {timeout_s:g} s") from None
+        future = self._start(fn, *args)
+        if not await _settled_within(future, timeout_s):
+            raise BrokerUnavailable(f"{what} did not finish within {timeout_s:g} s")
+        return future.result()
+
+    def _start(self, fn, *args) -> asyncio.Future:
+        return _in_daemon_thread(self._call, fn, *args, name=getattr(fn, "__name__", "call"))
 
     def _call(self, fn, *args):
         with self._cv:
@@ -195,10 +196,7 @@ class BlockingCalls:
                 self._cv.notify_all()
 
     async def close(self, fn) -> None:
-        closing = in_daemon_thread(self._close, fn, name="close")
-        try:
-            await asyncio.wait_for(asyncio.shield(closing), self.close_wait_s)
-        except TimeoutError:
+        if not await _settled_within(_in_daemon_thread(self._close, fn, name="close"), self.close_wait_s):
             log.warning("a broker call was still running %.0f s after close: the client closes when it returns",
                         self.close_wait_s)  # fmt: skip
 
@@ -209,12 +207,17 @@ class BlockingCalls:
         fn()
 
 
-def _nobody_waits(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved: a late failure of a call nobody waits for is not an error to log
+async def _settled_within(future: asyncio.Future, timeout_s: float) -> bool:
+    """Whether a thread's future settles within ``timeout_s``; it is not cancelled (its thread goes
+    on), and a late failure that nobody waits for any more is retrieved, not logged as lost."""
+    await asyncio.wait({future}, timeout=timeout_s)
+    if not future.done():
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return False
+    return True
 
 
-def in_daemon_thread(fn, *args, name: str = "call") -> asyncio.Future:
+def _in_daemon_thread(fn, *args, name: str = "call") -> asyncio.Future:
     """``asyncio.to_thread`` in a daemon thread of its own: the default executor's threads are
     joined at exit, so one blocked in a client library would keep the process from ending."""
     loop = asyncio.get_running_loop()
